@@ -153,7 +153,7 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
     if path.is_dir():
         return ModelSource(spec=model, local_dir=path, revision=revision)
     if path.is_file():
-        if path.name.endswith(".json"):
+        if path.name == "config.json":
             return ModelSource(spec=model, local_dir=path.parent, revision=revision)
         raise ScriptError(f"{model} is a file but not a config.json; give its folder instead")
     looks_local = model.startswith((".", "/", "~")) or model.endswith(".json") or model.count("/") > 1
@@ -217,7 +217,7 @@ def normalize_config(config: dict[str, Any]) -> NormalizedConfig:
     """Read dtype and RoPE settings from either config spelling."""
     text = text_config(config)
     dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
-    old = any(k in text or k in config for k in ("torch_dtype", "rope_theta", "rope_scaling"))
+    old = any(k in text or k in config for k in ("torch_dtype", "rope_theta", "rope_scaling", "rope_local_base_freq"))
     new = any(k in text or k in config for k in ("dtype", "rope_parameters"))
     spelling = "mixed" if old and new else "old" if old else "new" if new else "none"
 
@@ -239,6 +239,14 @@ def normalize_config(config: dict[str, Any]) -> NormalizedConfig:
             if theta is not None:
                 merged["rope_theta"] = theta
             rope = _rope_from_params(merged, partial)
+        local_theta = text.get("rope_local_base_freq")
+        if rope is not None and local_theta is not None:
+            # Old gemma3 spelling: sliding-window layers use an unscaled RoPE with
+            # their own base; transformers 5 nests this per layer type.
+            by_layer = {
+                "sliding_attention": _rope_from_params({"rope_theta": local_theta}, partial),
+                "full_attention": rope,
+            }
     archs = config.get("architectures") or []
     return NormalizedConfig(
         architecture=archs[0] if archs and isinstance(archs[0], str) else None,
@@ -256,11 +264,13 @@ def _rope_from_params(params: dict[str, Any], partial: Any) -> RopeSettings:
     rope_type = rest.pop("rope_type", None) or rest.pop("type", None) or "default"
     rest.pop("type", None)
     factor = rest.pop("partial_rotary_factor", None)
+    if factor is None:
+        factor = partial
     return RopeSettings(
         theta=float(theta) if theta is not None else None,
         rope_type=str(rope_type),
         scaling=rest,
-        partial_rotary_factor=float(factor if factor is not None else partial) if (factor or partial) is not None else None,
+        partial_rotary_factor=None if factor is None else float(factor),
     )
 
 
@@ -277,13 +287,14 @@ def weight_files(source: ModelSource) -> WeightFiles:
     present = [name for name, group in (("safetensors", safetensors), ("bin", bins), ("gguf", ggufs)) if group]
 
     if safetensors or SAFETENSORS_INDEX in top:
+        others = tuple(p for p in present if p != "safetensors")
         if SAFETENSORS_INDEX in top:
             index = source.read_json(SAFETENSORS_INDEX)
             shards = sorted(set((index.get("weight_map") or {}).values()))
             if not shards:
                 raise ScriptError(f"{SAFETENSORS_INDEX} of {source.display_name} has an empty weight_map")
-            return WeightFiles("safetensors", tuple(shards), True, SAFETENSORS_INDEX, tuple(present[1:]))
-        return WeightFiles("safetensors", tuple(safetensors), len(safetensors) > 1, None, tuple(present[1:]))
+            return WeightFiles("safetensors", tuple(shards), True, SAFETENSORS_INDEX, others)
+        return WeightFiles("safetensors", tuple(safetensors), len(safetensors) > 1, None, others)
     if bins or BIN_INDEX in top:
         sharded = BIN_INDEX in top or len(bins) > 1
         return WeightFiles("bin", tuple(bins), sharded, BIN_INDEX if BIN_INDEX in top else None,
@@ -365,6 +376,20 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _hub_client() -> Any:
+    """Import ``huggingface_hub`` with its warnings (e.g. retry notices) kept off stderr.
+
+    Errors stay one line; set ``HF_HUB_VERBOSITY`` to see the client's own logs.
+    """
+    import logging
+
+    import huggingface_hub
+
+    if not os.environ.get("HF_HUB_VERBOSITY"):
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    return huggingface_hub
+
+
 def _hub_error(source: ModelSource, exc: BaseException, what: str) -> ScriptError:
     """Translate a huggingface_hub exception into a one-line ScriptError."""
     from huggingface_hub import errors
@@ -381,13 +406,14 @@ def _hub_error(source: ModelSource, exc: BaseException, what: str) -> ScriptErro
         return ScriptError(f"model not found: {repo} does not exist on the Hub{hint}")
     if isinstance(exc, errors.RevisionNotFoundError):
         return ScriptError(f"revision not found: {repo}{rev}")
-    if isinstance(exc, (errors.EntryNotFoundError, getattr(errors, "RemoteEntryNotFoundError", ()))):
-        return ScriptError(f"{what} not found in {repo}{rev}")
+    # LocalEntryNotFoundError subclasses EntryNotFoundError: test it first.
     if isinstance(exc, (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled)) or hub_offline():
         return ScriptError(
             f"{what} of {repo}{rev} is not in the HF cache and the Hub cannot be reached "
             f"({'HF_HUB_OFFLINE is set' if hub_offline() else 'network error'})"
         )
+    if isinstance(exc, errors.EntryNotFoundError):
+        return ScriptError(f"{what} not found in {repo}{rev}")
     if isinstance(exc, errors.HfHubHTTPError):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         if status == 401:
@@ -397,7 +423,7 @@ def _hub_error(source: ModelSource, exc: BaseException, what: str) -> ScriptErro
 
 
 def _hub_download(source: ModelSource, filename: str) -> Path:
-    import huggingface_hub
+    huggingface_hub = _hub_client()
 
     try:
         return Path(
@@ -439,7 +465,7 @@ def _hub_list_files(source: ModelSource) -> list[str]:
             except (OSError, json.JSONDecodeError):
                 pass
         return sorted(set(files))
-    from huggingface_hub import HfApi
+    HfApi = _hub_client().HfApi
 
     try:
         info = HfApi(token=os.environ.get("HF_TOKEN") or None).model_info(
@@ -467,16 +493,23 @@ def _hub_tensor_infos(source: ModelSource, weights: WeightFiles) -> dict[str, Te
                 ) from None
             tensors.update(_tensors_from_header(read_safetensors_header(path), filename))
         return tensors
-    from huggingface_hub import HfApi
+    HfApi = _hub_client().HfApi
+    from huggingface_hub import errors
 
-    try:
-        metadata = HfApi(token=os.environ.get("HF_TOKEN") or None).get_safetensors_metadata(
-            source.repo_id, revision=source.revision
-        )
-    except Exception as exc:  # noqa: BLE001
-        raise _hub_error(source, exc, "safetensors headers") from None
+    # One ranged read per listed file (not get_safetensors_metadata, which only
+    # knows model.safetensors and the index, not other single-file names).
+    api = HfApi(token=os.environ.get("HF_TOKEN") or None)
     tensors = {}
-    for filename, file_meta in metadata.files_metadata.items():
+    for filename in weights.files:
+        try:
+            file_meta = api.parse_safetensors_file_metadata(source.repo_id, filename, revision=source.revision)
+        except errors.SafetensorsParsingError:
+            raise ScriptError(
+                f"{filename} of {source.repo_id}: safetensors header is truncated, oversized or not valid "
+                "JSON; the file is corrupt"
+            ) from None
+        except Exception as exc:  # noqa: BLE001
+            raise _hub_error(source, exc, f"the safetensors header of {filename}") from None
         for name, info in file_meta.tensors.items():
             tensors[name] = TensorInfo(name, str(info.dtype), tuple(int(d) for d in info.shape), filename)
     return tensors

@@ -70,6 +70,7 @@ def build_checkpoint(
     fields.update(config_overrides or {})
     config = AutoConfig.for_model(model_type, **fields)
     model = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(model).__name__]  # save_pretrained of a bare config leaves it out
     if weights == "none":
         config.save_pretrained(output_dir)
     else:

@@ -25,6 +25,7 @@ for path in (SCRIPTS_DIR, TESTS_DIR):
         sys.path.insert(0, str(path))
 
 from checkpoints import build_checkpoint  # noqa: E402
+from hub_standin import hub, hub_server, subprocess_env  # noqa: E402,F401 - fixtures for every test module
 
 os.environ.setdefault("MAX_SERVE_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,11 +49,14 @@ class ScriptResult:
         return json.loads(self.stdout)
 
 
-def run_script(script: str, *args: str, env: dict[str, str] | None = None, cwd: str | Path | None = None,
-               timeout: float = 600) -> ScriptResult:
-    """Run ``scripts/<script>.py`` (or ``import_model.py``) in a fresh Python process."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
+def run_script(script: str, *args: str, env: dict[str, str | None] | None = None,
+               cwd: str | Path | None = None, timeout: float = 600) -> ScriptResult:
+    """Run ``scripts/<script>.py`` (or ``import_model.py``) in a fresh Python process.
+
+    ``env`` overrides ``os.environ``; a ``None`` value unsets the variable
+    (e.g. ``HF_HUB_OFFLINE``, which CI exports).
+    """
+    full_env = subprocess_env(env)
     command = [sys.executable, str(SCRIPTS_DIR / f"{script}.py"), *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=cwd or REPO_ROOT,
                           timeout=timeout)

@@ -1,0 +1,471 @@
+"""Compare a served MAX model with the Hugging Face reference token by token; report the first divergence.
+
+Sends MAX the exact token ids HF uses (echo + logprobs + greedy continuation
+at temperature 0), runs HF once per prompt in a single forward pass over the
+prompt and MAX's continuation, and compares by token id: the logprob of the
+actual token at every position, top-1 agreement, top-k overlap, and the greedy
+continuation with the tie-tolerant rule. Verdict MATCH or DIVERGED, the first
+divergent position, max |Δ logprob| and a per-position table.
+
+Positions: position p is the p-th token of the prompt (0-based), then MAX's
+generated tokens. Position 0 has no logprob, so scored positions start at 1;
+the score at p is log P(token p | tokens 0..p-1). The tolerance is absolute
+and per dtype (scripts/tolerances.py).
+
+Before loading any HF weights the server is checked: it answers /v1/models,
+serves the expected name (--slug), and echoes back a token-id prompt that
+holds the tokenizer's highest id (vocab size and id round trip).
+
+Public API::
+
+    import compare_layers
+    report = compare_layers.run_compare(model, base_url, served_name, prompts=None,
+                                        dtype="float32", device="cpu", reference=None,
+                                        top_k=5, max_new_tokens=8, chat_template=True,
+                                        trust_remote_code=False, layer_stats=False)
+    report.verdict, report.first_divergence, report.max_abs_diff, report.to_dict()
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import cli_support
+import logprob_compare
+import model_source
+import serve_port
+import tolerances
+from cli_support import ScriptError
+
+EXIT_CODES = {1: "DIVERGED: MAX and HF disagree beyond the tolerance", 2: "not used"}
+
+MAX_TOP_K = 7  # MAX 26.7 caps logprobs at 7
+REQUEST_TIMEOUT = 600.0
+
+# A small coherence battery: short, varied prompts (facts, counting, code, story).
+COHERENCE_BATTERY = (
+    "The capital of France is",
+    "One two three four five six",
+    "def add(a, b):",
+    "Once upon a time there was a little robot who",
+    "The quick brown fox jumps over the",
+)
+
+
+@dataclass
+class ServerCheck:
+    """What the pre-flight check learned about the server."""
+
+    base_url: str
+    served_name: str
+    served_models: list[str]
+    round_trip_ids: list[int]
+
+
+@dataclass
+class PromptRun:
+    """One prompt: its text, token ids, MAX's continuation and the comparison."""
+
+    prompt: str
+    prompt_ids: list[int]
+    max_generated_ids: list[int]
+    comparison: logprob_compare.SequenceComparison
+    layer_stats: list[dict] | None = None
+
+
+@dataclass
+class CompareReport:
+    """The result of a comparison over every prompt."""
+
+    model: str
+    reference: str
+    base_url: str
+    served_name: str
+    dtype: str
+    atol: float
+    top_k: int
+    runs: list[PromptRun] = field(default_factory=list)
+    hf_load_seconds: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def verdict(self) -> str:
+        return logprob_compare.summarize([r.comparison for r in self.runs])[0]
+
+    @property
+    def max_abs_diff(self) -> float:
+        return logprob_compare.summarize([r.comparison for r in self.runs])[2]
+
+    @property
+    def first_divergence(self) -> dict | None:
+        """The first divergent position (prompt index, position, token, both logprobs), or None."""
+        for index, run in enumerate(self.runs):
+            first = run.comparison.first_divergence
+            if first is not None:
+                tokens = run.prompt_ids + run.max_generated_ids
+                return {"prompt_index": index, "prompt": run.prompt, **first.__dict__,
+                        "context_ids": tokens[max(0, first.position - 8):first.position]}
+        return None
+
+    def to_dict(self) -> dict:
+        return {
+            "verdict": self.verdict,
+            "max_abs_diff": self.max_abs_diff,
+            "atol": self.atol,
+            "dtype": self.dtype,
+            "first_divergence": self.first_divergence,
+            "model": self.model,
+            "reference": self.reference,
+            "base_url": self.base_url,
+            "served_name": self.served_name,
+            "top_k": self.top_k,
+            "position_indexing": "position p is the p-th token (0-based) of prompt then MAX's greedy tokens; "
+                                 "position 0 has no logprob; the score at p is log P(token p | tokens < p)",
+            "prompts": [
+                {"prompt": r.prompt, "prompt_ids": r.prompt_ids, "max_generated_ids": r.max_generated_ids,
+                 **r.comparison.to_dict(), **({"layer_stats": r.layer_stats} if r.layer_stats is not None else {})}
+                for r in self.runs
+            ],
+            "hf_load_seconds": round(self.hf_load_seconds, 2),
+            "total_seconds": round(self.total_seconds, 2),
+        }
+
+
+# --- HTTP ---------------------------------------------------------------------------
+
+
+def _post_json(url: str, body: dict, timeout: float = REQUEST_TIMEOUT) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode("utf-8"),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", errors="replace")[:300]
+        raise ScriptError(f"MAX answered HTTP {exc.code} to {url}: {' '.join(detail.split())}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ScriptError(f"request to {url} failed: {getattr(exc, 'reason', exc)}") from None
+
+
+def completion(base_url: str, served_name: str, prompt_ids: list[int], top_k: int, max_new_tokens: int) -> dict:
+    """POST /v1/completions with token ids, echo, logprobs, token ids returned and greedy decoding."""
+    return _post_json(f"{base_url}/v1/completions", {
+        "model": served_name,
+        "prompt": prompt_ids,
+        "echo": True,
+        "logprobs": top_k,
+        "max_tokens": max_new_tokens,
+        "temperature": 0,
+        "return_token_ids": True,
+    })
+
+
+@dataclass
+class MaxScores:
+    """MAX's answer for one sequence, aligned to scored positions 1..T-1."""
+
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    logprobs: list[float]
+    top: list[dict[str, float]]
+
+
+def parse_completion(response: dict, prompt_ids: list[int]) -> MaxScores:
+    """Pull ids and per-position logprobs out of an echo completion (prompt position 0 has none)."""
+    try:
+        choice = response["choices"][0]
+        echoed = [int(t) for t in (choice.get("prompt_token_ids") or prompt_ids)]
+        generated = [int(t) for t in (choice.get("token_ids") or [])]
+        logprobs = choice["logprobs"] or {}
+        values = list(logprobs.get("token_logprobs") or [])
+        tops = list(logprobs.get("top_logprobs") or [])
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise ScriptError(f"unexpected completion response from MAX ({exc.__class__.__name__}: {exc})") from None
+    if echoed != list(prompt_ids):
+        raise ScriptError("MAX echoed different prompt token ids than it was sent; is --enable-echo on?")
+    total = len(prompt_ids) + len(generated)
+    # Echo may or may not include a placeholder for position 0; keep the last T-1 entries.
+    if values and values[0] is None:
+        values, tops = values[1:], tops[1:] if len(tops) == len(values) + 1 or len(tops) == total else tops
+    if len(values) == total:
+        values, tops = values[1:], tops[1:]
+    if len(tops) == total:
+        tops = tops[1:]
+    if len(values) != total - 1 or len(tops) != total - 1:
+        raise ScriptError(
+            f"MAX returned {len(values)} logprobs and {len(tops)} top-k maps for {total} tokens; "
+            "is the server started with --enable-echo (use the serve command)?"
+        )
+    return MaxScores(list(prompt_ids), generated, [float(v) for v in values], [dict(t or {}) for t in tops])
+
+
+# --- pre-flight ---------------------------------------------------------------------
+
+
+def check_server(base_url: str, served_name: str | None, hint: str) -> ServerCheck:
+    """Fail fast (exit 3) unless the server answers /v1/models and serves ``served_name``."""
+    document = serve_port.models_endpoint(base_url, timeout=5.0)
+    if document is None:
+        raise ScriptError(f"no MAX server answers at {base_url}; start one with: {hint}")
+    names = [str(m.get("id")) for m in document.get("data", []) if isinstance(m, dict)]
+    if served_name is None:
+        if len(names) != 1:
+            raise ScriptError(f"the server at {base_url} serves {names}; name one with --slug")
+        served_name = names[0]
+    elif served_name not in names:
+        raise ScriptError(
+            f"the server at {base_url} serves {names}, not {served_name!r}; pass the right --slug or restart it "
+            f"with: {hint}"
+        )
+    return ServerCheck(base_url, served_name, names, [])
+
+
+def check_round_trip(check: ServerCheck, tokenizer: Any, vocab_size: int) -> None:
+    """Send a short id prompt holding the tokenizer's highest id; the server must echo the same ids."""
+    highest = min(len(tokenizer), vocab_size) - 1
+    ids = [int(i) for i in tokenizer.encode("The capital of France", add_special_tokens=False)[:4]] + [highest]
+    response = completion(check.base_url, check.served_name, ids, 1, 1)
+    scores = parse_completion(response, ids)
+    check.round_trip_ids = scores.prompt_ids
+
+
+# --- prompts ------------------------------------------------------------------------
+
+
+def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
+    """Prompts from --prompt, --prompts-file (one per non-empty line, # comments), or the battery."""
+    collected = list(prompts or [])
+    if prompts_file:
+        try:
+            text = Path(prompts_file).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ScriptError(f"cannot read --prompts-file {prompts_file}: {exc.strerror or exc}") from None
+        collected += [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if not collected:
+            raise ScriptError(f"--prompts-file {prompts_file} holds no prompts")
+    return collected or list(COHERENCE_BATTERY)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
+    """Token ids for one prompt, through the chat template when the tokenizer has one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)
+        if isinstance(encoded, dict) or hasattr(encoded, "keys"):
+            encoded = encoded["input_ids"]
+        return [int(i) for i in encoded]
+    return [int(i) for i in tokenizer.encode(prompt)]
+
+
+# --- HF side ------------------------------------------------------------------------
+
+
+def load_tokenizer(model: str, revision: str | None, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    source = model_source.resolve(model, revision)
+    location = str(source.local_dir) if source.is_local else str(source.repo_id)
+    try:
+        return AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a one-line exit 3
+        raise ScriptError(f"cannot load the tokenizer of {model}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+
+
+def load_hf_model(model: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = model_source.resolve(model, revision)
+    location = str(source.local_dir) if source.is_local else str(source.repo_id)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=getattr(torch, dtype),
+                                                  trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001
+        raise ScriptError(f"cannot load the HF model {model}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+    return hf.to(device).eval()
+
+
+def hf_forward(hf: Any, token_ids: list[int], device: str, layer_stats: bool) -> tuple[Any, list[dict] | None]:
+    """HF log-softmax rows for positions 1..T-1 from one forward pass (and per-layer stats on request)."""
+    import torch
+
+    with torch.no_grad():
+        inputs = torch.tensor([token_ids], device=device)
+        output = hf(input_ids=inputs, output_hidden_states=layer_stats)
+        logits = output.logits[0, :-1].float()
+        rows = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
+    stats = hidden_state_stats(output.hidden_states) if layer_stats else None
+    return rows, stats
+
+
+def hidden_state_stats(hidden_states: Sequence[Any]) -> list[dict]:
+    """Per layer output (index 0 = embeddings): mean token L2 norm, max |x|, NaN and Inf counts."""
+    stats = []
+    for index, state in enumerate(hidden_states):
+        values = state[0].float()
+        finite = values[values.isfinite()]
+        stats.append({
+            "layer": index,
+            "mean_token_norm": float(values.norm(dim=-1).mean()),
+            "max_abs": float(finite.abs().max()) if finite.numel() else float("nan"),
+            "nan": int(values.isnan().sum()),
+            "inf": int(values.isinf().sum()),
+        })
+    return stats
+
+
+# --- the comparison ------------------------------------------------------------------
+
+
+def run_compare(
+    model: str,
+    base_url: str,
+    served_name: str | None,
+    prompts: Sequence[str] | None = None,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    reference: str | None = None,
+    top_k: int = tolerances.TOP_K,
+    max_new_tokens: int = 8,
+    chat_template: bool = True,
+    trust_remote_code: bool = False,
+    layer_stats: bool = False,
+    revision: str | None = None,
+    hint: str | None = None,
+) -> CompareReport:
+    """Check the server, query MAX for every prompt, run HF once per prompt, and compare.
+
+    Raises ScriptError before any HF weights load when the server is not
+    running, serves another name, or disagrees on the token ids.
+    """
+    started = time.monotonic()
+    dtype = tolerances.canonical_dtype(dtype)
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise ScriptError(f"--top-k must be between 1 and {MAX_TOP_K} (MAX caps logprobs at {MAX_TOP_K})")
+    if max_new_tokens < 0:
+        raise ScriptError("--max-new-tokens must be 0 or more")
+    base_url = base_url.rstrip("/")
+    hint = hint or serve_port.serve_hint(model)
+    check = check_server(base_url, served_name, hint)
+    source = model_source.resolve(model, revision)
+    vocab_size = int(model_source.text_config(model_source.read_config(source)).get("vocab_size") or 0)
+    tokenizer = load_tokenizer(model, revision, trust_remote_code)
+    check_round_trip(check, tokenizer, vocab_size or len(tokenizer))
+
+    texts = read_prompts(prompts, None) if prompts is None else list(prompts)
+    encoded = [encode_prompt(tokenizer, text, chat_template) for text in texts]
+    for text, ids in zip(texts, encoded):
+        if len(ids) < 2:
+            raise ScriptError(f"prompt {text!r} is {len(ids)} token(s); need at least 2 to score a position")
+    answers = [parse_completion(completion(base_url, check.served_name, ids, top_k, max_new_tokens), ids)
+               for ids in encoded]
+
+    report = CompareReport(model=model, reference=reference or model, base_url=base_url,
+                           served_name=check.served_name, dtype=dtype, atol=tolerances.logprob_atol(dtype),
+                           top_k=top_k)
+    hf_started = time.monotonic()
+    hf = load_hf_model(reference or model, revision if reference is None else None, dtype, device, trust_remote_code)
+    report.hf_load_seconds = time.monotonic() - hf_started
+    index = logprob_compare.text_index(_decode_each(tokenizer, hf_vocab_rows(hf, tokenizer)))
+    for text, answer in zip(texts, answers):
+        sequence = answer.prompt_ids + answer.generated_ids
+        rows, stats = hf_forward(hf, sequence, device, layer_stats)
+        tops = [logprob_compare.resolve_top(top, index) for top in answer.top]
+        comparison = logprob_compare.compare_sequence(sequence, len(answer.prompt_ids), rows, answer.logprobs, tops,
+                                                      report.atol, top_k)
+        report.runs.append(PromptRun(text, answer.prompt_ids, answer.generated_ids, comparison, stats))
+    report.total_seconds = time.monotonic() - started
+    return report
+
+
+def hf_vocab_rows(hf: Any, tokenizer: Any) -> int:
+    """Number of rows in HF's output distribution (the ids the text index must cover)."""
+    return int(hf.get_output_embeddings().weight.shape[0]) if hf.get_output_embeddings() is not None else len(tokenizer)
+
+
+def _decode_each(tokenizer: Any, count: int) -> list[str]:
+    # MAX decodes each top-k id on its own (skipping special tokens); mirror that.
+    return tokenizer.batch_decode([[i] for i in range(count)], skip_special_tokens=True)
+
+
+# --- output ---------------------------------------------------------------------------
+
+
+def format_report(report: CompareReport, tokenizer_decode: Any = None, all_positions: bool = False) -> str:
+    """Human-readable summary and per-position table."""
+    lines = [f"verdict: {report.verdict}   max |Δ logprob| {report.max_abs_diff:.3g} (tolerance {report.atol:g}, "
+             f"{report.dtype})", f"served: {report.served_name} at {report.base_url}; HF reference: {report.reference}"]
+    first = report.first_divergence
+    if first:
+        lines.append(
+            f"first divergence: prompt {first['prompt_index']} position {first['position']} ({first['phase']}, "
+            f"{first['reason']}): token {first['token_id']} HF {first['hf_logprob']:.5f} MAX {first['max_logprob']:.5f} "
+            f"|Δ| {first['abs_diff']:.3g}; HF top-1 {first['hf_top1']} MAX top-1 {first['max_top1']}")
+    for index, run in enumerate(report.runs):
+        comparison = run.comparison
+        lines.append("")
+        lines.append(f"prompt {index}: {run.prompt!r} ({len(run.prompt_ids)} tokens, {len(run.max_generated_ids)} "
+                     f"generated) {comparison.verdict} max |Δ| {comparison.max_abs_diff:.3g}"
+                     + (f"; greedy tie accepted at position {comparison.greedy_tie_at}" if comparison.greedy_tie_at
+                        else ""))
+        lines.append("   pos  phase   token   HF logprob  MAX logprob      |Δ|  top1 HF/MAX  overlap  ok")
+        for p in comparison.positions:
+            mark = "ok" if p.ok else f"NO ({p.reason})"
+            lines.append(f"  {p.position:4d}  {p.phase:6s} {p.token_id:6d}  {p.hf_logprob:11.5f}  {p.max_logprob:11.5f}"
+                         f"  {p.abs_diff:7.1e}  {p.hf_top1:>5}/{str(p.max_top1):<5}  {p.topk_overlap:7d}  {mark}")
+        for stat in run.layer_stats or []:
+            lines.append(f"    layer {stat['layer']:3d}: mean norm {stat['mean_token_norm']:.4g}  max|x| "
+                         f"{stat['max_abs']:.4g}  NaN {stat['nan']}  Inf {stat['inf']}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli_support.add_model_arguments(parser, trust_remote_code=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="port of a MAX server on 127.0.0.1")
+    where.add_argument("--base-url", help="base URL of a MAX server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--slug", default=None,
+                        help="served model name to query (the port's slug); default: the only model served")
+    parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    parser.add_argument("--prompts-file", default=None, help="file with one prompt per line (# starts a comment)")
+    parser.add_argument("--reference", default=None,
+                        help="use this checkpoint as the HF side instead of MODEL (tokenizer still from MODEL)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="HF dtype; also picks the tolerance (default: float32)")
+    parser.add_argument("--device", default="cpu", help="torch device for HF: cpu, cuda, cuda:1 ... (default: cpu)")
+    parser.add_argument("--top-k", type=int, default=tolerances.TOP_K,
+                        help=f"top-k size for the overlap and tie checks, at most {MAX_TOP_K} (default: {tolerances.TOP_K})")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens MAX generates (default: 8)")
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="encode prompts as plain text even when the tokenizer has a chat template")
+    parser.add_argument("--layer-stats", action="store_true",
+                        help="also report HF per-layer hidden-state stats (norms, NaN/Inf counts)")
+    cli_support.add_json_flag(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    base_url = args.base_url or f"http://{serve_port.HOST}:{args.port}"
+    prompts = read_prompts(args.prompt, args.prompts_file)
+    hint = serve_port.serve_hint(args.model, None, args.port) + (" --port-dir <port folder>" if args.slug else "")
+    report = run_compare(args.model, base_url, args.slug, prompts, dtype=args.dtype, device=args.device,
+                         reference=args.reference, top_k=args.top_k, max_new_tokens=args.max_new_tokens,
+                         chat_template=not args.no_chat_template, trust_remote_code=args.trust_remote_code,
+                         layer_stats=args.layer_stats, revision=args.revision, hint=hint)
+    if args.json:
+        cli_support.print_json(report.to_dict())
+    else:
+        print(format_report(report))
+    return cli_support.EXIT_OK if report.verdict == logprob_compare.MATCH else cli_support.EXIT_FINDINGS
+
+
+if __name__ == "__main__":
+    sys.exit(cli_support.standalone(globals()))

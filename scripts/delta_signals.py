@@ -1,0 +1,344 @@
+"""Delta signals: what a model does differently from a plain Llama block.
+
+:func:`detect` reads the config (top level and nested ``text_config``) and,
+when given, the checkpoint's tensor names and shapes. Each :class:`Signal`
+has a stable ``code``, a one-line ``detail`` and the ``evidence`` it came
+from (``config: key=value`` or ``tensor: name``). Tensors fill in what the
+config leaves out: ``q_norm`` weights, fused ``qkv``/``query_key_value``,
+bias tensors, expert tensors.
+
+:func:`rank_donors` scores MAX donor families against the signals, using the
+features in ``max_registry.DONOR_TRAITS``. Imports neither torch nor max.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import model_source
+from model_source import TensorInfo
+
+
+@dataclass
+class Signal:
+    """One way the model departs from a plain Llama-style decoder."""
+
+    code: str
+    detail: str
+    evidence: list[str] = field(default_factory=list)
+
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _value(config: dict[str, Any], text: dict[str, Any], key: str) -> Any:
+    return text.get(key, config.get(key))
+
+
+def _first_present(config: dict[str, Any], text: dict[str, Any], keys: tuple[str, ...]) -> tuple[str, Any] | None:
+    for key in keys:
+        value = _value(config, text, key)
+        if value is not None:
+            return key, value
+    return None
+
+
+class _Collector:
+    def __init__(self) -> None:
+        self.signals: dict[str, Signal] = {}
+
+    def add(self, code: str, detail: str, evidence: str) -> None:
+        signal = self.signals.setdefault(code, Signal(code, detail))
+        if evidence not in signal.evidence:
+            signal.evidence.append(evidence)
+
+
+def _truthy(value: Any) -> bool:
+    return value not in (None, False, 0, "", [], {}, "none", "None")
+
+
+def detect(config: dict[str, Any], tensors: dict[str, TensorInfo] | None = None) -> list[Signal]:
+    """Every delta signal found in the config and (optionally) the tensor names."""
+    text = model_source.text_config(config)
+    found = _Collector()
+    _config_signals(config, text, found)
+    if tensors:
+        _tensor_signals(text, tensors, found)
+    return list(found.signals.values())
+
+
+def _config_signals(config: dict[str, Any], text: dict[str, Any], found: _Collector) -> None:
+    def ev(key: str, value: Any) -> str:
+        return f"config: {key}={value!r}"
+
+    heads = _value(config, text, "num_attention_heads")
+    kv_heads = _value(config, text, "num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads != heads:
+        code = "mqa" if kv_heads == 1 else "gqa"
+        found.add(code, f"{heads} query heads share {kv_heads} key/value head(s)", ev("num_key_value_heads", kv_heads))
+    hidden = _value(config, text, "hidden_size")
+    head_dim = _value(config, text, "head_dim")
+    if isinstance(head_dim, int) and isinstance(hidden, int) and isinstance(heads, int) and heads:
+        if head_dim * heads != hidden:
+            found.add("head_dim_override", f"head_dim {head_dim} != hidden_size/heads {hidden // heads}",
+                      ev("head_dim", head_dim))
+
+    for key in ("qk_norm", "use_qk_norm", "qk_layernorm"):
+        if _truthy(_value(config, text, key)):
+            found.add("qk_norm", "queries and keys are normalized before RoPE", ev(key, _value(config, text, key)))
+
+    norm = model_source.normalize_config(config)
+    rope = norm.rope
+    partial = rope.partial_rotary_factor if rope else None
+    for key in ("partial_rotary_factor", "rotary_pct"):
+        value = _value(config, text, key)
+        if isinstance(value, (int, float)) and value < 1:
+            partial = value
+            found.add("partial_rotary", f"RoPE covers {value:g} of each head", ev(key, value))
+    if partial is not None and partial < 1 and "partial_rotary" not in found.signals:
+        found.add("partial_rotary", f"RoPE covers {partial:g} of each head", "config: rope parameters")
+    rotary_dim = _value(config, text, "rotary_dim")
+    if isinstance(rotary_dim, int):
+        found.add("partial_rotary", f"RoPE covers {rotary_dim} dims of each head", ev("rotary_dim", rotary_dim))
+    if rope and rope.rope_type not in ("default", "none"):
+        found.add("rope_scaling", f"RoPE scaling type {rope.rope_type!r} {dict(rope.scaling)}",
+                  f"config: rope type {rope.rope_type}")
+    for key in ("rope_interleave", "rotary_interleaved", "rope_is_neox_style"):
+        value = _value(config, text, key)
+        if value is not None:
+            found.add("rope_style", f"RoPE pairing set by {key}={value!r} (check interleaved vs rotate-half)",
+                      ev(key, value))
+    if norm.rope_by_layer_type and len({(r.theta, r.rope_type) for r in norm.rope_by_layer_type.values()}) > 1:
+        found.add("rope_per_layer_type", "RoPE settings differ per layer type",
+                  f"config: rope_parameters for {sorted(norm.rope_by_layer_type)}")
+
+    window = _value(config, text, "sliding_window")
+    use_window = _value(config, text, "use_sliding_window")
+    layer_types = _value(config, text, "layer_types")
+    if isinstance(window, int) and window > 0 and use_window is not False:
+        found.add("sliding_window", f"sliding-window attention of {window} tokens", ev("sliding_window", window))
+    for key in ("sliding_window_pattern", "max_window_layers", "attention_chunk_size"):
+        value = _value(config, text, key)
+        if value is not None and (use_window is not False or key == "attention_chunk_size"):
+            found.add("sliding_window", "windowed or chunked attention on some layers", ev(key, value))
+    if isinstance(layer_types, list) and len(set(map(str, layer_types))) > 1:
+        kinds = sorted(set(map(str, layer_types)))
+        found.add("per_layer_attention", f"layers differ in kind: {', '.join(kinds)}", f"config: layer_types {kinds}")
+        if any("sliding" in k for k in kinds):
+            found.add("sliding_window", "some layers use sliding-window attention", f"config: layer_types {kinds}")
+    for key in ("no_rope_layers", "no_rope_layer_interval", "nope_layer_interval"):
+        value = _value(config, text, key)
+        if _truthy(value):
+            found.add("nope_layers", "some layers use no positional encoding (NoPE)", ev(key, value))
+
+    for key, code, what in (("final_logit_softcapping", "logit_softcap", "final logits are soft-capped"),
+                            ("attn_logit_softcapping", "attn_softcap", "attention scores are soft-capped")):
+        value = _value(config, text, key)
+        if _truthy(value):
+            found.add(code, f"{what} at {value}", ev(key, value))
+    for key in ("parallel_attn", "use_parallel_residual", "parallel_residual", "parallel_block"):
+        value = _value(config, text, key)
+        if value is True:
+            found.add("parallel_block", "attention and MLP read the same input and are summed", ev(key, value))
+
+    ln = _first_present(config, text, ("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))
+    if ln and _value(config, text, "rms_norm_eps") is None:
+        found.add("layernorm", "LayerNorm (mean-centred, maybe with bias) instead of RMSNorm", ev(*ln))
+    for key in ("attention_bias", "qkv_bias", "use_qkv_bias", "bias", "add_bias_linear", "use_bias"):
+        if _value(config, text, key) is True:
+            found.add("attention_bias", "attention projections have biases", ev(key, True))
+    if _value(config, text, "mlp_bias") is True:
+        found.add("mlp_bias", "MLP projections have biases", ev("mlp_bias", True))
+    act = _first_present(config, text, ("hidden_act", "hidden_activation", "activation_function"))
+    if act and str(act[1]).lower() not in ("silu", "swish"):
+        found.add("activation", f"activation {act[1]!r} (not SiLU)", ev(*act))
+    tie = _value(config, text, "tie_word_embeddings")
+    if tie is True:
+        found.add("tied_embeddings", "the LM head reuses the embedding matrix", ev("tie_word_embeddings", tie))
+
+    experts = _first_present(config, text, ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"))
+    if experts and isinstance(experts[1], int) and experts[1] > 1:
+        topk = _first_present(config, text, ("num_experts_per_tok", "moe_topk", "top_k", "num_experts_per_token"))
+        found.add("moe", f"mixture of experts: {experts[1]} experts"
+                  + (f", top-{topk[1]}" if topk else ""), ev(*experts))
+    shared = _first_present(config, text, ("n_shared_experts", "num_shared_experts", "shared_expert_intermediate_size"))
+    if shared and _truthy(shared[1]):
+        found.add("shared_experts", "MoE layers also have always-on shared expert(s)", ev(*shared))
+    for key in ("scoring_func", "topk_method", "norm_topk_prob", "n_group", "routed_scaling_factor", "router_jitter_noise"):
+        value = _value(config, text, key)
+        if value is not None and experts:
+            found.add("router", "router details to match (scoring, grouping, normalization)", ev(key, value))
+    for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim"):
+        value = _value(config, text, key)
+        if _truthy(value):
+            found.add("mla", "multi-head latent attention (compressed KV)", ev(key, value))
+
+    for key in ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
+                "mup_width_multiplier", "width_multiplier", "scale_emb", "dim_model_base"):
+        value = _value(config, text, key)
+        if value is not None and value != 1 and value != 1.0:
+            found.add("mup_multipliers", "MuP-style multipliers scale embeddings/residuals/attention/logits",
+                      ev(key, value))
+    for key in ("scale_depth", "residual_scale"):
+        value = _value(config, text, key)
+        if value is not None and value != 1:
+            found.add("residual_scale", "residual branches are scaled", ev(key, value))
+    for key in ("scale_embedding", "embedding_scale", "normalize_embedding"):
+        value = _value(config, text, key)
+        if _truthy(value):
+            found.add("embedding_scale", "token embeddings are scaled", ev(key, value))
+    for key in ("clip_qkv", "query_pre_attn_scalar", "attention_sink", "use_sinks"):
+        value = _value(config, text, key)
+        if _truthy(value):
+            found.add("attention_scaling", "attention scores are clipped, rescaled or get sinks", ev(key, value))
+    model_type = str(text.get("model_type") or config.get("model_type") or "")
+    if model_type.startswith("gemma"):
+        found.add("norm_offset", "Gemma-family RMSNorm multiplies by (1 + weight)", f"config: model_type={model_type!r}")
+        found.add("embedding_scale", "Gemma-family embeddings are scaled by sqrt(hidden_size)",
+                  f"config: model_type={model_type!r}")
+    for key, value in (("position_embedding_type", _value(config, text, "position_embedding_type")),
+                       ("alibi", _value(config, text, "alibi"))):
+        if value is True or (isinstance(value, str) and "alibi" in value.lower()):
+            found.add("alibi", "ALiBi attention bias instead of RoPE", ev(key, value))
+
+
+def _layer0(names: list[str]) -> list[str]:
+    """Tensor names of the first layer, with the layer index stripped."""
+    result = []
+    for name in names:
+        match = _LAYER_INDEX.search(name)
+        if match and match.group(1) == "0":
+            result.append(name[match.end():])
+    return result
+
+
+def _tensor_signals(text: dict[str, Any], tensors: dict[str, TensorInfo], found: _Collector) -> None:
+    names = sorted(tensors)
+    layer = _layer0(names)
+
+    def ev(name: str) -> str:
+        info = tensors.get(name)
+        return f"tensor: {name} {list(info.shape)}" if info else f"tensor: {name}"
+
+    def example(pattern: str) -> str | None:
+        regex = re.compile(pattern)
+        return next((n for n in names if regex.search(n)), None)
+
+    checks = (
+        (r"\.(q_norm|k_norm|q_layernorm|k_layernorm|query_layernorm|key_layernorm)\.weight$", "qk_norm",
+         "queries and keys are normalized before RoPE"),
+        (r"\.(qkv_proj|query_key_value|qkv|Wqkv|c_attn)\.weight$", "fused_qkv",
+         "query/key/value come from one fused projection"),
+        (r"\.(gate_up_proj)\.weight$", "fused_gate_up", "gate and up projections are fused"),
+        (r"\.(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|o_proj|dense)\.bias$", "attention_bias",
+         "attention projections have biases"),
+        (r"\.mlp\.(gate_proj|up_proj|down_proj|fc1|fc2|c_fc|c_proj|dense_h_to_4h|dense_4h_to_h)\.bias$",
+         "mlp_bias", "MLP projections have biases"),
+        (r"\.experts\.", "moe", "mixture of experts (expert tensors)"),
+        (r"\.(shared_expert|shared_experts)\.", "shared_experts", "MoE layers also have shared expert(s)"),
+        (r"\.(kv_a_proj_with_mqa|kv_b_proj|q_a_proj)\.weight$", "mla", "multi-head latent attention (compressed KV)"),
+        (r"\.(sinks|attention_sink)$", "attention_scaling", "attention has learned sinks"),
+        (r"(mixer\.|\.ssm|A_log$|\.conv1d\.)", "ssm", "state-space or convolutional mixer tensors"),
+    )
+    for pattern, code, detail in checks:
+        name = example(pattern)
+        if name:
+            found.add(code, detail, ev(name))
+
+    norm_names = {n.rsplit(".", 1)[0] for n in layer if "norm" in n.lower()}
+    norm_names -= {n for n in norm_names if re.search(r"(q_norm|k_norm|q_layernorm|k_layernorm)", n)}
+    has = lambda fragment: any(fragment in n for n in norm_names)  # noqa: E731
+    if has("pre_feedforward_layernorm") and has("post_feedforward_layernorm"):
+        found.add("sandwich_norm", "norms both before and after attention and MLP", "tensor: layer-0 norm names "
+                  + ", ".join(sorted(norm_names)))
+    elif has("post_feedforward_layernorm") and not has("input_layernorm"):
+        found.add("post_norm", "norms after attention and MLP outputs (no input norm)",
+                  "tensor: layer-0 norm names " + ", ".join(sorted(norm_names)))
+    norm_bias = next((n for n in names if re.search(r"(norm|ln_\w+|layernorm)\.bias$", n)), None)
+    if norm_bias:
+        found.add("layernorm", "LayerNorm with bias (not RMSNorm)", ev(norm_bias))
+    if "lm_head.weight" not in tensors and any(n.endswith("embed_tokens.weight") or n.endswith("wte.weight")
+                                               for n in names):
+        found.add("tied_embeddings", "no lm_head tensor: the LM head reuses the embedding matrix",
+                  "tensor: lm_head.weight absent")
+    qkv = example(r"\.(q_proj)\.weight$")
+    head_dim = text.get("head_dim")
+    heads = text.get("num_attention_heads")
+    if qkv and isinstance(heads, int) and heads and not head_dim:
+        rows = tensors[qkv].shape[0]
+        hidden = text.get("hidden_size")
+        if isinstance(hidden, int) and rows != hidden:
+            found.add("head_dim_override", f"q_proj has {rows} rows, not hidden_size {hidden}", ev(qkv))
+
+
+# --- donor ranking -------------------------------------------------------------
+
+# Signals no listed donor handles shift the ranking only through the "missing" count.
+_BASELINE = {"gqa", "mqa", "tied_embeddings", "head_dim_override", "rope_scaling"}
+
+
+# Donor features that are always on in the donor's graph, with the cost of
+# removing them when the model does not have them (structural ones cost more).
+_ALWAYS_ON = {"ssm": 3, "mla": 3, "moe": 2, "shared_experts": 1, "sandwich_norm": 1, "post_norm": 1,
+              "per_layer_attention": 1, "layernorm": 1, "fused_qkv": 1, "fused_gate_up": 1, "norm_offset": 1,
+              "embedding_scale": 1, "nope_layers": 1, "qk_norm": 1}
+
+
+@dataclass
+class DonorRank:
+    """One donor candidate with its score and the reasons for it."""
+
+    slug: str
+    score: int
+    reasons: list[str]
+    covered: list[str]
+    missing: list[str]
+    cpu_fp32: str
+
+
+def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None = None,
+                limit: int = 5) -> list[DonorRank]:
+    """Score donors (``max_registry.Donor`` objects with known traits) against the signals.
+
+    +2 per signal the donor already implements, -1 per signal it lacks, +1 if
+    its family name matches the model type, +1 for a measured CPU fp32 match
+    and -1 for a measured failure. Ties keep MAX's table order.
+    """
+    import max_registry
+
+    codes = [s.code for s in signals if s.code not in _BASELINE]
+    ranked = []
+    for donor in donors:
+        traits = max_registry.DONOR_TRAITS.get(donor.slug)
+        if traits is None:
+            continue
+        covered = [c for c in codes if c in traits.features]
+        missing = [c for c in codes if c not in traits.features]
+        extra = sorted(f for f in traits.features & _ALWAYS_ON.keys() if f not in codes)
+        score = 2 * len(covered) - len(missing) - sum(_ALWAYS_ON[f] for f in extra)
+        reasons = []
+        if covered:
+            reasons.append(f"already implements: {', '.join(covered)}")
+        if missing:
+            reasons.append(f"would need: {', '.join(missing)}")
+        if extra:
+            reasons.append(f"has what the model lacks (to remove): {', '.join(extra)}")
+        if not codes:
+            reasons.append("no delta signals: a plain Llama-style block")
+        family = donor.slug.rstrip("0123456789").lower()
+        if model_type and family and model_type.lower().startswith(family) and len(family) > 2:
+            score += 1
+            reasons.append(f"same family as model_type {model_type!r}")
+        if donor.cpu_fp32 == "match":
+            score += 1
+            reasons.append(f"builds and matches HF on CPU fp32 (measured, MAX {max_registry.MEASURED_MAX_VERSION})")
+        elif donor.cpu_fp32 == "fail":
+            score -= 1
+            reasons.append(f"fails on CPU fp32: {donor.cpu_fp32_note}")
+        else:
+            reasons.append("CPU fp32 behaviour unmeasured")
+        ranked.append(DonorRank(donor.slug, score, reasons, covered, missing, donor.cpu_fp32))
+    ranked.sort(key=lambda r: (-r.score, len(max_registry.DONOR_TRAITS[r.slug].features)))
+    return ranked[:limit]

@@ -1,0 +1,230 @@
+"""Token-level comparison of HF and MAX log-probabilities, as pure functions over arrays.
+
+No server, no torch, no tokenizer: the caller hands in numbers and this module
+decides MATCH or DIVERGED. ``compare_layers.py`` feeds it real runs; the unit
+tests feed it hand-made arrays.
+
+Position indexing. A sequence holds the prompt tokens followed by the tokens
+MAX generated greedily. Position ``p`` is the ``p``-th token (0-based). Position
+0 has no log-probability (nothing precedes it), so the scored positions are
+``1 .. len-1``; the score at ``p`` is log P(token[p] | token[0..p-1]). Positions
+below ``prompt_length`` are prompt positions, the rest are greedy positions.
+
+What is compared at every scored position:
+
+* the log-probability each side gives the actual token there (``abs_diff``);
+* the log-probability of every token MAX lists in its top-k whose id is known
+  (MAX keys its top-k by decoded text; ids that decode alike are ambiguous and
+  skipped), against HF's log-probability of the same id;
+* top-1 agreement. Differing top-1 tokens count only when they are not a tie:
+  a tie is when HF gives MAX's top-1 within twice the tolerance of its own
+  top-1 (each side may be off by the tolerance).
+
+At greedy positions the token is MAX's choice. While HF's argmax equals it,
+both sides saw the same prefix and everything above is compared. At the first
+greedy position where they differ (the prefix is still shared, so logprobs are
+still compared there) the tie-tolerant rule replaces the top-1 check: each
+side's token must be in the other side's top-k. The comparison stops after
+that position, since HF would continue from a different prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+MATCH = "MATCH"
+DIVERGED = "DIVERGED"
+
+
+@dataclass(frozen=True)
+class MaxTopEntry:
+    """One entry of MAX's top-k at a position: the decoded text, its id when unambiguous, the logprob."""
+
+    text: str
+    token_id: int | None
+    logprob: float
+
+
+@dataclass
+class PositionResult:
+    """The comparison at one scored position."""
+
+    position: int
+    phase: str  # "prompt" or "greedy"
+    token_id: int
+    hf_logprob: float
+    max_logprob: float
+    abs_diff: float  # largest |Δ| at this position (actual token and known top-k ids)
+    hf_top1: int
+    max_top1: int | None  # None when MAX's top-1 text maps to several ids
+    top1_agree: bool | None  # None when MAX's top-1 id is ambiguous
+    topk_overlap: int  # ids in both top-k lists (known ids only)
+    ok: bool
+    reason: str  # "" when ok; else "logprob", "top1" or "greedy"
+
+
+@dataclass
+class SequenceComparison:
+    """The comparison of one prompt (and MAX's greedy continuation of it)."""
+
+    prompt_length: int
+    positions: list[PositionResult] = field(default_factory=list)
+    greedy_compared: int = 0  # greedy tokens compared before the comparison stopped
+    greedy_tie_at: int | None = None  # position of an accepted greedy tie, if any
+
+    @property
+    def first_divergence(self) -> PositionResult | None:
+        return next((p for p in self.positions if not p.ok), None)
+
+    @property
+    def verdict(self) -> str:
+        return MATCH if self.first_divergence is None else DIVERGED
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((p.abs_diff for p in self.positions), default=0.0)
+
+    def to_dict(self) -> dict:
+        first = self.first_divergence
+        return {
+            "verdict": self.verdict,
+            "prompt_length": self.prompt_length,
+            "max_abs_diff": self.max_abs_diff,
+            "first_divergence": asdict(first) if first else None,
+            "greedy_compared": self.greedy_compared,
+            "greedy_tie_at": self.greedy_tie_at,
+            "positions": [asdict(p) for p in self.positions],
+        }
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64."""
+    values = np.asarray(logits, dtype=np.float64)
+    shifted = values - values.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def text_index(decoded: Sequence[str]) -> dict[str, list[int]]:
+    """Map each decoded token text to the ids that decode to it (``decoded[id]`` is the text)."""
+    index: dict[str, list[int]] = {}
+    for token_id, text in enumerate(decoded):
+        index.setdefault(text, []).append(token_id)
+    return index
+
+
+def resolve_top(top: dict[str, float], index: dict[str, list[int]]) -> list[MaxTopEntry]:
+    """Turn MAX's text-keyed top-k into entries, best first, with ids where the text is unambiguous."""
+    entries = []
+    for text, logprob in top.items():
+        ids = index.get(text, [])
+        entries.append(MaxTopEntry(text, ids[0] if len(ids) == 1 else None, float(logprob)))
+    entries.sort(key=lambda e: e.logprob, reverse=True)
+    return entries
+
+
+def compare_sequence(
+    token_ids: Sequence[int],
+    prompt_length: int,
+    hf_logprobs: np.ndarray,
+    max_logprobs: Sequence[float],
+    max_top: Sequence[Sequence[MaxTopEntry]],
+    atol: float,
+    top_k: int,
+) -> SequenceComparison:
+    """Compare HF and MAX at every scored position of one sequence.
+
+    ``token_ids``: prompt ids then MAX's greedy ids (length T).
+    ``hf_logprobs``: HF log-softmax rows, shape (T-1, vocab); row ``p-1`` is the
+    distribution for position ``p``.
+    ``max_logprobs``: MAX's logprob of the actual token at positions 1..T-1.
+    ``max_top``: MAX's top-k entries at positions 1..T-1 (best first).
+    ``atol``: absolute logprob tolerance; ``top_k``: k used for the top-k checks.
+    """
+    tokens = [int(t) for t in token_ids]
+    total = len(tokens)
+    hf = np.asarray(hf_logprobs, dtype=np.float64)
+    if prompt_length < 1 or prompt_length > total:
+        raise ValueError(f"prompt_length {prompt_length} is outside 1..{total}")
+    if hf.ndim != 2 or hf.shape[0] != total - 1:
+        raise ValueError(f"hf_logprobs must have shape ({total - 1}, vocab), got {hf.shape}")
+    if len(max_logprobs) != total - 1 or len(max_top) != total - 1:
+        raise ValueError(
+            f"MAX gave {len(max_logprobs)} logprobs and {len(max_top)} top-k lists for {total - 1} scored positions"
+        )
+    result = SequenceComparison(prompt_length=prompt_length)
+    for position in range(1, total):
+        row = hf[position - 1]
+        token = tokens[position]
+        top = list(max_top[position - 1])
+        phase = "prompt" if position < prompt_length else "greedy"
+        hf_order = np.argsort(-row, kind="stable")[:top_k]
+        scored = _score_position(position, phase, token, row, hf_order, top, float(max_logprobs[position - 1]), atol)
+        split = phase == "greedy" and int(hf_order[0]) != token
+        if split and scored.reason in ("", "top1"):
+            # Tie-tolerant rule: each side's choice must be in the other side's top-k.
+            tie = token in {int(i) for i in hf_order} and _in_max_top(int(hf_order[0]), top)
+            scored.reason = "" if tie else "greedy"
+            scored.ok = tie
+            result.greedy_tie_at = position if tie else None
+        result.positions.append(scored)
+        if phase == "greedy":
+            result.greedy_compared += 1
+        if split:
+            break
+    return result
+
+
+def _score_position(
+    position: int,
+    phase: str,
+    token: int,
+    row: np.ndarray,
+    hf_order: np.ndarray,
+    top: list[MaxTopEntry],
+    max_logprob: float,
+    atol: float,
+) -> PositionResult:
+    hf_logprob = float(row[token])
+    diffs = [abs(hf_logprob - max_logprob)]
+    diffs += [abs(float(row[e.token_id]) - e.logprob) for e in top if e.token_id is not None]
+    abs_diff = max(diffs)
+    hf_top1 = int(hf_order[0])
+    max_top1 = top[0].token_id if top else None
+    top1_agree = None if max_top1 is None else max_top1 == hf_top1
+    # Each side may be off by atol, so a gap up to 2*atol between the two top-1 tokens is a tie.
+    tie = max_top1 is not None and float(row[max_top1]) >= float(row[hf_top1]) - 2 * atol
+    known = {e.token_id for e in top if e.token_id is not None}
+    reason = ""
+    if abs_diff > atol:
+        reason = "logprob"
+    elif top1_agree is False and not tie:
+        reason = "top1"
+    return PositionResult(
+        position=position,
+        phase=phase,
+        token_id=token,
+        hf_logprob=hf_logprob,
+        max_logprob=max_logprob,
+        abs_diff=abs_diff,
+        hf_top1=hf_top1,
+        max_top1=max_top1,
+        top1_agree=top1_agree,
+        topk_overlap=len(known & {int(i) for i in hf_order}),
+        ok=not reason,
+        reason=reason,
+    )
+
+
+def _in_max_top(token: int, top: list[MaxTopEntry]) -> bool:
+    """Whether ``token`` is in MAX's top-k (an entry whose text maps to several ids may hold it)."""
+    return any(e.token_id == token or e.token_id is None for e in top)
+
+
+def summarize(comparisons: Sequence[SequenceComparison]) -> tuple[str, int | None, float]:
+    """Overall verdict, index of the first diverged sequence, and max |Δ| over all sequences."""
+    first = next((i for i, c in enumerate(comparisons) if c.verdict == DIVERGED), None)
+    verdict = MATCH if first is None else DIVERGED
+    return verdict, first, max((c.max_abs_diff for c in comparisons), default=0.0)

@@ -1,0 +1,511 @@
+"""What the installed MAX registers, read from its source files without importing it.
+
+MAX declares its built-in architectures in one table in
+``max/pipelines/architectures/__init__.py`` (a list of ``_LazyArch(name,
+module, symbol, speculates_on=...)`` entries). This module parses that table
+with ``ast`` and follows each entry to the ``SupportedArchitecture(...)`` call
+that defines it, to learn its task, pipeline model and config class. Importing
+``max.pipelines`` instead takes seconds and pulls in torch.
+
+It also holds the donor facts (:data:`DONOR_TRAITS`, :data:`DONOR_MEASUREMENTS`)
+and :func:`config_keys_read`, which lists the Hugging Face config keys a MAX
+package reads. Used by list-archs, inspect and check-walls.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import cli_support
+
+MODULE_V3_SUFFIX = "_ModuleV3"
+TEXT_GENERATION = "text_generation"
+
+# The MAX version the measurements and traits below were taken on.
+MEASURED_MAX_VERSION = "26.7"
+
+# Build-and-match on the CPU in float32 against transformers, measured with
+# 2-layer fp32 replicas on MAX 26.7. Donors not listed are "unmeasured".
+DONOR_MEASUREMENTS: dict[str, dict[str, str]] = {
+    "llama3": {"cpu_fp32": "match"},
+    "phi3": {"cpu_fp32": "match"},
+    "qwen2": {"cpu_fp32": "match"},
+    "olmo": {"cpu_fp32": "match"},
+    "olmo2": {"cpu_fp32": "match"},
+    "granite": {"cpu_fp32": "match"},
+    "qwen3": {"cpu_fp32": "fail", "why": "creates GPU allreduce devices"},
+    "mistral": {"cpu_fp32": "fail", "why": "no float32 encoding"},
+    "gemma3": {"cpu_fp32": "fail", "why": "no float32 encoding"},
+}
+
+
+@dataclass(frozen=True)
+class DonorTraits:
+    """The block shape of a MAX text-generation family, hand-curated from MAX 26.7 source.
+
+    ``features`` are the ``delta_signals`` codes the family already implements.
+    """
+
+    attention: str
+    mlp: str
+    norm: str
+    features: frozenset[str] = frozenset()
+
+
+def _traits(attention: str, mlp: str, norm: str, *features: str) -> DonorTraits:
+    return DonorTraits(attention, mlp, norm, frozenset(features))
+
+
+# Slug -> block shape, for the families a port usually starts from.
+DONOR_TRAITS: dict[str, DonorTraits] = {
+    "llama3": _traits("GQA, full RoPE", "gated SiLU (SwiGLU)", "RMSNorm, pre-norm"),
+    "granite": _traits("GQA, full RoPE, attention multiplier", "gated SiLU (SwiGLU)",
+                       "RMSNorm, pre-norm, MuP multipliers", "mup_multipliers"),
+    "phi3": _traits("GQA, fused qkv_proj, RoPE (longrope scaling)", "gated SiLU, fused gate_up_proj",
+                    "RMSNorm, pre-norm", "fused_qkv", "fused_gate_up"),
+    "qwen2": _traits("GQA, RoPE, q/k/v bias", "gated SiLU (SwiGLU)", "RMSNorm, pre-norm", "attention_bias"),
+    "qwen3": _traits("GQA, RoPE, per-head QK-norm", "gated SiLU, or MoE (Qwen3Moe)", "RMSNorm, pre-norm",
+                     "qk_norm", "moe", "router"),
+    "olmo": _traits("MHA, RoPE, optional clip_qkv", "gated SiLU (SwiGLU)", "LayerNorm without weights, pre-norm",
+                    "layernorm", "attention_scaling"),
+    "olmo2": _traits("MHA/GQA, RoPE, full-width QK-norm", "gated SiLU (SwiGLU)",
+                     "RMSNorm, post-norm (after attention and MLP)", "qk_norm", "post_norm"),
+    "olmo3": _traits("GQA, RoPE, full-width QK-norm, sliding/full layer types", "gated SiLU (SwiGLU)",
+                     "RMSNorm, post-norm", "qk_norm", "post_norm", "sliding_window", "per_layer_attention",
+                     "rope_per_layer_type"),
+    "mistral": _traits("GQA, RoPE", "gated SiLU (SwiGLU)", "RMSNorm, pre-norm"),
+    "gemma3": _traits("GQA, RoPE, QK-norm, sliding/global layers", "gated GELU-tanh",
+                      "RMSNorm (1 + weight), sandwich norms", "qk_norm", "sliding_window", "per_layer_attention",
+                      "logit_softcap", "attn_softcap", "sandwich_norm", "norm_offset", "embedding_scale",
+                      "activation", "attention_scaling", "rope_per_layer_type"),
+    "deepseekV2": _traits("MLA (latent KV)", "MoE with shared experts", "RMSNorm, pre-norm",
+                          "mla", "moe", "shared_experts", "router"),
+    "deepseekV3": _traits("MLA (latent KV)", "MoE with shared experts, grouped top-k", "RMSNorm, pre-norm",
+                          "mla", "moe", "shared_experts", "router"),
+    "gpt_oss": _traits("GQA, RoPE (yarn), sliding/full layers, attention sinks", "MoE (clamped SwiGLU experts)",
+                       "RMSNorm, pre-norm", "moe", "router", "sliding_window", "per_layer_attention",
+                       "attention_scaling", "attention_bias"),
+    "llama4": _traits("GQA, chunked attention, NoPE layers", "MoE with shared expert", "RMSNorm, pre-norm",
+                      "moe", "shared_experts", "nope_layers", "sliding_window", "qk_norm"),
+    "minimax_m2": _traits("GQA, RoPE, QK-norm", "MoE", "RMSNorm, pre-norm", "moe", "router", "qk_norm"),
+    "mamba": _traits("none (selective state space)", "none", "RMSNorm", "ssm"),
+    "lfm2": _traits("hybrid short convolution + GQA", "gated SiLU", "RMSNorm", "ssm", "qk_norm"),
+    "nemotron_h": _traits("hybrid Mamba2 + attention", "MLP / MoE", "RMSNorm", "ssm", "moe", "activation"),
+}
+
+# Files in an architecture package that only wire things up; any other module
+# (or a ``layers`` folder) means the package builds its own graph.
+_WIRING_MODULES = {"__init__", "arch", "model", "model_config", "weight_adapters", "batch_processor",
+                   "tokenizer", "recipes"}
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One entry of MAX's architecture table."""
+
+    name: str
+    slug: str
+    symbol: str
+    task: str | None = None
+    speculates_on: str | None = None
+    pipeline_model: str | None = None
+    pipeline_model_from: str | None = None  # slug the pipeline model class is imported from
+    config_class: str | None = None
+    config_class_from: str | None = None  # slug the config class is imported from
+
+    @property
+    def module_v3(self) -> bool:
+        return self.name.endswith(MODULE_V3_SUFFIX)
+
+
+def architectures_dir() -> Path:
+    """``max/pipelines/architectures`` of the installed MAX (ScriptError when missing)."""
+    path = Path(cli_support.max_package_dir()) / "pipelines" / "architectures"
+    if not (path / "__init__.py").is_file():
+        raise cli_support.ScriptError(f"MAX is installed but {path}/__init__.py is missing")
+    return path
+
+
+@lru_cache(maxsize=None)
+def _parse(path: Path) -> ast.Module | None:
+    try:
+        return ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+
+
+def _const(node: ast.AST | None) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def read_table(arch_dir: Path | None = None) -> list[Registration]:
+    """Every ``_LazyArch`` entry of MAX's table, in table order (fast: one file)."""
+    arch_dir = arch_dir or architectures_dir()
+    tree = _parse(arch_dir / "__init__.py")
+    if tree is None:
+        raise cli_support.ScriptError(f"cannot parse {arch_dir / '__init__.py'}")
+    entries = []
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_LazyArch"):
+            continue
+        values = [_const(a) for a in node.args]
+        values += [None] * (4 - len(values))
+        for keyword in node.keywords:
+            index = {"name": 0, "module": 1, "symbol": 2, "speculates_on": 3}.get(keyword.arg or "")
+            if index is not None:
+                values[index] = _const(keyword.value)
+        name, module, symbol, speculates_on = values[:4]
+        if name and module and symbol:
+            entries.append(Registration(name=name, slug=module.lstrip("."), symbol=symbol,
+                                        speculates_on=speculates_on))
+    if not entries:
+        raise cli_support.ScriptError(
+            f"found no architecture table in {arch_dir / '__init__.py'}; this MAX version is not supported")
+    return entries
+
+
+def _find_definition(package: Path, symbol: str, depth: int = 0) -> tuple[Path, ast.Module] | None:
+    """The module of ``package`` that assigns ``symbol``, following ``from .x import symbol``."""
+    init = package / "__init__.py"
+    candidates = [init] if init.is_file() else []
+    candidates += [package / "arch.py"]
+    for path in candidates:
+        tree = _parse(path)
+        if tree is None:
+            continue
+        for node in tree.body:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if any(isinstance(t, ast.Name) and t.id == symbol for t in targets):
+                    return path, tree
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and depth < 3:
+                if any((a.asname or a.name) == symbol for a in node.names) and node.module:
+                    target = package / (node.module.replace(".", "/") + ".py")
+                    if target.is_file() and target != path:
+                        found = _assignment_in(target, symbol)
+                        if found:
+                            return found
+                    sub = package / node.module.replace(".", "/")
+                    if sub.is_dir():
+                        return _find_definition(sub, symbol, depth + 1)
+    return None
+
+
+def _assignment_in(path: Path, symbol: str) -> tuple[Path, ast.Module] | None:
+    tree = _parse(path)
+    if tree is None:
+        return None
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == symbol for t in targets):
+            return path, tree
+    return None
+
+
+def _imported_from(tree: ast.Module, name: str, own_slug: str) -> str:
+    """Slug a name is imported from (``..llama3.model`` -> llama3); own slug otherwise."""
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+            return _slug_of_import(node) or own_slug
+    return own_slug
+
+
+def _module_file(base_dir: Path, module: str) -> Path | None:
+    """``a.b`` under ``base_dir`` as ``a/b.py`` or ``a/b/__init__.py``."""
+    stem = base_dir / module.replace(".", "/")
+    for path in (stem.with_suffix(".py"), stem / "__init__.py"):
+        if path.is_file():
+            return path
+    return None
+
+
+def _arch_keywords(path: Path, symbol: str, depth: int = 0) -> dict[str, ast.AST] | None:
+    """Keyword arguments of the call assigned to ``symbol`` in ``path``.
+
+    Follows ``dataclasses.replace(base, ...)``, also when ``base`` is imported
+    from a sibling module or another architecture package.
+    """
+    tree = _parse(path)
+    if tree is None or depth > 4:
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.level in (1, 2):
+            if any((a.asname or a.name) == symbol for a in node.names):
+                base_dir = path.parent if node.level == 1 else path.parent.parent
+                original = next(a.name for a in node.names if (a.asname or a.name) == symbol)
+                target = _module_file(base_dir, node.module)
+                return _arch_keywords(target, original, depth + 1) if target else None
+        if not isinstance(node, ast.Assign) or not isinstance(node.value, ast.Call):
+            continue
+        if not any(isinstance(t, ast.Name) and t.id == symbol for t in node.targets):
+            continue
+        call = node.value
+        keywords = {k.arg: k.value for k in call.keywords if k.arg}
+        func = call.func
+        func_name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        if func_name == "replace" and call.args and isinstance(call.args[0], ast.Name):
+            base = _arch_keywords(path, call.args[0].id, depth + 1) or {}
+            return {**base, **keywords}
+        return keywords
+    return None
+
+
+def _details(arch_dir: Path, entry: Registration) -> Registration:
+    """Fill task, pipeline model and config class from the ``SupportedArchitecture(...)`` call."""
+    found = _find_definition(arch_dir / entry.slug, entry.symbol)
+    if found is None:
+        return entry
+    path, tree = found
+    keywords = _arch_keywords(path, entry.symbol)
+    if keywords is None:
+        return entry
+    task = keywords.get("task")
+    task_value = task.attr.lower() if isinstance(task, ast.Attribute) else None
+    model = keywords.get("pipeline_model")
+    config = keywords.get("config")
+    model_name = model.id if isinstance(model, ast.Name) else None
+    config_name = config.id if isinstance(config, ast.Name) else None
+    return Registration(
+        name=entry.name, slug=entry.slug, symbol=entry.symbol, task=task_value,
+        speculates_on=entry.speculates_on, pipeline_model=model_name,
+        pipeline_model_from=_imported_from(tree, model_name, entry.slug) if model_name else None,
+        config_class=config_name,
+        config_class_from=_imported_from(tree, config_name, entry.slug) if config_name else None,
+    )
+
+
+def registrations(with_details: bool = True) -> list[Registration]:
+    """Every registration in MAX's table; with details, also each one's task and classes."""
+    arch_dir = architectures_dir()
+    entries = read_table(arch_dir)
+    return [_details(arch_dir, e) for e in entries] if with_details else entries
+
+
+def match(name: str, entries: list[Registration]) -> list[Registration]:
+    """The registrations for exactly this class name (speculators excluded)."""
+    return [e for e in entries if e.name == name and not e.speculates_on]
+
+
+def close_names(name: str, entries: list[Registration], limit: int = 5) -> list[str]:
+    """Registered names close to ``name``: case-insensitive, substring, then fuzzy."""
+    names = sorted({e.name for e in entries if not e.speculates_on})
+    lowered = name.lower()
+    exact_case = [n for n in names if n.lower() == lowered]
+    stem = lowered.replace(MODULE_V3_SUFFIX.lower(), "")
+    for suffix in ("forcausallm", "forconditionalgeneration", "model"):
+        stem = stem.removesuffix(suffix) if len(stem) > len(suffix) else stem
+    substring = [n for n in names if stem and stem in n.lower() and n not in exact_case]
+    fuzzy = difflib.get_close_matches(name, names, n=limit, cutoff=0.6)
+    result: list[str] = []
+    for n in exact_case + substring + fuzzy:
+        if n not in result and n != name:
+            result.append(n)
+    return result[:limit]
+
+
+def has_own_graph(arch_dir: Path, slug: str) -> bool:
+    """True when the package has modules beyond wiring (arch/model/config/adapters)."""
+    package = arch_dir / slug
+    for child in package.iterdir():
+        stem = child.stem if child.suffix == ".py" else child.name
+        if child.name == "__pycache__" or stem in _WIRING_MODULES:
+            continue
+        if child.suffix == ".py" or (child.is_dir() and (child / "__init__.py").is_file()):
+            return True
+    return False
+
+
+@dataclass
+class Donor:
+    """A text-generation family a port can start from."""
+
+    slug: str
+    names: list[str]
+    module_v3: bool
+    graph: str  # "own" or "reuses <slug>"
+    attention: str
+    mlp: str
+    norm: str
+    cpu_fp32: str  # "match", "fail" or "unmeasured"
+    cpu_fp32_note: str | None = None
+    config_class: str | None = None
+    config_class_from: str | None = None
+    reuses: list[str] = field(default_factory=list)
+
+
+def donors(entries: list[Registration] | None = None, include_module_v3: bool = False) -> list[Donor]:
+    """The text-generation slugs usable as donors, in table order."""
+    arch_dir = architectures_dir()
+    entries = entries if entries is not None else registrations()
+    by_slug: dict[str, list[Registration]] = {}
+    for entry in entries:
+        if entry.task != TEXT_GENERATION or entry.speculates_on:
+            continue
+        if entry.module_v3 and not include_module_v3:
+            continue
+        by_slug.setdefault(entry.slug, []).append(entry)
+    result = []
+    for slug, regs in by_slug.items():
+        if all(is_draft_model(r.name) for r in regs):
+            continue
+        first = regs[0]
+        reuses = sorted(s for s in _imported_slugs(_package_files(arch_dir / slug))
+                        if s != slug and (arch_dir / s).is_dir())
+        if has_own_graph(arch_dir, slug) or not reuses:
+            graph = "own"
+        elif first.pipeline_model_from and first.pipeline_model_from != slug:
+            graph = f"reuses {first.pipeline_model_from}"
+        else:
+            graph = f"reuses {reuses[0]}"
+        traits = DONOR_TRAITS.get(slug.removesuffix("_modulev3"))
+        measured = DONOR_MEASUREMENTS.get(slug, {})
+        unknown = f"not catalogued (MAX {MEASURED_MAX_VERSION})"
+        result.append(Donor(
+            slug=slug, names=[r.name for r in regs], module_v3=all(r.module_v3 for r in regs), graph=graph,
+            attention=traits.attention if traits else unknown, mlp=traits.mlp if traits else unknown,
+            norm=traits.norm if traits else unknown,
+            cpu_fp32=measured.get("cpu_fp32", "unmeasured"),
+            cpu_fp32_note=(f"{measured['why']} (MAX {MEASURED_MAX_VERSION})" if "why" in measured
+                           else f"measured on MAX {MEASURED_MAX_VERSION}" if measured else None),
+            config_class=first.config_class, config_class_from=first.config_class_from, reuses=reuses,
+        ))
+    return result
+
+
+_DRAFT_MARKERS = ("Eagle", "Dflash", "DFlash", "DSpark", "MTP", "NextN", "Draft", "Assistant")
+
+
+def is_draft_model(name: str) -> bool:
+    """True for speculative-decoding draft or fused target+draft registrations (not port donors)."""
+    return any(marker in name for marker in _DRAFT_MARKERS)
+
+
+# --- which config keys MAX code reads -----------------------------------------
+
+_CONFIG_OBJECT_HINTS = ("config", "cfg", "rope_scaling", "rope_parameters", "rope_params")
+_DICT_METHODS = {"get", "pop", "setdefault"}
+_NON_KEYS = {"to_dict", "get", "pop", "items", "keys", "values", "update", "setdefault", "copy",
+             "get_text_config", "to_json_string", "__dict__", "__class__"}
+
+
+def _is_config_object(node: ast.AST) -> bool:
+    """A name or attribute chain that looks like an HF config (``huggingface_config``, ``self.config``...)."""
+    if isinstance(node, ast.Name):
+        name = node.id.lower()
+    elif isinstance(node, ast.Attribute):
+        name = node.attr.lower()
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        name = node.func.attr.lower()  # e.g. hf.get_text_config()
+    else:
+        return False
+    return any(hint in name for hint in _CONFIG_OBJECT_HINTS)
+
+
+def keys_read_in_file(path: Path) -> dict[str, list[int]]:
+    """Config keys one Python file reads, with line numbers.
+
+    Counts ``<config>.key``, ``getattr(<config>, "key")``, ``hasattr``,
+    ``<config>.get("key")``, ``<config>["key"]`` and ``"key" in <config>``,
+    where ``<config>`` is a name or attribute containing "config"/"cfg".
+    """
+    tree = _parse(path)
+    found: dict[str, list[int]] = {}
+    if tree is None:
+        return found
+
+    def add(key: str | None, line: int) -> None:
+        if key and key.isidentifier() and key not in _NON_KEYS and not key.startswith("_"):
+            found.setdefault(key, []).append(line)
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and _is_config_object(node.value):
+            add(node.attr, node.lineno)
+        elif isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name) and func.id in ("getattr", "hasattr") and len(node.args) >= 2:
+                if _is_config_object(node.args[0]):
+                    add(_const(node.args[1]), node.lineno)
+            elif (isinstance(func, ast.Attribute) and func.attr in _DICT_METHODS and node.args
+                  and _is_config_object(func.value)):
+                add(_const(node.args[0]), node.lineno)
+        elif isinstance(node, ast.Subscript) and _is_config_object(node.value):
+            add(_const(node.slice), node.lineno)
+        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn)):
+            if _is_config_object(node.comparators[0]):
+                add(_const(node.left), node.lineno)
+    return found
+
+
+def _package_files(package: Path) -> list[Path]:
+    return sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def _imported_slugs(files: list[Path]) -> set[str]:
+    slugs = set()
+    for path in files:
+        tree = _parse(path)
+        for node in ast.walk(tree) if tree else ():
+            slug = _slug_of_import(node) if isinstance(node, ast.ImportFrom) else None
+            if slug:
+                slugs.add(slug)
+    return slugs
+
+
+_ABSOLUTE_PREFIX = "max.pipelines.architectures."
+
+
+def _slug_of_import(node: ast.ImportFrom) -> str | None:
+    """The architecture slug an import reaches into (``..llama3.x`` or ``max.pipelines.architectures.llama3.x``)."""
+    if node.level >= 2 and node.module:
+        return node.module.split(".")[0]
+    if node.level == 0 and node.module and node.module.startswith(_ABSOLUTE_PREFIX):
+        return node.module[len(_ABSOLUTE_PREFIX):].split(".")[0]
+    return None
+
+
+@dataclass
+class KeysRead:
+    """Where a donor's code reads config keys: key -> ["slug/file.py:line", ...]."""
+
+    config_class: dict[str, list[str]]
+    anywhere: dict[str, list[str]]
+    files_scanned: int
+
+
+def config_keys_read(slug: str, config_class_from: str | None = None) -> KeysRead:
+    """Config keys read by a donor's config module and by any of its code.
+
+    ``config_class`` covers the ``model_config.py`` of the package that
+    defines the donor's config class; ``anywhere`` covers every file of the
+    donor package, of the families it imports from, and MAX's shared
+    ``pipelines/lib`` helpers (for example the RoPE readers).
+    """
+    arch_dir = architectures_dir()
+    package = arch_dir / slug
+    if not package.is_dir():
+        raise cli_support.ScriptError(f"MAX has no architecture package {slug!r}")
+    files = _package_files(package)
+    for other in sorted(_imported_slugs(files)):
+        if (arch_dir / other).is_dir() and other != slug:
+            files += _package_files(arch_dir / other)
+    lib_dir = arch_dir.parent / "lib"
+    shared = _package_files(lib_dir) if lib_dir.is_dir() else []
+
+    def collect(paths: list[Path]) -> dict[str, list[str]]:
+        result: dict[str, list[str]] = {}
+        for path in paths:
+            rel = path.relative_to(arch_dir.parent).as_posix()
+            for key, lines in keys_read_in_file(path).items():
+                result.setdefault(key, []).extend(f"{rel}:{line}" for line in lines)
+        return result
+
+    config_package = arch_dir / (config_class_from or slug)
+    config_files = [p for p in _package_files(config_package) if p.name == "model_config.py"]
+    for parent in sorted(_imported_slugs(config_files)):  # a config class may subclass another family's
+        config_files += [p for p in _package_files(arch_dir / parent) if p.name == "model_config.py"]
+    return KeysRead(config_class=collect(config_files), anywhere=collect(files + shared),
+                    files_scanned=len(files) + len(shared))

@@ -1,0 +1,153 @@
+"""Where a port lives and what it is called: slug rules and port-folder checks.
+
+A port is one Python package ``DIR/<slug>/`` that ``max serve
+--custom-architectures DIR/<slug>`` imports as the top-level module
+``<slug>``. This module holds the rules the scaffold, the audit and the gates
+share: how a slug is derived and validated, how a port folder given on the
+command line is normalized (trailing slash, parent folder by mistake), and how
+the port's ``arch.py`` is read with ``ast`` (no import of MAX).
+
+Imports neither torch nor max.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import keyword
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from cli_support import ScriptError
+
+# Files every scaffolded port has besides its graph module ``<slug>.py``.
+STANDARD_MODULES = ("__init__", "arch", "model_config", "model", "weight_adapters")
+
+# Written by the scaffold into every port; the gates read it.
+MANIFEST_NAME = "scaffold_manifest.json"
+
+
+def slug_from_name(name: str) -> str:
+    """A candidate slug from a model name: lower case, runs of other characters become ``_``."""
+    slug = re.sub(r"[^0-9a-zA-Z]+", "_", name.strip()).strip("_").lower()
+    if not slug:
+        return "port"
+    if slug[0].isdigit():
+        slug = "m_" + slug
+    return slug
+
+
+def slug_problem(slug: str, reserved: tuple[str, ...] = ()) -> str | None:
+    """Why ``slug`` cannot name a port, or None when it can.
+
+    A slug must be a Python identifier, not a keyword, not one of the port's own
+    module names (``reserved``), and nothing importable may already have that
+    name: MAX imports the port as a top-level module, so a clash would import
+    the other module instead.
+    """
+    if not slug.isidentifier():
+        return f"slug {slug!r} is not a valid Python identifier (use letters, digits and _)"
+    if keyword.iskeyword(slug):
+        return f"slug {slug!r} is a Python keyword"
+    if slug in reserved or slug in STANDARD_MODULES:
+        return f"slug {slug!r} clashes with a module name inside the port"
+    try:
+        found = importlib.util.find_spec(slug)
+    except (ImportError, ValueError):
+        found = None
+    if found is not None:
+        origin = found.origin or "a namespace package"
+        return f"slug {slug!r} is already importable ({origin}); MAX would import that instead"
+    return None
+
+
+@dataclass(frozen=True)
+class PortDir:
+    """A port package folder, normalized: ``path`` is ``DIR/<slug>`` without a trailing slash."""
+
+    path: Path
+
+    @property
+    def slug(self) -> str:
+        return self.path.name
+
+    @property
+    def custom_architectures_arg(self) -> str:
+        """The value to pass to ``max serve --custom-architectures`` (never a trailing slash)."""
+        return str(self.path)
+
+    def module_path(self, module: str) -> Path:
+        return self.path / f"{module.replace('.', '/')}.py"
+
+
+def resolve_port_dir(value: str) -> PortDir:
+    """Normalize a port folder argument; exit 3 (ScriptError) when it is not a port.
+
+    A trailing slash is accepted. A parent folder holding exactly one port is
+    refused with a message naming the port folder to pass instead.
+    """
+    text = value.rstrip("/\\") or value
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise ScriptError(f"port folder not found: {value}")
+    if (path / "arch.py").is_file() and (path / "__init__.py").is_file():
+        return PortDir(path.resolve())
+    inner = sorted(p for p in path.iterdir() if p.is_dir() and (p / "arch.py").is_file()
+                   and (p / "__init__.py").is_file())
+    if len(inner) == 1:
+        raise ScriptError(f"{value} is the parent folder, not a port; pass the port folder {inner[0]}")
+    if inner:
+        names = ", ".join(str(p) for p in inner)
+        raise ScriptError(f"{value} is a parent folder holding several ports; pass one of: {names}")
+    raise ScriptError(f"{value} is not a port folder (no arch.py and __init__.py in it)")
+
+
+@dataclass(frozen=True)
+class ArchDeclaration:
+    """What ``arch.py`` declares in its ``SupportedArchitecture(...)`` call, read with ast."""
+
+    name: str | None
+    default_encoding: str | None
+    supported_encodings: tuple[str, ...] | None  # None when not a literal the parser can read
+    line: int
+
+
+def read_arch_declaration(arch_file: Path) -> ArchDeclaration:
+    """Parse ``arch.py`` without importing it; ScriptError when there is no SupportedArchitecture call."""
+    try:
+        tree = ast.parse(arch_file.read_text(encoding="utf-8"), filename=str(arch_file))
+    except (OSError, SyntaxError) as exc:
+        raise ScriptError(f"cannot parse {arch_file}: {exc}") from None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _call_name(node.func) == "SupportedArchitecture":
+            fields = {kw.arg: kw.value for kw in node.keywords if kw.arg}
+            return ArchDeclaration(
+                name=_literal_str(fields.get("name")),
+                default_encoding=_literal_str(fields.get("default_encoding")),
+                supported_encodings=_literal_strings(fields.get("supported_encodings")),
+                line=node.lineno,
+            )
+    raise ScriptError(f"{arch_file} has no SupportedArchitecture(...) call")
+
+
+def _call_name(func: ast.expr) -> str | None:
+    if isinstance(func, ast.Name):
+        return func.id
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return None
+
+
+def _literal_str(node: ast.expr | None) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    return None
+
+
+def _literal_strings(node: ast.expr | None) -> tuple[str, ...] | None:
+    if isinstance(node, (ast.Set, ast.List, ast.Tuple)):
+        values = [_literal_str(elt) for elt in node.elts]
+        if all(v is not None for v in values):
+            return tuple(sorted(v for v in values if v is not None))
+    return None

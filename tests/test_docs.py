@@ -1,0 +1,618 @@
+"""Keep the skill's markdown true to the code.
+
+An agent follows SKILL.md, references/ and templates/ literally, so these
+tests check what the docs promise against what the scripts and the installed
+MAX actually do: relative links resolve, every script and dispatcher
+subcommand shown exists, every ``--flag`` shown with a command appears in
+that command's ``--help``, every script has its SKILL.md subsection, the
+exit-code table matches each script's ``EXIT_CODES``, the MAX API names
+shown import, and the port test template is never collected from templates/.
+
+Scripts' ``--help`` runs in a subprocess (cached per session); ``EXIT_CODES``
+are read with ``ast`` so no script is imported here.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import importlib.util
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, SCRIPTS_DIR, run_script
+
+SKILL_MD = REPO_ROOT / "SKILL.md"
+TEMPLATE_TEST = REPO_ROOT / "templates" / "test_port_template.py"
+SKIPPED_DIRS = {".git", ".pixi", ".pytest_cache", "__pycache__", "out", "demo-output", "node_modules"}
+NOT_USED = "not used"
+
+
+# ---------------------------------------------------------------- collection
+
+
+def markdown_files() -> list[Path]:
+    """Every markdown file of the skill (not in hidden or generated folders)."""
+    found = []
+    for path in sorted(REPO_ROOT.rglob("*.md")):
+        parts = path.relative_to(REPO_ROOT).parts[:-1]
+        if not any(part in SKIPPED_DIRS or part.startswith(".") for part in parts):
+            found.append(path)
+    return found
+
+
+def relative(path: Path) -> str:
+    return str(path.relative_to(REPO_ROOT))
+
+
+def dispatcher_subcommands() -> dict[str, str]:
+    """The dispatcher's full SUBCOMMANDS table (subcommand -> module), read without importing it."""
+    return literal_assignment(SCRIPTS_DIR / "import_model.py", "SUBCOMMANDS")
+
+
+def literal_assignment(path: Path, name: str):
+    """The literal value assigned to a module-level ``name`` in ``path``, or None."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
+            return ast.literal_eval(node.value)
+    return None
+
+
+def cli_scripts() -> list[str]:
+    """Module names of every runnable script: it declares EXIT_CODES and a main()."""
+    names = []
+    for path in sorted(SCRIPTS_DIR.glob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        if re.search(r"^EXIT_CODES\s*[:=]", text, re.M) and re.search(r"^def main\(", text, re.M):
+            names.append(path.stem)
+    return names
+
+
+def pixi_tasks() -> dict[str, str]:
+    """pixi task name -> its command string."""
+    data = tomllib.loads((REPO_ROOT / "pixi.toml").read_text(encoding="utf-8"))
+    tasks = {}
+    for name, task in data.get("tasks", {}).items():
+        tasks[name] = task["cmd"] if isinstance(task, dict) else task
+    return tasks
+
+
+FENCE = re.compile(r"^(```|~~~)[^\n]*\n(.*?)^\1[ \t]*$", re.M | re.S)
+INLINE_CODE = re.compile(r"(`+)(.+?)\1", re.S)
+
+
+def strip_code(text: str) -> str:
+    """Markdown text with fenced blocks and inline code removed (for link scanning)."""
+    text = FENCE.sub("", text)
+    return INLINE_CODE.sub("", text)
+
+
+def code_snippets(text: str) -> list[str]:
+    """Command-like text of a markdown file: fenced-block lines (continuations joined) and inline code."""
+    snippets = []
+    for match in FENCE.finditer(text):
+        snippets.extend(match.group(2).replace("\\\n", " ").splitlines())
+    snippets.extend(m.group(2) for m in INLINE_CODE.finditer(FENCE.sub("", text)))
+    return [s for s in snippets if s.strip()]
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass
+class ShownCommand:
+    """One command shown in the docs: which program it runs and the flags shown with it."""
+
+    source: str  # markdown file
+    program: str  # "script:<module>", "max:<subcommand>", or "pixi:<task>"
+    flags: list[str]
+    text: str
+
+
+COMMAND_BREAKS = {"|", "||", "&&", ";", ">", ">>", "2>&1", "&"}
+SCRIPT_TOKEN = re.compile(r"(?:^|/)scripts/(\w+)\.py$")
+
+
+def split_tokens(snippet: str) -> list[str]:
+    try:
+        return shlex.split(snippet, comments=True)
+    except ValueError:
+        return snippet.split()
+
+
+def parse_commands(source: str, snippet: str) -> list[ShownCommand]:
+    """Find script, dispatcher, pixi-task and ``max`` invocations in one snippet."""
+    tokens = split_tokens(snippet)
+    commands: list[ShownCommand] = []
+    current: ShownCommand | None = None
+    index = 0
+    while index < len(tokens):
+        token = tokens[index]
+        started = start_command(tokens, index)
+        if started is not None:
+            program, consumed = started
+            current = ShownCommand(source, program, [], snippet)
+            commands.append(current)
+            index += consumed
+            continue
+        if token in COMMAND_BREAKS or token.startswith(">"):
+            current = None
+        elif current is not None and token.startswith("--") and len(token) > 2:
+            current.flags.append(token.split("=", 1)[0])
+        index += 1
+    return commands
+
+
+def start_command(tokens: list[str], index: int) -> tuple[str, int] | None:
+    """If a shown command starts at ``tokens[index]``, return (program, tokens consumed)."""
+    token = tokens[index]
+    following = tokens[index + 1] if index + 1 < len(tokens) else None
+    match = SCRIPT_TOKEN.search(token)
+    if match:
+        module = match.group(1)
+        if module == "import_model" and following and not following.startswith("-"):
+            if following.startswith("<"):  # a placeholder such as <sub>
+                return "dispatch:<any>", 2
+            return f"dispatch:{following}", 2
+        return f"script:{module}", 1
+    if token == "pixi" and following == "run" and index + 2 < len(tokens):
+        task = tokens[index + 2]
+        if task not in ("python", "max", "pytest") and not task.startswith("<"):
+            return f"pixi:{task}", 3
+        return None
+    if token == "max" and following and re.fullmatch(r"[a-z][a-z-]+", following):
+        return f"max:{following}", 2
+    return None
+
+
+def shown_commands() -> list[ShownCommand]:
+    commands = []
+    for path in markdown_files():
+        for snippet in code_snippets(path.read_text(encoding="utf-8")):
+            commands.extend(parse_commands(relative(path), snippet))
+    return commands
+
+
+@functools.lru_cache(maxsize=None)
+def script_help(module: str) -> str:
+    """``--help`` text of ``scripts/<module>.py``."""
+    result = run_script(module, "--help", timeout=120)
+    assert result.returncode == 0, f"scripts/{module}.py --help exited {result.returncode}: {result.stderr.strip()}"
+    return result.stdout
+
+
+def help_flags(help_text: str) -> set[str]:
+    return set(re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", help_text)) | {"--help"}
+
+
+def max_cli() -> str | None:
+    found = Path(sys.executable).with_name("max")
+    return str(found) if found.exists() else shutil.which("max")
+
+
+@functools.lru_cache(maxsize=None)
+def max_help(subcommand: str | None) -> str:
+    """``max [<subcommand>] --help`` of the installed MAX (a ``max serve --help`` takes ~40 s)."""
+    cli = max_cli()
+    if cli is None:
+        pytest.skip("the max CLI is not installed")
+    argv = [cli] + ([subcommand] if subcommand else []) + ["--help"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "MAX_SERVE_DISABLE_TELEMETRY": "1"})
+    assert done.returncode == 0, f"{' '.join(argv)} failed: {done.stderr[-500:]}"
+    return done.stdout
+
+
+def resolve_program(program: str) -> str | None:
+    """Map a shown program to the script module it runs (None for ``max`` commands)."""
+    kind, _, name = program.partition(":")
+    if kind == "script":
+        return name
+    if kind == "dispatch":
+        return dispatcher_subcommands().get(name)
+    if kind == "pixi":
+        command = pixi_tasks().get(name)
+        if command is None:
+            return None
+        tokens = command.split()
+        for position, token in enumerate(tokens):
+            match = SCRIPT_TOKEN.search(token)
+            if match and match.group(1) == "import_model" and position + 1 < len(tokens):
+                return dispatcher_subcommands().get(tokens[position + 1], "import_model")
+            if match:
+                return match.group(1)
+    return None
+
+
+# ---------------------------------------------------------------- SKILL.md sections
+
+
+def skill_sections(level: int) -> dict[str, str]:
+    """Heading text -> body for the headings of one level in SKILL.md (code fences respected)."""
+    text = SKILL_MD.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    sections: dict[str, list[str]] = {}
+    current = None
+    in_fence = False
+    for line in lines:
+        if line.startswith(("```", "~~~")):
+            in_fence = not in_fence
+        heading = re.match(r"^(#{1,6})\s+(.*?)\s*$", line) if not in_fence else None
+        if heading and len(heading.group(1)) <= level:
+            current = heading.group(2) if len(heading.group(1)) == level else None
+            if current is not None:
+                sections[current] = []
+            continue
+        if current is not None:
+            sections[current].append(line)
+    return {name: "\n".join(body) for name, body in sections.items()}
+
+
+def script_subsections() -> dict[str, str]:
+    """``### <subcommand>`` subsections under ``## Scripts`` of SKILL.md: subcommand -> body."""
+    scripts_body = skill_sections(2).get("Scripts")
+    assert scripts_body is not None, "SKILL.md has no '## Scripts' section"
+    found: dict[str, str] = {}
+    current = None
+    in_fence = False
+    for line in scripts_body.splitlines():
+        if line.startswith(("```", "~~~")):
+            in_fence = not in_fence
+        heading = re.match(r"^###\s+`?([\w-]+)`?\s*$", line) if not in_fence else None
+        if heading:
+            current = heading.group(1)
+            found[current] = ""
+        elif current is not None:
+            found[current] += line + "\n"
+    return found
+
+
+def exit_code_table() -> dict[str, tuple[str, str]]:
+    """Rows of SKILL.md's exit-code table: subcommand -> (meaning of 1, meaning of 2)."""
+    body = skill_sections(2).get("Exit codes")
+    assert body is not None, "SKILL.md has no '## Exit codes' section"
+    rows = {}
+    for line in body.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and line.lstrip().startswith("|") and not set(cells[0]) <= set("-: "):
+            name = cells[0].strip("`")
+            if name != "subcommand":
+                rows[name] = (cells[1], cells[2])
+    return rows
+
+
+def script_exit_codes(module: str) -> dict[int, str]:
+    codes = literal_assignment(SCRIPTS_DIR / f"{module}.py", "EXIT_CODES") or {}
+    return {code: codes.get(code, NOT_USED) for code in (1, 2)}
+
+
+# ================================================================ tests: links
+
+
+def heading_anchors(path: Path) -> set[str]:
+    anchors: set[str] = set()
+    counts: dict[str, int] = {}
+    for line in FENCE.sub("", path.read_text(encoding="utf-8")).splitlines():
+        heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not heading:
+            continue
+        text = re.sub(r"[`*_]|\[([^\]]*)\]\([^)]*\)", lambda m: m.group(1) or "", heading.group(1))
+        slug = re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+        count = counts.get(slug, 0)
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+        counts[slug] = count + 1
+    return anchors
+
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def broken_links(path: Path) -> list[str]:
+    problems = []
+    for target in LINK.findall(strip_code(path.read_text(encoding="utf-8"))):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):
+            continue  # http:, https:, mailto: ...
+        file_part, _, anchor = target.partition("#")
+        destination = (path.parent / file_part).resolve() if file_part else path
+        if not destination.exists():
+            problems.append(f"{relative(path)}: link to missing {target}")
+        elif anchor and destination.suffix == ".md" and anchor not in heading_anchors(destination):
+            problems.append(f"{relative(path)}: no heading #{anchor} in {file_part or relative(path)}")
+    return problems
+
+
+def test_markdown_files_exist():
+    names = {relative(path) for path in markdown_files()}
+    assert {"SKILL.md", "README.md", "templates/port-worksheet.md", "references/pitfalls.md"} <= names
+
+
+def test_every_relative_link_resolves():
+    problems = [problem for path in markdown_files() for problem in broken_links(path)]
+    assert not problems, "\n".join(problems)
+
+
+def test_link_checker_catches_a_dead_link(tmp_path):
+    page = tmp_path / "page.md"
+    (tmp_path / "there.md").write_text("# A Heading `x`\n")
+    page.write_text("[ok](there.md) [ok](there.md#a-heading-x) [web](https://example.com) `[code](nope.md)`\n"
+                    "[dead](missing.md) [bad anchor](there.md#nope)\n")
+    found = []
+    for target in LINK.findall(strip_code(page.read_text())):
+        if target.startswith("https:"):
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = tmp_path / file_part
+        if not dest.exists() or (anchor and anchor not in heading_anchors(dest)):
+            found.append(target)
+    assert found == ["missing.md", "there.md#nope"]
+
+
+def test_skill_links_every_reference_and_template():
+    """Each reference and template is reachable from SKILL.md or from the pitfalls index."""
+    linked: set[Path] = set()
+    for source in (SKILL_MD, REPO_ROOT / "references" / "pitfalls.md"):
+        for target in LINK.findall(strip_code(source.read_text(encoding="utf-8"))):
+            linked.add((source.parent / target.partition("#")[0]).resolve())
+    files = sorted((REPO_ROOT / "references").glob("*.md")) + sorted((REPO_ROOT / "templates").iterdir())
+    unlinked = [relative(path) for path in files if path.is_file() and path.name != "conftest.py"
+                and path.resolve() not in linked]
+    assert not unlinked, "\n".join(unlinked)
+
+
+# ================================================================ tests: scripts and flags
+
+
+def test_command_parser_reads_flags_per_command():
+    commands = parse_commands("x", "python scripts/import_model.py gates M --port-dir d/ --json | "
+                                   "max serve --devices cpu && pixi run list-keys M --summary")
+    assert [(c.program, c.flags) for c in commands] == [
+        ("dispatch:gates", ["--port-dir", "--json"]),
+        ("max:serve", ["--devices"]),
+        ("pixi:list-keys", ["--summary"]),
+    ]
+
+
+def test_every_script_named_in_the_docs_exists():
+    named = set()
+    for path in markdown_files():
+        text = path.read_text(encoding="utf-8")
+        named |= {(relative(path), name) for name in re.findall(r"\bscripts/(\w+)\.py\b", text)}
+    missing = sorted(f"{source}: scripts/{name}.py" for source, name in named
+                     if not (SCRIPTS_DIR / f"{name}.py").is_file())
+    assert not missing, "\n".join(missing)
+
+
+def test_every_dispatcher_subcommand_shown_exists():
+    table = dispatcher_subcommands()
+    problems = []
+    for command in shown_commands():
+        kind, _, name = command.program.partition(":")
+        if kind == "dispatch" and name != "<any>":
+            if name not in table:
+                problems.append(f"{command.source}: unknown subcommand {name!r} in `{command.text.strip()}`")
+            elif not (SCRIPTS_DIR / f"{table[name]}.py").is_file():
+                problems.append(f"{command.source}: subcommand {name!r} has no script yet (scripts/{table[name]}.py)")
+        if kind == "pixi" and name not in pixi_tasks():
+            problems.append(f"{command.source}: no pixi task {name!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_flag_shown_with_a_script_is_in_its_help():
+    problems = []
+    for command in shown_commands():
+        if command.program.startswith("max:") or not command.flags:
+            continue
+        module = resolve_program(command.program)
+        if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
+            continue  # reported by the existence tests
+        unknown = [flag for flag in command.flags if flag not in help_flags(script_help(module))]
+        if unknown:
+            problems.append(f"{command.source}: {unknown} not in scripts/{module}.py --help: `{command.text.strip()}`")
+    assert not problems, "\n".join(problems)
+
+
+def test_flags_listed_in_each_script_subsection_are_in_its_help():
+    """Inline ``--flag`` mentions in SKILL.md's ``### <subcommand>`` subsections are real flags."""
+    table = dispatcher_subcommands()
+    problems = []
+    for name, body in script_subsections().items():
+        module = table.get(name)
+        if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
+            continue
+        known = help_flags(script_help(module))
+        for span in INLINE_CODE.finditer(FENCE.sub("", body)):
+            code = span.group(2).strip()
+            if re.match(r"^(max|pixi|python|pytest)\b", code) or "scripts/" in code:
+                continue  # full commands are checked against their own program
+            for flag in re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", code):
+                if flag not in known:
+                    problems.append(f"### {name}: {flag} is not in scripts/{module}.py --help")
+    assert not problems, "\n".join(problems)
+
+
+def test_max_subcommands_and_serve_flags_shown_exist_in_installed_max():
+    """`max <sub>` commands shown exist, and their flags are in `max <sub> --help` (checked on the installed MAX)."""
+    shown = [c for c in shown_commands() if c.program.startswith("max:")]
+    if not shown:
+        pytest.skip("the docs show no max command")
+    subcommands = set(re.findall(r"^\s{2}([a-z][a-z-]+)\s", max_help(None), re.M))
+    problems = []
+    for command in shown:
+        sub = command.program.partition(":")[2]
+        if sub not in subcommands:
+            problems.append(f"{command.source}: `max {sub}` is not a max subcommand")
+            continue
+        if command.flags:
+            unknown = [flag for flag in command.flags if flag not in help_flags(max_help(sub))]
+            if unknown:
+                problems.append(f"{command.source}: {unknown} not in `max {sub} --help`: `{command.text.strip()}`")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_script_is_described_in_skill_md():
+    table = dispatcher_subcommands()
+    subsections = script_subsections()
+    skill_text = SKILL_MD.read_text(encoding="utf-8")
+    problems = []
+    for module in cli_scripts():
+        if module == "import_model":
+            continue
+        subcommand = next((sub for sub, mod in table.items() if mod == module), None)
+        if subcommand is None:
+            if f"scripts/{module}.py" not in skill_text:
+                problems.append(f"scripts/{module}.py is not mentioned in SKILL.md")
+            continue
+        body = subsections.get(subcommand)
+        if body is None:
+            problems.append(f"no '### {subcommand}' subsection under '## Scripts' for scripts/{module}.py")
+            continue
+        if f"scripts/import_model.py {subcommand}" not in body:
+            problems.append(f"### {subcommand}: dispatcher form `python scripts/import_model.py {subcommand}` missing")
+        if f"scripts/{module}.py" not in body:
+            problems.append(f"### {subcommand}: standalone form `python scripts/{module}.py` missing")
+    assert not problems, "\n".join(problems)
+
+
+def test_script_subsections_name_real_subcommands():
+    table = dispatcher_subcommands()
+    unknown = [name for name in script_subsections() if name not in table]
+    assert not unknown, "\n".join(unknown)
+
+
+# ================================================================ tests: exit codes
+
+
+def test_exit_code_table_matches_each_scripts_exit_codes():
+    table = dispatcher_subcommands()
+    rows = exit_code_table()
+    problems = []
+    for subcommand, module in table.items():
+        if not (SCRIPTS_DIR / f"{module}.py").is_file():
+            continue
+        if subcommand not in rows:
+            problems.append(f"exit-code table has no row for {subcommand}")
+            continue
+        expected = script_exit_codes(module)
+        for code, shown in zip((1, 2), rows[subcommand]):
+            if shown != expected[code]:
+                problems.append(f"{subcommand} exit {code}: table says {shown!r}, EXIT_CODES says {expected[code]!r}")
+    for subcommand in rows:
+        if subcommand not in table or not (SCRIPTS_DIR / f"{table[subcommand]}.py").is_file():
+            problems.append(f"exit-code table row {subcommand!r} has no script")
+    assert not problems, "\n".join(problems)
+
+
+def test_subsections_mention_every_exit_code_the_script_uses():
+    table = dispatcher_subcommands()
+    problems = []
+    for name, body in script_subsections().items():
+        module = table.get(name)
+        if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
+            continue
+        for code, meaning in script_exit_codes(module).items():
+            if meaning != NOT_USED and not re.search(rf"\b[Ee]xit(?: code)?s? {code}\b|\b{code}\s*[:=—-]", body):
+                problems.append(f"### {name}: exit {code} ({meaning}) is not explained")
+    assert not problems, "\n".join(problems)
+
+
+EXIT_CLAIM = re.compile(r"`(?:python )?(?:scripts/import_model\.py )?([\w-]+)(?:\.py)?[^`]*`[^.\n]{0,60}?\bexits? (?:with )?(?:code )?([12])\b")
+
+
+def test_exit_claims_in_prose_use_codes_the_script_uses():
+    """A sentence like "`audit` exits 2" must name a code the script really uses."""
+    table = dispatcher_subcommands()
+    by_module = {module: sub for sub, module in table.items()}
+    problems = []
+    for path in markdown_files():
+        text = FENCE.sub("", path.read_text(encoding="utf-8"))
+        for name, code in EXIT_CLAIM.findall(text):
+            module = table.get(name) or (name if name in by_module else None)
+            if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
+                continue
+            if script_exit_codes(module)[int(code)] == NOT_USED:
+                problems.append(f"{relative(path)}: {name} never exits {code}")
+    assert not problems, "\n".join(problems)
+
+
+# ================================================================ tests: MAX facts and templates
+
+
+MAX_NAME = re.compile(r"\bmax(?:\.[A-Za-z_]\w*)+")
+
+
+def test_max_api_names_shown_resolve_in_installed_max():
+    """Dotted ``max.*`` names in the docs import (or are attributes) in the installed MAX."""
+    names = set()
+    for path in markdown_files():
+        for snippet in code_snippets(path.read_text(encoding="utf-8")):
+            names |= {name for name in MAX_NAME.findall(snippet) if not name.endswith((".py", ".md"))}
+    if not names:
+        pytest.skip("the docs name no max.* API")
+    if importlib.util.find_spec("max") is None:
+        pytest.skip("MAX is not installed")
+    probe = (
+        "import importlib, sys\n"
+        "bad = []\n"
+        "for name in sys.argv[1:]:\n"
+        "    parts = name.split('.')\n"
+        "    for cut in range(len(parts), 0, -1):\n"
+        "        try:\n"
+        "            obj = importlib.import_module('.'.join(parts[:cut]))\n"
+        "        except ImportError:\n"
+        "            continue\n"
+        "        try:\n"
+        "            for attr in parts[cut:]:\n"
+        "                obj = getattr(obj, attr)\n"
+        "        except AttributeError:\n"
+        "            bad.append(name)\n"
+        "        break\n"
+        "    else:\n"
+        "        bad.append(name)\n"
+        "print('\\n'.join(bad))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe, *sorted(names)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-800:]
+    assert done.stdout.split() == []
+
+
+def test_references_that_state_max_facts_name_the_checked_version():
+    """A reference that shows max CLI flags or max.* APIs says which MAX release it was checked on."""
+    problems = []
+    for path in sorted((REPO_ROOT / "references").glob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        states_max_facts = any(c.program.startswith("max:") for s in code_snippets(text)
+                               for c in parse_commands(relative(path), s)) or MAX_NAME.search(FENCE.sub("", text))
+        if states_max_facts and "MAX 26.7" not in text:
+            problems.append(relative(path))
+    assert not problems, "\n".join(problems)
+
+
+def test_port_test_template_is_valid_and_compiles_once_per_module():
+    tree = ast.parse(TEMPLATE_TEST.read_text(encoding="utf-8"))
+    source = TEMPLATE_TEST.read_text(encoding="utf-8")
+    module_fixtures = [
+        node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+        and any("fixture" in ast.unparse(d) and "module" in ast.unparse(d) for d in node.decorator_list)
+    ]
+    assert module_fixtures, "the template has no module-scoped fixture"
+    assert "pytest.mark.parametrize" in source
+    assert "pytest.mark.e2e" in source
+
+
+def test_pytest_does_not_collect_the_template_outside_tests(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "templates"],
+        capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
+    )
+    assert "test_port_template" not in done.stdout
+    assert done.returncode == 5, done.stdout + done.stderr  # 5: no tests collected

@@ -1,0 +1,188 @@
+"""Unit tests of the pure HF-vs-MAX comparison core (no server, no torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import logprob_compare as lc
+import tolerances
+
+ATOL = tolerances.logprob_atol("float32")
+K = 5
+
+
+def make_rows(length: int, vocab: int = 40, seed: int = 0) -> np.ndarray:
+    """HF log-softmax rows for a sequence of ``length`` tokens (``length - 1`` scored positions)."""
+    rng = np.random.default_rng(seed)
+    return lc.log_softmax(rng.normal(0, 3, size=(length - 1, vocab)))
+
+
+def greedy_tokens(rows: np.ndarray, prompt: list[int], generated: int) -> list[int]:
+    """Prompt ids followed by HF's argmax at the generated positions (rows must cover them)."""
+    tokens = list(prompt)
+    for position in range(len(prompt), len(prompt) + generated):
+        tokens.append(int(np.argmax(rows[position - 1])))
+    return tokens
+
+
+def max_side(rows: np.ndarray, tokens: list[int], k: int = K, texts: list[str] | None = None):
+    """What a faithful MAX would return: the same logprobs, top-k keyed by text."""
+    vocab = rows.shape[1]
+    texts = texts or [f"t{i}" for i in range(vocab)]
+    index = lc.text_index(texts)
+    logprobs, tops = [], []
+    for position in range(1, len(tokens)):
+        row = rows[position - 1]
+        logprobs.append(float(row[tokens[position]]))
+        top = {texts[i]: float(row[i]) for i in np.argsort(-row)[:k]}
+        top[texts[tokens[position]]] = float(row[tokens[position]])
+        tops.append(lc.resolve_top(top, index))
+    return logprobs, tops
+
+
+def test_identical_sides_match_with_zero_diff():
+    rows = make_rows(11)
+    tokens = greedy_tokens(rows, [5, 9, 1, 30, 2, 7, 8], 4)
+    logprobs, tops = max_side(rows, tokens)
+    result = lc.compare_sequence(tokens, 7, rows, logprobs, tops, ATOL, K)
+    assert result.verdict == lc.MATCH
+    assert result.max_abs_diff == pytest.approx(0.0, abs=1e-12)
+    assert [p.position for p in result.positions] == list(range(1, 11))
+    assert [p.phase for p in result.positions] == ["prompt"] * 6 + ["greedy"] * 4
+    assert result.greedy_compared == 4 and result.greedy_tie_at is None
+    assert all(p.top1_agree for p in result.positions)
+    assert all(p.topk_overlap == K for p in result.positions)
+
+
+def test_small_noise_under_tolerance_still_matches():
+    rows = make_rows(7)
+    tokens = greedy_tokens(rows, [1, 2, 3, 4, 5], 2)
+    logprobs, tops = max_side(rows, tokens)
+    logprobs = [v + 0.4 * ATOL for v in logprobs]
+    result = lc.compare_sequence(tokens, 5, rows, logprobs, tops, ATOL, K)
+    assert result.verdict == lc.MATCH
+    assert result.max_abs_diff == pytest.approx(0.4 * ATOL, rel=1e-6)
+
+
+def test_logprob_shift_at_one_position_is_the_first_divergence():
+    rows = make_rows(9)
+    tokens = greedy_tokens(rows, [3, 4, 5, 6, 7, 8], 3)
+    logprobs, tops = max_side(rows, tokens)
+    logprobs[3] -= 0.05  # position 4
+    result = lc.compare_sequence(tokens, 6, rows, logprobs, tops, ATOL, K)
+    first = result.first_divergence
+    assert result.verdict == lc.DIVERGED
+    assert (first.position, first.reason, first.token_id) == (4, "logprob", tokens[4])
+    assert first.hf_logprob == pytest.approx(rows[3, tokens[4]])
+    assert first.max_logprob == pytest.approx(rows[3, tokens[4]] - 0.05)
+    assert result.max_abs_diff == pytest.approx(0.05)
+
+
+def test_wrong_topk_logprob_for_another_token_is_caught():
+    rows = make_rows(6)
+    tokens = [0, 1, 2, 3, 4, 5]
+    logprobs, tops = max_side(rows, tokens)
+    entries = tops[1]
+    other = next(i for i, e in enumerate(entries) if e.token_id != tokens[2])
+    entries[other] = lc.MaxTopEntry(entries[other].text, entries[other].token_id, entries[other].logprob + 0.2)
+    result = lc.compare_sequence(tokens, 6, rows, logprobs, tops, ATOL, K)
+    assert result.first_divergence.position == 2
+    assert result.first_divergence.reason == "logprob"
+    assert result.max_abs_diff == pytest.approx(0.2)
+
+
+def test_ambiguous_texts_are_skipped_not_compared():
+    rows = make_rows(5, vocab=10)
+    texts = [f"t{i}" for i in range(10)]
+    texts[7] = texts[8] = "same"
+    index = lc.text_index(texts)
+    assert index["same"] == [7, 8]
+    entries = lc.resolve_top({"same": -0.1, "t1": -2.0}, index)
+    assert entries[0] == lc.MaxTopEntry("same", None, -0.1)
+    assert entries[1].token_id == 1
+    tokens = [0, 1, 2, 3, 4]
+    logprobs, tops = max_side(rows, tokens, texts=texts)
+    # A wrong value under an ambiguous key cannot be attributed to an id, so it is not compared.
+    tops[0] = [lc.MaxTopEntry("same", None, 99.0)] + [e for e in tops[0] if e.token_id is not None]
+    result = lc.compare_sequence(tokens, 5, rows, logprobs, tops, ATOL, K)
+    assert result.verdict == lc.MATCH
+    assert result.positions[0].max_top1 is None and result.positions[0].top1_agree is None
+
+
+def test_top1_disagreement_beyond_a_tie_diverges_but_a_near_tie_does_not():
+    rows = make_rows(4, vocab=20)
+    tokens = [0, 1, 2, 3]
+    logprobs, tops = max_side(rows, tokens)
+    row = rows[0]
+    best, second = (int(i) for i in np.argsort(-row)[:2])
+    assert row[best] - row[second] > 2 * ATOL
+    # MAX lists HF's runner-up first, with HF's own value: only the top-1 check can catch it.
+    swapped = [lc.MaxTopEntry(f"t{second}", second, float(row[second]))]
+    result = lc.compare_sequence(tokens, 4, rows, logprobs, [swapped, tops[1], tops[2]], ATOL, K)
+    assert result.first_divergence.reason == "top1" and result.first_divergence.position == 1
+    assert result.first_divergence.max_top1 == second and result.first_divergence.hf_top1 == best
+    near = rows.copy()
+    near[0, second] = near[0, best] - 0.5 * ATOL
+    logprobs2, tops2 = max_side(near, tokens)
+    tops2[0] = sorted(tops2[0], key=lambda e: e.token_id != second)
+    result2 = lc.compare_sequence(tokens, 4, near, logprobs2, tops2, ATOL, K)
+    assert result2.positions[0].top1_agree is False
+    assert result2.verdict == lc.MATCH
+
+
+def test_greedy_split_inside_both_topk_is_an_accepted_tie():
+    rows = make_rows(8, vocab=30, seed=3)
+    prompt = [4, 5, 6, 7, 8]
+    position = 5
+    row = rows[position - 1]
+    runner_up = int(np.argsort(-row)[1])
+    tokens = prompt + [runner_up, 1, 2]  # MAX picked HF's runner-up at the first greedy step
+    logprobs, tops = max_side(rows, tokens)
+    result = lc.compare_sequence(tokens, 5, rows, logprobs, tops, ATOL, K)
+    assert result.verdict == lc.MATCH
+    assert result.greedy_tie_at == position
+    assert result.positions[-1].position == position  # compared up to the split, not past it
+    assert result.greedy_compared == 1
+
+
+def test_greedy_split_outside_topk_diverges():
+    rows = make_rows(7, vocab=30, seed=4)
+    prompt = [4, 5, 6, 7, 8]
+    row = rows[4]
+    worst = int(np.argmin(row))
+    tokens = prompt + [worst, 1]
+    logprobs, tops = max_side(rows, tokens)
+    # MAX's own top-k would have its pick first; it need not contain HF's top-1.
+    tops[4] = [lc.MaxTopEntry(f"t{worst}", worst, float(row[worst]))]
+    result = lc.compare_sequence(tokens, 5, rows, logprobs, tops, ATOL, K)
+    first = result.first_divergence
+    assert result.verdict == lc.DIVERGED
+    assert (first.position, first.phase, first.reason) == (5, "greedy", "greedy")
+    assert first.hf_top1 == int(np.argmax(row))
+
+
+def test_bad_shapes_raise():
+    rows = make_rows(5)
+    tokens = [0, 1, 2, 3, 4]
+    logprobs, tops = max_side(rows, tokens)
+    with pytest.raises(ValueError, match="shape"):
+        lc.compare_sequence(tokens, 5, rows[:-1], logprobs, tops, ATOL, K)
+    with pytest.raises(ValueError, match="scored positions"):
+        lc.compare_sequence(tokens, 5, rows, logprobs[:-1], tops, ATOL, K)
+    with pytest.raises(ValueError, match="prompt_length"):
+        lc.compare_sequence(tokens, 0, rows, logprobs, tops, ATOL, K)
+
+
+def test_summarize_reports_first_diverged_sequence_and_max():
+    rows = make_rows(5)
+    tokens = [0, 1, 2, 3, 4]
+    logprobs, tops = max_side(rows, tokens)
+    good = lc.compare_sequence(tokens, 5, rows, logprobs, tops, ATOL, K)
+    bad_logprobs = list(logprobs)
+    bad_logprobs[2] += 1.5
+    bad = lc.compare_sequence(tokens, 5, rows, bad_logprobs, tops, ATOL, K)
+    assert lc.summarize([good, bad, good]) == (lc.DIVERGED, 1, pytest.approx(1.5))
+    assert lc.summarize([good]) == (lc.MATCH, None, pytest.approx(0.0, abs=1e-12))
+    document = bad.to_dict()
+    assert document["verdict"] == "DIVERGED" and document["first_divergence"]["position"] == 3
