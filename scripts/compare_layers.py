@@ -282,7 +282,9 @@ def load_tokenizer(model: str, revision: str | None, trust_remote_code: bool) ->
 def load_hf_model(model: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     source = model_source.resolve(model, revision)
     location = str(source.local_dir) if source.is_local else str(source.repo_id)
     try:
@@ -375,13 +377,14 @@ def run_compare(
     hf_started = time.monotonic()
     hf = load_hf_model(reference or model, revision if reference is None else None, dtype, device, trust_remote_code)
     report.hf_load_seconds = time.monotonic() - hf_started
-    index = logprob_compare.text_index(_decode_each(tokenizer, hf_vocab_rows(hf, tokenizer)))
+    decoded = _decode_each(tokenizer, hf_vocab_rows(hf, tokenizer))
+    index = logprob_compare.text_index(decoded)
     for text, answer in zip(texts, answers):
         sequence = answer.prompt_ids + answer.generated_ids
         rows, stats = hf_forward(hf, sequence, device, layer_stats)
         tops = [logprob_compare.resolve_top(top, index) for top in answer.top]
         comparison = logprob_compare.compare_sequence(sequence, len(answer.prompt_ids), rows, answer.logprobs, tops,
-                                                      report.atol, top_k)
+                                                      report.atol, top_k, decoded)
         report.runs.append(PromptRun(text, answer.prompt_ids, answer.generated_ids, comparison, stats))
     report.total_seconds = time.monotonic() - started
     return report
@@ -403,7 +406,9 @@ def _decode_each(tokenizer: Any, count: int) -> list[str]:
 def format_report(report: CompareReport, tokenizer_decode: Any = None, all_positions: bool = False) -> str:
     """Human-readable summary and per-position table."""
     lines = [f"verdict: {report.verdict}   max |Δ logprob| {report.max_abs_diff:.3g} (tolerance {report.atol:g}, "
-             f"{report.dtype})", f"served: {report.served_name} at {report.base_url}; HF reference: {report.reference}"]
+             f"{report.dtype})", f"served: {report.served_name} at {report.base_url}; HF reference: {report.reference}",
+             "positions: p-th token (0-based) of prompt then greedy; position 0 has no logprob; "
+             "top1 mark =: same, !: differs, ?: HF's top-1 may hide under a text key several ids share"]
     first = report.first_divergence
     if first:
         lines.append(
@@ -417,11 +422,12 @@ def format_report(report: CompareReport, tokenizer_decode: Any = None, all_posit
                      f"generated) {comparison.verdict} max |Δ| {comparison.max_abs_diff:.3g}"
                      + (f"; greedy tie accepted at position {comparison.greedy_tie_at}" if comparison.greedy_tie_at
                         else ""))
-        lines.append("   pos  phase   token   HF logprob  MAX logprob      |Δ|  top1 HF/MAX  overlap  ok")
+        lines.append("   pos  phase   token   HF logprob  MAX logprob      |Δ|  top1 HF/MAX   overlap  ok")
         for p in comparison.positions:
             mark = "ok" if p.ok else f"NO ({p.reason})"
+            agree = {True: "=", False: "!", None: "?"}[p.top1_agree]
             lines.append(f"  {p.position:4d}  {p.phase:6s} {p.token_id:6d}  {p.hf_logprob:11.5f}  {p.max_logprob:11.5f}"
-                         f"  {p.abs_diff:7.1e}  {p.hf_top1:>5}/{str(p.max_top1):<5}  {p.topk_overlap:7d}  {mark}")
+                         f"  {p.abs_diff:7.1e}  {p.hf_top1:>5}/{str(p.max_top1):<5}{agree}  {p.topk_overlap:7d}  {mark}")
         for stat in run.layer_stats or []:
             lines.append(f"    layer {stat['layer']:3d}: mean norm {stat['mean_token_norm']:.4g}  max|x| "
                          f"{stat['max_abs']:.4g}  NaN {stat['nan']}  Inf {stat['inf']}")

@@ -66,6 +66,10 @@ def detect(config: dict[str, Any], tensors: dict[str, TensorInfo] | None = None)
     _config_signals(config, text, found)
     if tensors:
         _tensor_signals(text, tensors, found)
+        layernorm = found.signals.get("layernorm")
+        if layernorm and not any(e.startswith("tensor:") for e in layernorm.evidence):
+            # "layer_norm_epsilon" also names RMSNorm eps (Mamba); without norm biases trust the tensors.
+            del found.signals["layernorm"]
     return list(found.signals.values())
 
 
@@ -166,7 +170,7 @@ def _config_signals(config: dict[str, Any], text: dict[str, Any], found: _Collec
     shared = _first_present(config, text, ("n_shared_experts", "num_shared_experts", "shared_expert_intermediate_size"))
     if shared and _truthy(shared[1]):
         found.add("shared_experts", "MoE layers also have always-on shared expert(s)", ev(*shared))
-    for key in ("scoring_func", "topk_method", "norm_topk_prob", "n_group", "routed_scaling_factor", "router_jitter_noise"):
+    for key in ("scoring_func", "topk_method", "norm_topk_prob", "n_group", "routed_scaling_factor"):
         value = _value(config, text, key)
         if value is not None and experts:
             found.add("router", "router details to match (scoring, grouping, normalization)", ev(key, value))
@@ -302,7 +306,7 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
                 limit: int = 5) -> list[DonorRank]:
     """Score donors (``max_registry.Donor`` objects with known traits) against the signals.
 
-    +2 per signal the donor already implements, -1 per signal it lacks, +1 if
+    +2 per signal the donor already implements (more for structural ones), -1 per signal it lacks, +1 if
     its family name matches the model type, +1 for a measured CPU fp32 match
     and -1 for a measured failure. Ties keep MAX's table order.
     """
@@ -317,7 +321,8 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
         covered = [c for c in codes if c in traits.features]
         missing = [c for c in codes if c not in traits.features]
         extra = sorted(f for f in traits.features & _ALWAYS_ON.keys() if f not in codes)
-        score = 2 * len(covered) - len(missing) - sum(_ALWAYS_ON[f] for f in extra)
+        score = (sum(2 + _ALWAYS_ON.get(c, 0) for c in covered) - len(missing)
+                 - sum(_ALWAYS_ON[f] for f in extra))
         reasons = []
         if covered:
             reasons.append(f"already implements: {', '.join(covered)}")

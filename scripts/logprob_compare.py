@@ -16,8 +16,11 @@ What is compared at every scored position:
 * the log-probability of every token MAX lists in its top-k whose id is known
   (MAX keys its top-k by decoded text; ids that decode alike are ambiguous and
   skipped), against HF's log-probability of the same id;
-* top-1 agreement. Differing top-1 tokens count only when they are not a tie:
-  a tie is when HF gives MAX's top-1 within twice the tolerance of its own
+* top-1 agreement: HF's top-1 must be MAX's best known top-k entry. MAX keeps
+  one value per text key (the last id decoded to it), so its ranking cannot
+  be trusted where ids collide: when HF's top-1 may hide under a shared key
+  the check is skipped. A disagreement counts only when it is not a tie: HF
+  gives MAX's best known id a logprob within twice the tolerance of its own
   top-1 (each side may be off by the tolerance).
 
 At greedy positions the token is MAX's choice. While HF's argmax equals it,
@@ -59,8 +62,8 @@ class PositionResult:
     max_logprob: float
     abs_diff: float  # largest |Δ| at this position (actual token and known top-k ids)
     hf_top1: int
-    max_top1: int | None  # None when MAX's top-1 text maps to several ids
-    top1_agree: bool | None  # None when MAX's top-1 id is ambiguous
+    max_top1: int | None  # MAX's best top-k entry whose id is known (None when no id is)
+    top1_agree: bool | None  # None when HF's top-1 may hide under a text key several ids share
     topk_overlap: int  # ids in both top-k lists (known ids only)
     ok: bool
     reason: str  # "" when ok; else "logprob", "top1" or "greedy"
@@ -133,6 +136,7 @@ def compare_sequence(
     max_top: Sequence[Sequence[MaxTopEntry]],
     atol: float,
     top_k: int,
+    decoded: Sequence[str] | None = None,
 ) -> SequenceComparison:
     """Compare HF and MAX at every scored position of one sequence.
 
@@ -142,6 +146,8 @@ def compare_sequence(
     ``max_logprobs``: MAX's logprob of the actual token at positions 1..T-1.
     ``max_top``: MAX's top-k entries at positions 1..T-1 (best first).
     ``atol``: absolute logprob tolerance; ``top_k``: k used for the top-k checks.
+    ``decoded``: the text of each id as MAX decodes it (narrows which shared
+    text keys may hide a token); optional.
     """
     tokens = [int(t) for t in token_ids]
     total = len(tokens)
@@ -161,11 +167,13 @@ def compare_sequence(
         top = list(max_top[position - 1])
         phase = "prompt" if position < prompt_length else "greedy"
         hf_order = np.argsort(-row, kind="stable")[:top_k]
-        scored = _score_position(position, phase, token, row, hf_order, top, float(max_logprobs[position - 1]), atol)
+        scored = _score_position(position, phase, token, row, hf_order, top, float(max_logprobs[position - 1]), atol,
+                                 decoded)
         split = phase == "greedy" and int(hf_order[0]) != token
         if split and scored.reason in ("", "top1"):
             # Tie-tolerant rule: each side's choice must be in the other side's top-k.
-            tie = token in {int(i) for i in hf_order} and _in_max_top(int(hf_order[0]), top)
+            hf_top1_listed = _where_in_max_top(int(hf_order[0]), top, decoded) != "absent"
+            tie = token in {int(i) for i in hf_order} and hf_top1_listed
             scored.reason = "" if tie else "greedy"
             scored.ok = tie
             result.greedy_tie_at = position if tie else None
@@ -186,17 +194,24 @@ def _score_position(
     top: list[MaxTopEntry],
     max_logprob: float,
     atol: float,
+    decoded: Sequence[str] | None,
 ) -> PositionResult:
     hf_logprob = float(row[token])
-    diffs = [abs(hf_logprob - max_logprob)]
-    diffs += [abs(float(row[e.token_id]) - e.logprob) for e in top if e.token_id is not None]
+    known = [e for e in top if e.token_id is not None]
+    diffs = [abs(hf_logprob - max_logprob)] + [abs(float(row[e.token_id]) - e.logprob) for e in known]
     abs_diff = max(diffs)
     hf_top1 = int(hf_order[0])
-    max_top1 = top[0].token_id if top else None
-    top1_agree = None if max_top1 is None else max_top1 == hf_top1
+    best_known = max(known, key=lambda e: e.logprob) if known else None
+    max_top1 = best_known.token_id if best_known else None
+    where = _where_in_max_top(hf_top1, top, decoded)
+    if where == "ambiguous":
+        top1_agree = None  # HF's top-1 may hide under a text key several ids share
+    elif where == "absent":
+        top1_agree = False
+    else:
+        top1_agree = max_top1 == hf_top1
     # Each side may be off by atol, so a gap up to 2*atol between the two top-1 tokens is a tie.
     tie = max_top1 is not None and float(row[max_top1]) >= float(row[hf_top1]) - 2 * atol
-    known = {e.token_id for e in top if e.token_id is not None}
     reason = ""
     if abs_diff > atol:
         reason = "logprob"
@@ -212,15 +227,24 @@ def _score_position(
         hf_top1=hf_top1,
         max_top1=max_top1,
         top1_agree=top1_agree,
-        topk_overlap=len(known & {int(i) for i in hf_order}),
+        topk_overlap=len({e.token_id for e in known} & {int(i) for i in hf_order}),
         ok=not reason,
         reason=reason,
     )
 
 
-def _in_max_top(token: int, top: list[MaxTopEntry]) -> bool:
-    """Whether ``token`` is in MAX's top-k (an entry whose text maps to several ids may hold it)."""
-    return any(e.token_id == token or e.token_id is None for e in top)
+def _where_in_max_top(token: int, top: list[MaxTopEntry], decoded: Sequence[str] | None) -> str:
+    """Whether ``token`` is in MAX's top-k: "known" (its id is there), "ambiguous" or "absent".
+
+    "ambiguous": a text key that several ids share may hold it (with ``decoded``,
+    only a key equal to the token's own text counts; without, any shared key).
+    """
+    if any(e.token_id == token for e in top):
+        return "known"
+    shared = [e for e in top if e.token_id is None]
+    if decoded is not None:
+        shared = [e for e in shared if e.text == decoded[token]]
+    return "ambiguous" if shared else "absent"
 
 
 def summarize(comparisons: Sequence[SequenceComparison]) -> tuple[str, int | None, float]:

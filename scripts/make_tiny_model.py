@@ -17,6 +17,7 @@ The library entry points are ``build_replica`` and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import sys
@@ -28,7 +29,7 @@ import cli_support
 import model_source
 from cli_support import ScriptError
 from replica_init import InitOptions
-from tiny_config import RULES, ShrinkOptions, shrink_config
+from tiny_config import ShrinkOptions, shrink_config
 
 EXIT_CODES = {1: "the replica failed the sensitivity report (--sensitivity)", 2: "not used"}
 
@@ -201,7 +202,6 @@ def build_replica(model: str | dict[str, Any], output_dir: str | Path, options: 
                         "parameters": sum(p.numel() for p in {id(p): p for p in hf_model.parameters()}.values()),
                         "kept_layers": shrunk.kept_layers, "layer_types": shrunk.layer_signatures},
             "changes": [asdict(change) for change in shrunk.changes],
-            "rules": RULES,
             "seed": options.seed,
             "init": init_settings,
             "tokenizer": tokenizer_info,
@@ -241,7 +241,8 @@ def _hf_layer_types(text: dict[str, Any], trust_remote_code: bool) -> list[str] 
     """Per-layer attention types as transformers derives them (from layer_types or pattern fields)."""
     import transformers
 
-    fields = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "auto_map")}
+    # A deep copy: transformers rewrites rope dicts it is given in place.
+    fields = copy.deepcopy({k: v for k, v in text.items() if k not in ("model_type", "architectures", "auto_map")})
     try:
         config = transformers.AutoConfig.for_model(text["model_type"], **fields)
     except Exception:  # noqa: BLE001 - unknown or remote-code model type: use the raw list

@@ -15,7 +15,9 @@ package reads. Used by list-archs, inspect and check-walls.
 from __future__ import annotations
 
 import ast
+import bisect
 import difflib
+import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -386,23 +388,19 @@ def is_draft_model(name: str) -> bool:
 
 # --- which config keys MAX code reads -----------------------------------------
 
-_CONFIG_OBJECT_HINTS = ("config", "cfg", "rope_scaling", "rope_parameters", "rope_params")
-_DICT_METHODS = {"get", "pop", "setdefault"}
+# A name or attribute chain that holds an HF config (huggingface_config, self.config, text_cfg,
+# rope_scaling...), optionally called (hf.get_text_config()).
+_CONFIG_OBJECT = r"(?:config|cfg|rope_scaling|rope_parameters|rope_params)(?:\(\))?"
+_CHAIN = r"[\w.]*?"
+_KEY_PATTERNS = [
+    re.compile(_CONFIG_OBJECT + r"\.(?P<key>[A-Za-z]\w*)\b(?!\s*\()"),
+    re.compile(r"\b(?:getattr|hasattr)\(\s*" + _CHAIN + _CONFIG_OBJECT + r"\s*,\s*[\"'](?P<key>\w+)[\"']"),
+    re.compile(_CONFIG_OBJECT + r"\.(?:get|pop|setdefault)\(\s*[\"'](?P<key>\w+)[\"']"),
+    re.compile(_CONFIG_OBJECT + r"\[\s*[\"'](?P<key>\w+)[\"']\s*\]"),
+    re.compile(r"[\"'](?P<key>\w+)[\"']\s+(?:not\s+)?in\s+" + _CHAIN + _CONFIG_OBJECT + r"\b"),
+]
 _NON_KEYS = {"to_dict", "get", "pop", "items", "keys", "values", "update", "setdefault", "copy",
-             "get_text_config", "to_json_string", "__dict__", "__class__"}
-
-
-def _is_config_object(node: ast.AST) -> bool:
-    """A name or attribute chain that looks like an HF config (``huggingface_config``, ``self.config``...)."""
-    if isinstance(node, ast.Name):
-        name = node.id.lower()
-    elif isinstance(node, ast.Attribute):
-        name = node.attr.lower()
-    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
-        name = node.func.attr.lower()  # e.g. hf.get_text_config()
-    else:
-        return False
-    return any(hint in name for hint in _CONFIG_OBJECT_HINTS)
+             "get_text_config", "to_json_string"}
 
 
 def keys_read_in_file(path: Path) -> dict[str, list[int]]:
@@ -410,48 +408,40 @@ def keys_read_in_file(path: Path) -> dict[str, list[int]]:
 
     Counts ``<config>.key``, ``getattr(<config>, "key")``, ``hasattr``,
     ``<config>.get("key")``, ``<config>["key"]`` and ``"key" in <config>``,
-    where ``<config>`` is a name or attribute containing "config"/"cfg".
+    where ``<config>`` is a name or attribute containing "config"/"cfg" (or a
+    RoPE dict). A text scan: fast, and a superset of what the code reads.
     """
-    tree = _parse(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
     found: dict[str, list[int]] = {}
-    if tree is None:
-        return found
-
-    def add(key: str | None, line: int) -> None:
-        if key and key.isidentifier() and key not in _NON_KEYS and not key.startswith("_"):
+    for pattern in _KEY_PATTERNS:
+        for match in pattern.finditer(text):
+            key = match.group("key")
+            if key in _NON_KEYS or key.startswith("_"):
+                continue
+            line = bisect.bisect_right(line_starts, match.start())
             found.setdefault(key, []).append(line)
-
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load) and _is_config_object(node.value):
-            add(node.attr, node.lineno)
-        elif isinstance(node, ast.Call):
-            func = node.func
-            if isinstance(func, ast.Name) and func.id in ("getattr", "hasattr") and len(node.args) >= 2:
-                if _is_config_object(node.args[0]):
-                    add(_const(node.args[1]), node.lineno)
-            elif (isinstance(func, ast.Attribute) and func.attr in _DICT_METHODS and node.args
-                  and _is_config_object(func.value)):
-                add(_const(node.args[0]), node.lineno)
-        elif isinstance(node, ast.Subscript) and _is_config_object(node.value):
-            add(_const(node.slice), node.lineno)
-        elif isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], (ast.In, ast.NotIn)):
-            if _is_config_object(node.comparators[0]):
-                add(_const(node.left), node.lineno)
-    return found
+    return {key: sorted(set(lines)) for key, lines in found.items()}
 
 
 def _package_files(package: Path) -> list[Path]:
     return sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
 
 
+_IMPORT_LINE = re.compile(r"^\s*from\s+(?:\.\.|max\.pipelines\.architectures\.)(\w+)", re.MULTILINE)
+
+
 def _imported_slugs(files: list[Path]) -> set[str]:
+    """Architecture slugs these files import from (``from ..llama3`` or the absolute spelling)."""
     slugs = set()
     for path in files:
-        tree = _parse(path)
-        for node in ast.walk(tree) if tree else ():
-            slug = _slug_of_import(node) if isinstance(node, ast.ImportFrom) else None
-            if slug:
-                slugs.add(slug)
+        try:
+            slugs.update(_IMPORT_LINE.findall(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError):
+            continue
     return slugs
 
 

@@ -301,6 +301,13 @@ def weight_files(source: ModelSource) -> WeightFiles:
                            tuple(p for p in present if p != "bin"))
     if ggufs:
         return WeightFiles("gguf", tuple(ggufs), len(ggufs) > 1, None, ())
+    if not source.is_local and hub_offline():
+        # Offline, the listing is the cached snapshot: weights that were never
+        # downloaded are missing from it, which does not mean the repo has none.
+        raise ScriptError(
+            f"no weight files of {source.repo_id} are in the HF cache and HF_HUB_OFFLINE is set; "
+            "unset it to list the repo's weights (no weights are downloaded)"
+        )
     return WeightFiles("none", (), False, None, ())
 
 
@@ -381,12 +388,11 @@ def _hub_client() -> Any:
 
     Errors stay one line; set ``HF_HUB_VERBOSITY`` to see the client's own logs.
     """
-    import logging
-
     import huggingface_hub
+    from huggingface_hub.utils import logging as hub_logging  # configures its logger on import
 
     if not os.environ.get("HF_HUB_VERBOSITY"):
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+        hub_logging.set_verbosity_error()
     return huggingface_hub
 
 
@@ -457,13 +463,14 @@ def _hub_list_files(source: ModelSource) -> list[str]:
                 "unset it or download the model first"
             )
         files = [str(p.relative_to(snapshot)).replace(os.sep, "/") for p in snapshot.rglob("*") if p.is_file()]
-        # The index names shards that may not be cached; list them so the format is known.
-        if SAFETENSORS_INDEX in files:
-            try:
-                index = json.loads((snapshot / SAFETENSORS_INDEX).read_text())
-                files.extend(set((index.get("weight_map") or {}).values()))
-            except (OSError, json.JSONDecodeError):
-                pass
+        # An index names shards that may not be cached; list them so the format is known.
+        for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+            if index_name in files:
+                try:
+                    index = json.loads((snapshot / index_name).read_text())
+                    files.extend(set((index.get("weight_map") or {}).values()))
+                except (OSError, json.JSONDecodeError, AttributeError):
+                    pass
         return sorted(set(files))
     HfApi = _hub_client().HfApi
 

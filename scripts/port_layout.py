@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import model_source
 from cli_support import ScriptError
 
 # Files every scaffolded port has besides its graph module ``<slug>.py``.
@@ -26,6 +27,25 @@ STANDARD_MODULES = ("__init__", "arch", "model_config", "model", "weight_adapter
 
 # Written by the scaffold into every port; the gates read it.
 MANIFEST_NAME = "scaffold_manifest.json"
+
+# safetensors dtype -> the MAX encoding that serves it unchanged.
+FLOAT_ENCODINGS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_encoding(source: model_source.ModelSource, config: dict) -> tuple[str | None, str]:
+    """The encoding the checkpoint's dominant dtype calls for (None if not a float one), and its origin.
+
+    Reads safetensors headers only; without them falls back to the config's dtype.
+    """
+    try:
+        tensors = model_source.read_tensor_infos(source)
+    except ScriptError:
+        tensors = {}
+    if tensors:
+        dominant = model_source.checkpoint_summary(tensors)["dominant_dtype"]
+        return FLOAT_ENCODINGS.get(dominant), f"dominant tensor dtype {dominant}"
+    dtype = model_source.normalize_config(config).dtype
+    return (dtype if dtype in FLOAT_ENCODINGS.values() else None), f"config dtype {dtype}"
 
 
 def slug_from_name(name: str) -> str:

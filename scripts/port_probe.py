@@ -103,14 +103,23 @@ def check_import(port: port_layout.PortDir, source: Any, encoding: str) -> Check
 
 
 @dataclass
-class BuiltPort:
-    """The port's architecture, config objects and graph module, built without compiling."""
+class LoadedPort:
+    """The port's architecture and MAX pipeline config, resolved through MAX's registry."""
 
     arch: Any
     pipeline_config: Any
-    model_config: Any
-    graph: Any
-    graph_class: str
+
+
+def load_port(port: port_layout.PortDir, source: Any, encoding: str) -> LoadedPort:
+    module = import_port(port)
+    from max.driver import DeviceSpec
+    from max.pipelines.lib import PipelineConfig
+    from max.pipelines.lib.pipeline_args import PipelineArgs
+
+    args = PipelineArgs(model_path=str(source.local_dir or source.repo_id), device_specs=[DeviceSpec.cpu()],
+                        quantization_encoding=encoding, max_length=128,
+                        runtime={"custom_architectures": [port.custom_architectures_arg]})
+    return LoadedPort(module.ARCHITECTURES[0], PipelineConfig.from_args(args))
 
 
 def header_weights(source: Any) -> dict[str, Any]:
@@ -136,42 +145,38 @@ def header_weights(source: Any) -> dict[str, Any]:
     return {name: HeaderOnlyWeight(info) for name, info in model_source.read_tensor_infos(source).items()}
 
 
-def build_port(port: port_layout.PortDir, source: Any, encoding: str, state_dict: dict[str, Any]) -> BuiltPort:
-    """Resolve the port's architecture through MAX's registry and build its graph module."""
-    module = import_port(port)
-    from max.driver import DeviceSpec
-    from max.pipelines.lib import PipelineConfig
-    from max.pipelines.lib.pipeline_args import PipelineArgs
+def adapted_state_dict(loaded: LoadedPort, source: Any) -> dict[str, Any]:
+    """Run the port's safetensors weight adapter over header-only weights (no weight bytes read)."""
+    from max.graph.weights import WeightsFormat
 
-    args = PipelineArgs(model_path=str(source.local_dir or source.repo_id), device_specs=[DeviceSpec.cpu()],
-                        quantization_encoding=encoding, max_length=128,
-                        runtime={"custom_architectures": [port.custom_architectures_arg]})
-    pipeline_config = PipelineConfig.from_args(args)
-    arch = module.ARCHITECTURES[0]
-    hf_config = pipeline_config.model.huggingface_config
-    pipeline_model = object.__new__(arch.pipeline_model)
-    for attribute, value in {
-        "pipeline_config": pipeline_config, "huggingface_config": hf_config, "devices": [],
-        "state_dict": state_dict,
-        "memory_plan": SimpleNamespace(planned_max_length=128, planned_max_batch_size=1,
-                                       planned_max_batch_total_tokens=None, footprint=0),
-    }.items():
+    weights = header_weights(source)
+    adapter = (loaded.arch.weight_adapters or {}).get(WeightsFormat.safetensors)
+    if adapter is None:
+        return {name: w.data() for name, w in weights.items()}
+    return adapter(weights, huggingface_config=loaded.pipeline_config.model.huggingface_config,
+                   pipeline_config=loaded.pipeline_config)
+
+
+def build_graph(port: port_layout.PortDir, loaded: LoadedPort, state_dict: dict[str, Any]) -> Any:
+    """The port's model config and graph module, built as the pipeline model would (no compile)."""
+    from max.nn.transformer import ReturnHiddenStates, ReturnLogits
+
+    pipeline_model = object.__new__(loaded.arch.pipeline_model)
+    plan = SimpleNamespace(planned_max_length=128, planned_max_batch_size=1,
+                           planned_max_batch_total_tokens=None, footprint=0)
+    for attribute, value in {"pipeline_config": loaded.pipeline_config, "devices": [], "memory_plan": plan,
+                             "state_dict": state_dict, "return_logits": ReturnLogits.LAST_TOKEN,
+                             "return_hidden_states": ReturnHiddenStates.NONE}.items():
         try:
             setattr(pipeline_model, attribute, value)
         except AttributeError:
-            pass  # a read-only property on this pipeline model
-    from max.nn.transformer import ReturnHiddenStates, ReturnLogits
-
-    for attribute, value in {"return_logits": ReturnLogits.LAST_TOKEN,
-                             "return_hidden_states": ReturnHiddenStates.NONE}.items():
-        if not hasattr(pipeline_model, attribute):
-            setattr(pipeline_model, attribute, value)
+            pass  # a read-only property of this pipeline model
     model_config = pipeline_model._create_model_config(state_dict)
-    graph_class = graph_class_of(port, model_config)
-    return BuiltPort(arch, pipeline_config, model_config, graph_class(model_config), graph_class.__name__)
+    graph_class = graph_class_of(port)
+    return graph_class(model_config)
 
 
-def graph_class_of(port: port_layout.PortDir, model_config: Any) -> Any:
+def graph_class_of(port: port_layout.PortDir) -> Any:
     """The class in ``<slug>.py`` that the port's other modules build with a config."""
     import ast
 
@@ -190,25 +195,13 @@ def graph_class_of(port: port_layout.PortDir, model_config: Any) -> Any:
     raise ScriptError(f"no class of {port.slug}.py is built by the port's other modules; cannot find the graph")
 
 
-def adapted_state_dict(arch: Any, weights: dict[str, Any], pipeline_config: Any) -> dict[str, Any]:
-    """Run the port's safetensors weight adapter over header-only weights."""
-    from max.graph.weights import WeightsFormat
-
-    adapter = (arch.weight_adapters or {}).get(WeightsFormat.safetensors)
-    if adapter is None:
-        return {name: w.data() for name, w in weights.items()}
-    return adapter(weights, huggingface_config=pipeline_config.model.huggingface_config,
-                   pipeline_config=pipeline_config)
-
-
 def check_dry_build(port: port_layout.PortDir, source: Any, encoding: str) -> CheckResult:
-    weights = header_weights(source)
-    built = build_port(port, source, encoding, {})
-    state = adapted_state_dict(built.arch, weights, built.pipeline_config)
-    built = build_port(port, source, encoding, state)
-    declared = built.graph.raw_state_dict()
-    return CheckResult(True, f"built {built.graph_class} from the real config ({len(declared)} weights declared)",
-                       {"graph_class": built.graph_class, "declared_weights": len(declared)})
+    loaded = load_port(port, source, encoding)
+    graph = build_graph(port, loaded, adapted_state_dict(loaded, source))
+    declared = graph.raw_state_dict()
+    name = type(graph).__name__
+    return CheckResult(True, f"built {name} from the real config ({len(declared)} weights declared, not compiled)",
+                       {"graph_class": name, "declared_weights": len(declared)})
 
 
 @dataclass
@@ -237,12 +230,11 @@ def diff_keys(produced: dict[str, tuple[int, ...]], declared: dict[str, tuple[in
 
 
 def check_key_diff(port: port_layout.PortDir, source: Any, encoding: str) -> CheckResult:
-    weights = header_weights(source)
-    built = build_port(port, source, encoding, {})
-    state = adapted_state_dict(built.arch, weights, built.pipeline_config)
-    built = build_port(port, source, encoding, state)
+    loaded = load_port(port, source, encoding)
+    state = adapted_state_dict(loaded, source)
+    graph = build_graph(port, loaded, state)
     produced = {name: tuple(int(d) for d in data.shape) for name, data in state.items()}
-    declared = {name: tuple(int(d) for d in weight.shape) for name, weight in built.graph.raw_state_dict().items()}
+    declared = {name: tuple(int(d) for d in weight.shape) for name, weight in graph.raw_state_dict().items()}
     try:
         allowed = importlib.import_module(f"{port.slug}.computed_buffers").is_computed_buffer
     except ImportError:
@@ -259,8 +251,6 @@ def check_weights_format(port: port_layout.PortDir, source: Any, encoding: str) 
     files = model_source.weight_files(source)
     module = import_port(port)
     arch = module.ARCHITECTURES[0]
-    from max.graph.weights import WeightsFormat
-
     adapters = {getattr(k, "value", str(k)) for k in (arch.weight_adapters or {})}
     details = {"format": files.format, "files": list(files.files), "adapters": sorted(adapters)}
     if files.format not in ("safetensors", "gguf"):
@@ -276,7 +266,6 @@ def check_weights_format(port: port_layout.PortDir, source: Any, encoding: str) 
             return CheckResult(False, f"tensor dtypes MAX cannot load: {', '.join(unknown)}", details)
     if encoding not in arch.supported_encodings:
         return CheckResult(False, f"encoding {encoding} is not in the port's supported_encodings", details)
-    del WeightsFormat
     return CheckResult(True, f"{files.format} ({len(files.files)} file(s)) with an adapter; encoding {encoding} "
                              "supported", details)
 

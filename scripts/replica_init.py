@@ -206,14 +206,12 @@ def _calibrate_logits(model: Any, config: Any, options: InitOptions, ids: Any, o
     cap = getattr(config, "final_logit_softcapping", None)
     target = max(options.logit_std, 0.5 * cap) if cap else options.logit_std
     total = 1.0
-    for _ in range(4):
+    for _ in range(8):
         logits = _forward(model, ids)
         measured = float(logits.std(dim=-1).mean())
         if measured <= 0:
             break
-        scale = target / measured
-        if cap:
-            scale = min(scale, 4.0)
+        scale = min(target / measured, 1000.0)
         if id(norm) in offset_norms:
             norm.weight.copy_((1.0 + norm.weight) * scale - 1.0)
         else:

@@ -12,6 +12,7 @@ unmutated model moves them by exactly 0.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -254,7 +255,7 @@ def _norm_offset_style(model: Any) -> bool:
     return bool(out.abs().max() > 0)
 
 
-def _has_norms(config: Any) -> str | None:
+def _always(config: Any) -> str | None:
     return None
 
 
@@ -359,12 +360,13 @@ MUTATIONS = [
     Mutation("sliding window removed", "config edit", "sliding_window set wider than the prompt", _uses_sliding,
              config_edit=_edit_no_sliding),
     Mutation("norm eps x100", "config edit", "every norm eps field x 100", _has_eps, config_edit=_edit_eps),
-    Mutation("norm weight offset", "weight edit", "norm weights +1 (w -> 1+w) or -1 for (1+w) norms", _has_norms,
+    Mutation("norm weight offset", "weight edit", "norm weights +1 (w -> 1+w) or -1 for (1+w) norms", _always,
              weight_edit=_flip_norm_offset),
     Mutation("activation swap", "config edit", "hidden_act/hidden_activation: silu -> gelu_pytorch_tanh, others -> silu", _has_activation,
              config_edit=_edit_activation),
-    Mutation("tie vs untie", "weight edit", "tied: lm_head zero-filled (absent); untied: lm_head := embeddings",
-             _has_norms, weight_edit=_edit_tie),
+    Mutation("tie vs untie", "weight edit", "tied: lm_head zero-filled (as MAX fills an absent weight); untied: lm_head := embeddings "
+             "(flipping the flag in transformers would draw a random head)",
+             _always, weight_edit=_edit_tie),
     Mutation("attention softcap removed", "config edit", "attn_logit_softcapping set to None",
              _has_field("attn_logit_softcapping"), config_edit=_drop_field("attn_logit_softcapping")),
     Mutation("final softcap removed", "config edit", "final_logit_softcapping set to None",
@@ -376,7 +378,7 @@ MUTATIONS = [
     Mutation("RoPE style", "weight edit", "interleaved pairs instead of half-split (q/k rotary rows permuted)",
              _has_rope, weight_edit=_edit_rope_style),
     Mutation("one layer perturbed", "weight edit",
-             f"middle layer's matrices + noise ({PERTURB_RELATIVE_STD:g} x their std)", _has_norms,
+             f"middle layer's matrices + noise ({PERTURB_RELATIVE_STD:g} x their std)", _always,
              weight_edit=_perturb_layer),
 ]
 
@@ -423,7 +425,8 @@ def sensitivity_report(replica_dir: str | Path, *, dtype: str | None = None, tru
     def fresh_config() -> Any:
         return transformers.AutoConfig.from_pretrained(replica, trust_remote_code=trust_remote_code)
 
-    base = logprobs(load())
+    base_model = load()
+    base = logprobs(base_model)
     watched = base.topk(min(top_k, base.shape[-1]), dim=-1).indices
 
     def delta(other: Any) -> float:
@@ -441,7 +444,7 @@ def sensitivity_report(replica_dir: str | Path, *, dtype: str | None = None, tru
                 mutation.config_edit(config)
                 model = load(config)
             else:
-                model = load()
+                model = copy.deepcopy(base_model)
                 with torch.no_grad():
                     mutation.weight_edit(model, config)
             moved = delta(logprobs(model))

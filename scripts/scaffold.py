@@ -42,7 +42,6 @@ EXIT_CODES = {
 }
 
 ALLOWLIST_MODULE = "computed_buffers"
-FLOAT_ENCODINGS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 ROLE_TEXT = {
     "__init__": "Package of the {arch} port; exports ARCHITECTURES for max serve --custom-architectures.",
@@ -201,16 +200,8 @@ def plan_mapping(index: ModuleIndex, donor: str, slug: str) -> dict[str, str]:
 
 
 def default_encoding(source: model_source.ModelSource, config: dict) -> str:
-    """The encoding matching the checkpoint's dominant dtype (config dtype when there are no headers)."""
-    try:
-        tensors = model_source.read_tensor_infos(source)
-    except ScriptError:
-        tensors = {}
-    dominant = model_source.checkpoint_summary(tensors)["dominant_dtype"] if tensors else None
-    if dominant in FLOAT_ENCODINGS:
-        return FLOAT_ENCODINGS[dominant]
-    dtype = model_source.normalize_config(config).dtype
-    return dtype if dtype in FLOAT_ENCODINGS.values() else "float32"
+    """The encoding matching the checkpoint's dtype; float32 when it is not a float dtype MAX serves."""
+    return port_layout.checkpoint_encoding(source, config)[0] or "float32"
 
 
 def build_plan(index: ModuleIndex, donor: str, slug: str, arch_name: str, encoding: str,
@@ -233,7 +224,8 @@ def build_plan(index: ModuleIndex, donor: str, slug: str, arch_name: str, encodi
             text = edit_arch(text, arch_name, encoding, supported, source)
         if port_name == "" and module.is_package:
             text = add_architectures_export(text, mapping, index)
-        text = set_module_docstring(text, role, arch_name, module.path.relative_to(max_root.parent), donor)
+        text = set_module_docstring(text, role, arch_name, module.path.relative_to(max_root.parent), donor,
+                                    slug)
         files.append(PortFile(rel_path, str(module.path.relative_to(max_root.parent)), role,
                               result.changes, strict_loads))
         texts[rel_path] = text
@@ -368,11 +360,15 @@ def add_architectures_export(text: str, mapping: dict[str, str], index: ModuleIn
     return text.rstrip("\n") + f"\n\nfrom .arch import {variable}  # noqa: E402\n\nARCHITECTURES = [{variable}]\n"
 
 
-def set_module_docstring(text: str, role: str, arch_name: str, donor_file: Path, donor: str) -> str:
+def set_module_docstring(text: str, role: str, arch_name: str, donor_file: Path, donor: str,
+                         slug: str) -> str:
     """Replace (or add) the module docstring with the three-part form; license comments stay."""
     role_line = ROLE_TEXT.get(role, "Module of the {arch} port, copied from MAX with the rest of the donor.")
     if role == "subpackage":
         role_line = "Subpackage of the {arch} port, copied from MAX with the rest of the donor."
+    if role == "helper" and builds_own_graph(text, slug):
+        role_line += (f"\nMulti-device runs build the graph defined here, not {slug}.py: mirror every graph edit\n"
+                      "here, or set multi_gpu_supported=False in arch.py so MAX refuses multi-device runs.")
     body = (
         f"{role_line.format(arch=arch_name)}\n\n"
         f"Derived from {donor_file.as_posix()} (MAX {cli_support.max_version()}),\n"
@@ -390,6 +386,16 @@ def set_module_docstring(text: str, role: str, arch_name: str, donor_file: Path,
     at = first.lineno - 1 if first is not None else len(lines)
     lines.insert(at, docstring + "\n\n")
     return "".join(lines)
+
+
+def builds_own_graph(text: str, slug: str) -> bool:
+    """True when a module defines a Transformer-like graph class of its own (e.g. the tensor-parallel one)."""
+    tree = ast.parse(text)
+    imports_slug_graph = any(isinstance(n, ast.ImportFrom) and n.module == slug for n in ast.walk(tree))
+    return not imports_slug_graph and any(
+        isinstance(n, ast.ClassDef) and any(getattr(b, "id", "") in ("Transformer", "Module") for b in n.bases)
+        and "Transformer" in "".join(getattr(b, "id", "") for b in n.bases)
+        for n in ast.walk(tree))
 
 
 def write_port(plan: PortPlan, port_dir: Path) -> str | None:

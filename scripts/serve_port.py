@@ -74,7 +74,7 @@ PHASES = (
     ("Waiting for model worker readiness", "starting model worker"),
     ("Initializing model pipeline", "loading weights"),
     ("Building, compiling, and initializing model", "compiling graph"),
-    ("Building and compiling model took", "initializing model"),
+    ("Building, compiling, and initializing sampler", "compiling sampler"),
     ("Server ready on", "ready"),
 )
 

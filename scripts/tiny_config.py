@@ -112,7 +112,7 @@ def shrink_config(
     if isinstance(nested, dict) and nested and causal_lm_architecture:
         text = copy.deepcopy(nested)
         text["architectures"] = [causal_lm_architecture]
-        for key in ("torch_dtype", "dtype", "tie_word_embeddings"):
+        for key in ("torch_dtype", "dtype", "tie_word_embeddings", *TOKEN_ID_ROLES):
             if key in config and key not in text:
                 text[key] = config[key]
         result.changes.append(FieldChange("(config)", f"{config.get('model_type')} (multimodal)",

@@ -17,9 +17,10 @@ from __future__ import annotations
 import ast
 import functools
 import importlib.util
+import json
+import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -195,22 +196,71 @@ def help_flags(help_text: str) -> set[str]:
     return set(re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w-]*)", help_text)) | {"--help"}
 
 
-def max_cli() -> str | None:
-    found = Path(sys.executable).with_name("max")
-    return str(found) if found.exists() else shutil.which("max")
+MAX_NAME = re.compile(r"\bmax(?:\.[A-Za-z_]\w*)+")
+
+MAX_PROBE = """
+import contextlib, importlib, io, json, re, sys
+
+def resolves(name):
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+def cli_help(args):
+    from max._entrypoints.pipelines import main
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        try:
+            main([*args, "--help"], prog_name="max", standalone_mode=True)
+        except SystemExit:
+            pass
+    return buffer.getvalue()
+
+request = json.loads(sys.argv[1])
+answer = {"unresolved": [n for n in request["names"] if not resolves(n)], "help": {}}
+if request["subcommands"]:
+    answer["help"][""] = cli_help([])
+    commands = set(re.findall(r"^  ([a-z][a-z-]+) ", answer["help"][""], re.M))
+    for sub in request["subcommands"]:
+        if sub in commands:
+            answer["help"][sub] = cli_help([sub])
+print(json.dumps(answer))
+"""
+
+
+def shown_max_names() -> list[str]:
+    """Dotted ``max.*`` API names shown in the docs' code."""
+    names = set()
+    for path in markdown_files():
+        for snippet in code_snippets(path.read_text(encoding="utf-8")):
+            names |= {name for name in MAX_NAME.findall(snippet) if not name.endswith((".py", ".md"))}
+    return sorted(names)
 
 
 @functools.lru_cache(maxsize=None)
-def max_help(subcommand: str | None) -> str:
-    """``max [<subcommand>] --help`` of the installed MAX (a ``max serve --help`` takes ~40 s)."""
-    cli = max_cli()
-    if cli is None:
-        pytest.skip("the max CLI is not installed")
-    argv = [cli] + ([subcommand] if subcommand else []) + ["--help"]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "MAX_SERVE_DISABLE_TELEMETRY": "1"})
-    assert done.returncode == 0, f"{' '.join(argv)} failed: {done.stderr[-500:]}"
-    return done.stdout
+def max_facts() -> dict:
+    """Ask the installed MAX, in one process: which shown API names resolve, and the CLI help texts.
+
+    Importing MAX's CLI and pipelines costs tens of seconds, so this runs once per session.
+    """
+    if importlib.util.find_spec("max") is None:
+        pytest.skip("MAX is not installed")
+    subcommands = sorted({c.program.partition(":")[2] for c in shown_commands() if c.program.startswith("max:")})
+    request = json.dumps({"names": shown_max_names(), "subcommands": subcommands})
+    done = subprocess.run([sys.executable, "-c", MAX_PROBE, request], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MAX_SERVE_DISABLE_TELEMETRY": "1"})
+    assert done.returncode == 0, done.stderr[-800:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def resolve_program(program: str) -> str | None:
@@ -341,6 +391,21 @@ def test_every_relative_link_resolves():
     assert not problems, "\n".join(problems)
 
 
+def test_references_named_by_scripts_exist():
+    """Scripts point users at references (``references/x.md#anchor``); each file and heading must exist."""
+    problems = []
+    for script in sorted(SCRIPTS_DIR.glob("*.py")):
+        for name, anchor in re.findall(r"([\w-]+\.md)(?:#([\w-]+))?", script.read_text(encoding="utf-8")):
+            target = REPO_ROOT / "references" / name
+            if not target.is_file():
+                target = REPO_ROOT / name
+            if not target.is_file():
+                problems.append(f"scripts/{script.name}: no {name}")
+            elif anchor and anchor not in heading_anchors(target):
+                problems.append(f"scripts/{script.name}: no heading #{anchor} in {name}")
+    assert not problems, "\n".join(problems)
+
+
 def test_link_checker_catches_a_dead_link(tmp_path):
     page = tmp_path / "page.md"
     (tmp_path / "there.md").write_text("# A Heading `x`\n")
@@ -440,22 +505,21 @@ def test_flags_listed_in_each_script_subsection_are_in_its_help():
     assert not problems, "\n".join(problems)
 
 
-def test_max_subcommands_and_serve_flags_shown_exist_in_installed_max():
-    """`max <sub>` commands shown exist, and their flags are in `max <sub> --help` (checked on the installed MAX)."""
+def test_max_subcommands_and_flags_shown_exist_in_installed_max():
+    """`max <sub>` commands shown exist, and their flags are in `max <sub> --help` of the installed MAX."""
     shown = [c for c in shown_commands() if c.program.startswith("max:")]
     if not shown:
         pytest.skip("the docs show no max command")
-    subcommands = set(re.findall(r"^\s{2}([a-z][a-z-]+)\s", max_help(None), re.M))
+    helps = max_facts()["help"]
     problems = []
     for command in shown:
         sub = command.program.partition(":")[2]
-        if sub not in subcommands:
+        if sub not in helps:
             problems.append(f"{command.source}: `max {sub}` is not a max subcommand")
             continue
-        if command.flags:
-            unknown = [flag for flag in command.flags if flag not in help_flags(max_help(sub))]
-            if unknown:
-                problems.append(f"{command.source}: {unknown} not in `max {sub} --help`: `{command.text.strip()}`")
+        unknown = [flag for flag in command.flags if flag not in help_flags(helps[sub])]
+        if unknown:
+            problems.append(f"{command.source}: {unknown} not in `max {sub} --help`: `{command.text.strip()}`")
     assert not problems, "\n".join(problems)
 
 
@@ -528,61 +592,39 @@ def test_subsections_mention_every_exit_code_the_script_uses():
 EXIT_CLAIM = re.compile(r"`(?:python )?(?:scripts/import_model\.py )?([\w-]+)(?:\.py)?[^`]*`[^.\n]{0,60}?\bexits? (?:with )?(?:code )?([12])\b")
 
 
-def test_exit_claims_in_prose_use_codes_the_script_uses():
-    """A sentence like "`audit` exits 2" must name a code the script really uses."""
+def false_exit_claims(text: str, source: str) -> list[str]:
+    """Claims like "`audit` exits 2" in ``text`` that name a code the script marks "not used"."""
     table = dispatcher_subcommands()
     by_module = {module: sub for sub, module in table.items()}
     problems = []
-    for path in markdown_files():
-        text = FENCE.sub("", path.read_text(encoding="utf-8"))
-        for name, code in EXIT_CLAIM.findall(text):
-            module = table.get(name) or (name if name in by_module else None)
-            if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
-                continue
-            if script_exit_codes(module)[int(code)] == NOT_USED:
-                problems.append(f"{relative(path)}: {name} never exits {code}")
+    for name, code in EXIT_CLAIM.findall(FENCE.sub("", text)):
+        module = table.get(name) or (name if name in by_module else None)
+        if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
+            continue
+        if script_exit_codes(module)[int(code)] == NOT_USED:
+            problems.append(f"{source}: {name} never exits {code}")
+    return problems
+
+
+def test_exit_claims_in_prose_use_codes_the_script_uses():
+    """A sentence like "`audit` exits 2" must name a code the script really uses."""
+    problems = [p for path in markdown_files() for p in false_exit_claims(path.read_text(encoding="utf-8"), relative(path))]
     assert not problems, "\n".join(problems)
+
+
+def test_exit_claim_check_catches_a_false_claim():
+    text = "Run `audit` and it exits 2 on a bad port. `check-walls` exits 2 on a blocker. `inspect` exits 1 when native."
+    assert false_exit_claims(text, "x") == ["x: audit never exits 2", "x: inspect never exits 1"]
 
 
 # ================================================================ tests: MAX facts and templates
 
 
-MAX_NAME = re.compile(r"\bmax(?:\.[A-Za-z_]\w*)+")
-
 
 def test_max_api_names_shown_resolve_in_installed_max():
     """Dotted ``max.*`` names in the docs import (or are attributes) in the installed MAX."""
-    names = set()
-    for path in markdown_files():
-        for snippet in code_snippets(path.read_text(encoding="utf-8")):
-            names |= {name for name in MAX_NAME.findall(snippet) if not name.endswith((".py", ".md"))}
-    if not names:
-        pytest.skip("the docs name no max.* API")
-    if importlib.util.find_spec("max") is None:
-        pytest.skip("MAX is not installed")
-    probe = (
-        "import importlib, sys\n"
-        "bad = []\n"
-        "for name in sys.argv[1:]:\n"
-        "    parts = name.split('.')\n"
-        "    for cut in range(len(parts), 0, -1):\n"
-        "        try:\n"
-        "            obj = importlib.import_module('.'.join(parts[:cut]))\n"
-        "        except ImportError:\n"
-        "            continue\n"
-        "        try:\n"
-        "            for attr in parts[cut:]:\n"
-        "                obj = getattr(obj, attr)\n"
-        "        except AttributeError:\n"
-        "            bad.append(name)\n"
-        "        break\n"
-        "    else:\n"
-        "        bad.append(name)\n"
-        "print('\\n'.join(bad))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", probe, *sorted(names)], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-800:]
-    assert done.stdout.split() == []
+    assert shown_max_names(), "the docs name no max.* API (the check would prove nothing)"
+    assert max_facts()["unresolved"] == []
 
 
 def test_references_that_state_max_facts_name_the_checked_version():
@@ -595,6 +637,38 @@ def test_references_that_state_max_facts_name_the_checked_version():
         if states_max_facts and "MAX 26.7" not in text:
             problems.append(relative(path))
     assert not problems, "\n".join(problems)
+
+
+def test_every_wall_code_is_explained_in_recognize_walls():
+    """Every finding code check_walls.py emits has a row with the same level, and no row is invented."""
+    emitted = set(re.findall(r'_finding\(\s*"(\w+)",\s*([A-Z]+)', (SCRIPTS_DIR / "check_walls.py").read_text(encoding="utf-8")))
+    assert emitted, "no finding codes found in scripts/check_walls.py"
+    documented = set(re.findall(r"^\| `(\w+)` \| (\w+) \|", (REPO_ROOT / "references" / "recognize-walls.md").read_text(), re.M))
+    documented = {(code, level.upper()) for code, level in documented}
+    assert sorted(emitted - documented) == [], "wall codes or levels missing from references/recognize-walls.md"
+    assert sorted(documented - emitted) == [], "recognize-walls.md documents codes check_walls.py never emits"
+
+
+def test_every_delta_signal_code_is_in_the_delta_signal_table():
+    emitted = set(re.findall(r'\.add\(\s*"(\w+)"', (SCRIPTS_DIR / "delta_signals.py").read_text(encoding="utf-8")))
+    assert emitted, "no signal codes found in scripts/delta_signals.py"
+    text = (REPO_ROOT / "references" / "read-config-json.md").read_text(encoding="utf-8")
+    table = text.split("## The delta-signal table", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", table, re.M))
+    assert sorted(emitted - documented) == [], "delta-signal codes missing from references/read-config-json.md"
+    assert sorted(documented - emitted) == [], "read-config-json.md documents codes inspect never reports"
+
+
+def test_audit_marker_in_the_docs_is_the_one_audit_accepts():
+    syntax = literal_assignment(SCRIPTS_DIR / "audit_docstrings.py", "MARKER_SYNTAX")
+    assert syntax, "scripts/audit_docstrings.py declares no MARKER_SYNTAX"
+    for path in (SKILL_MD, REPO_ROOT / "references" / "honest-docstrings.md"):
+        assert syntax in path.read_text(encoding="utf-8"), f"{relative(path)} does not show {syntax}"
+    import audit_docstrings  # metadata-only: imports neither torch nor max
+
+    examples = re.findall(r"\[audit-ok: [^\]<]+\]", (REPO_ROOT / "references" / "honest-docstrings.md").read_text())
+    assert examples, "honest-docstrings.md shows no filled-in marker example"
+    assert all(audit_docstrings.MARKER.search(example) for example in examples)
 
 
 def test_port_test_template_is_valid_and_compiles_once_per_module():

@@ -105,9 +105,46 @@ def test_ambiguous_texts_are_skipped_not_compared():
     logprobs, tops = max_side(rows, tokens, texts=texts)
     # A wrong value under an ambiguous key cannot be attributed to an id, so it is not compared.
     tops[0] = [lc.MaxTopEntry("same", None, 99.0)] + [e for e in tops[0] if e.token_id is not None]
-    result = lc.compare_sequence(tokens, 5, rows, logprobs, tops, ATOL, K)
+    result = lc.compare_sequence(tokens, 5, rows, logprobs, tops, ATOL, K, decoded=texts)
     assert result.verdict == lc.MATCH
-    assert result.positions[0].max_top1 is None and result.positions[0].top1_agree is None
+
+
+def test_hf_top1_hidden_under_a_collapsed_key_is_not_a_top1_finding():
+    # MAX keeps one value per text: the shared key shows another id's (lower) value, so the
+    # best known entry is not MAX's real top-1 and the top-1 check must be skipped.
+    rows = make_rows(3, vocab=10, seed=5)
+    row = rows[0]
+    order = [int(i) for i in np.argsort(-row)]
+    best, runner_up, low = order[0], order[1], order[-1]
+    texts = [f"t{i}" for i in range(10)]
+    texts[best] = texts[low] = "\ufffd"
+    index = lc.text_index(texts)
+    tokens = [0, runner_up, 2]
+    top = lc.resolve_top({"\ufffd": float(row[low]), texts[runner_up]: float(row[runner_up])}, index)
+    logprobs, tops = max_side(rows, tokens, texts=texts)
+    result = lc.compare_sequence(tokens, 3, rows, logprobs, [top, tops[1]], ATOL, K, decoded=texts)
+    first = result.positions[0]
+    assert (first.hf_top1, first.max_top1, first.top1_agree) == (best, runner_up, None)
+    assert result.verdict == lc.MATCH
+
+
+def test_hf_top1_missing_from_max_topk_is_a_top1_finding():
+    rows = make_rows(3, vocab=10, seed=6)
+    row = rows[0]
+    order = [int(i) for i in np.argsort(-row)]
+    assert row[order[0]] - row[order[1]] > 2 * ATOL
+    texts = [f"t{i}" for i in range(10)]
+    texts[order[4]] = texts[order[5]] = "shared"  # a shared key that cannot hold HF's top-1
+    index = lc.text_index(texts)
+    tokens = [0, order[1], 2]
+    top = lc.resolve_top({texts[order[1]]: float(row[order[1]]), "shared": float(row[order[5]])}, index)
+    logprobs, tops = max_side(rows, tokens, texts=texts)
+    result = lc.compare_sequence(tokens, 3, rows, logprobs, [top, tops[1]], ATOL, K, decoded=texts)
+    first = result.positions[0]
+    assert first.top1_agree is False and first.reason == "top1"
+    # Without the decoded texts the shared key might hold HF's top-1, so nothing is claimed.
+    lenient = lc.compare_sequence(tokens, 3, rows, logprobs, [top, tops[1]], ATOL, K)
+    assert lenient.positions[0].top1_agree is None and lenient.verdict == lc.MATCH
 
 
 def test_top1_disagreement_beyond_a_tie_diverges_but_a_near_tie_does_not():
@@ -125,7 +162,9 @@ def test_top1_disagreement_beyond_a_tie_diverges_but_a_near_tie_does_not():
     near = rows.copy()
     near[0, second] = near[0, best] - 0.5 * ATOL
     logprobs2, tops2 = max_side(near, tokens)
-    tops2[0] = sorted(tops2[0], key=lambda e: e.token_id != second)
+    # MAX ranks the runner-up first by 0.3*ATOL, each value within 0.4*ATOL of HF's: a tie, not a finding.
+    nudged = {second: 0.4 * ATOL, best: -0.4 * ATOL}
+    tops2[0] = [lc.MaxTopEntry(e.text, e.token_id, e.logprob + nudged.get(e.token_id, 0.0)) for e in tops2[0]]
     result2 = lc.compare_sequence(tokens, 4, near, logprobs2, tops2, ATOL, K)
     assert result2.positions[0].top1_agree is False
     assert result2.verdict == lc.MATCH

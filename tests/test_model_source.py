@@ -542,3 +542,24 @@ def test_hub_single_file_with_another_name(hub, tmp_path: Path, single: Path) ->
     assert result.returncode == 0, result.stderr
     assert {name: info[2] for name, info in result.json()["tensors"].items()} == {
         name: "weights.safetensors" for name in expected_tensors(single)}
+
+
+def test_hub_offline_listing_does_not_invent_a_weightless_repo(hub, tmp_path: Path, single: Path) -> None:
+    hub.add_repo("org/tiny", single)
+    assert run_driver("org/tiny", "--steps", "config", env=hub.env()).returncode == 0
+    # Only config.json is cached: offline, the weights cannot be listed (not "there are none").
+    assert_one_line_error(
+        run_driver("org/tiny", "--steps", "weights", env=hub.env(offline=True)),
+        "no weight files of org/tiny are in the HF cache and HF_HUB_OFFLINE is set; "
+        "unset it to list the repo's weights (no weights are downloaded)",
+    )
+    assert run_driver("org/tiny", "--steps", "download", env=hub.env()).returncode == 0
+    offline = run_driver("org/tiny", "--steps", "weights", env=hub.env(offline=True))
+    assert offline.returncode == 0, offline.stderr
+    assert offline.json()["weights"]["files"] == ["model.safetensors"]
+    # Online, the Hub's listing is authoritative: a repo without weights says so.
+    hub.add_repo("org/config-only", write_config(tmp_path / "config_only", {"architectures": ["LlamaForCausalLM"]}))
+    online = run_driver("org/config-only", env=hub.env())
+    assert online.returncode == 0, online.stderr
+    assert online.json()["weights"] == {"format": "none", "files": [], "sharded": False, "index_file": None,
+                                        "other_formats": []}

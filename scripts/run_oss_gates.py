@@ -1,0 +1,233 @@
+"""Run the gates a port must pass before and after its first serve: preflight, smoke and verify.
+
+preflight (metadata only, seconds): walls (check-walls), checkpoint format and
+dominant dtype against arch.py's encodings, arch.py's name against the
+config's architectures[0] (read with ast), and float32 support for CPU
+bring-up. smoke (before the first cold compile; each check in a fresh Python
+process): import the port as --custom-architectures does, build its config and
+graph from the real config without compiling, diff the weight adapter's names
+and shapes (header-only weights) against the graph's declared weights, and
+check the weights format. verify: compare logits of a running server
+(--base-url) with Hugging Face. Phases run in that order and stop at the first
+failing phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cli_support
+import model_source
+import port_layout
+from cli_support import ScriptError
+
+EXIT_CODES = {1: "a gate failed (see the failing checks)", 2: "a wall blocks the port (check-walls stop finding)"}
+
+PHASES = ("preflight", "smoke", "verify")
+SMOKE_CHECKS = ("import", "dry-build", "key-diff", "weights-format")
+SCRIPTS_DIR = Path(__file__).resolve().parent
+
+
+@dataclass
+class Check:
+    """One gate check: pass, fail, blocked (a wall) or skipped, with a one-line summary."""
+
+    phase: str
+    name: str
+    status: str  # pass | fail | blocked | skipped
+    summary: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli_support.add_model_arguments(parser)
+    parser.add_argument("--port-dir", required=True, metavar="PORT_DIR",
+                        help="the port package folder DIR/<slug> (the one passed to --custom-architectures)")
+    parser.add_argument("--phase", choices=(*PHASES, "all"), default="all",
+                        help="run one phase (default: all, in order, stopping at the first failing phase)")
+    parser.add_argument("--encoding", default="float32",
+                        help="encoding the smoke checks build for and verify compares at (default float32)")
+    parser.add_argument("--base-url", default=None,
+                        help="running server for verify, e.g. http://127.0.0.1:8000 (without it verify is skipped)")
+    parser.add_argument("--served-name", default=None, help="model name the server serves (default: the slug)")
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds allowed for each smoke subprocess (default 900)")
+    cli_support.add_json_flag(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    port = port_layout.resolve_port_dir(args.port_dir)
+    source = model_source.resolve(args.model, args.revision)
+    config = model_source.read_config(source)
+    phases = PHASES if args.phase == "all" else (args.phase,)
+    checks: list[Check] = []
+    for phase in phases:
+        if phase == "preflight":
+            checks += preflight(source, config, port)
+        elif phase == "smoke":
+            checks += smoke(args, port)
+        else:
+            checks.append(verify(args, port))
+        if any(c.status in ("fail", "blocked") for c in checks):
+            break
+    code = 2 if any(c.status == "blocked" for c in checks) else 1 if any(c.status == "fail" for c in checks) else 0
+    report(args, port, checks, code)
+    return code
+
+
+# --- preflight -----------------------------------------------------------------------
+
+
+def preflight(source: model_source.ModelSource, config: dict, port: port_layout.PortDir) -> list[Check]:
+    arch = port_layout.read_arch_declaration(port.path / "arch.py")
+    return [walls_check(source), format_check(source), dtype_check(source, config, arch),
+            name_check(config, arch), encoding_check(arch)]
+
+
+def walls_check(source: model_source.ModelSource) -> Check:
+    """check-walls' catalogue, called in-process (it is metadata only)."""
+    import check_walls
+
+    findings = check_walls.scan_walls(source)
+    stops = [f for f in findings if f.level == check_walls.STOP]
+    warns = [f for f in findings if f.level == check_walls.WARN]
+    details = {"findings": [asdict(f) for f in findings]}
+    if stops:
+        return Check("preflight", "walls", "blocked", f"{len(stops)} wall(s) block the port: {stops[0].message}",
+                     details)
+    return Check("preflight", "walls", "pass", f"no blocking wall ({len(warns)} warning(s) to review)", details)
+
+
+def format_check(source: model_source.ModelSource) -> Check:
+    files = model_source.weight_files(source)
+    details = {"format": files.format, "files": list(files.files), "sharded": files.sharded}
+    if files.format == "safetensors":
+        return Check("preflight", "checkpoint-format", "pass",
+                     f"safetensors, {len(files.files)} file(s)", details)
+    if files.format == "gguf":
+        return Check("preflight", "checkpoint-format", "pass", "gguf", details)
+    hint = " (re-save with transformers save_pretrained to get safetensors)" if files.format == "bin" else ""
+    return Check("preflight", "checkpoint-format", "fail", f"weights format {files.format!r} cannot be loaded{hint}",
+                 details)
+
+
+def dtype_check(source: model_source.ModelSource, config: dict, arch: port_layout.ArchDeclaration) -> Check:
+    wanted, origin = port_layout.checkpoint_encoding(source, config)
+    details = {"checkpoint_encoding": wanted, "from": origin, "default_encoding": arch.default_encoding,
+               "supported_encodings": arch.supported_encodings}
+    if wanted is None:
+        return Check("preflight", "dtype", "fail", f"{origin} has no float encoding MAX can serve", details)
+    if arch.supported_encodings is not None and wanted not in arch.supported_encodings:
+        return Check("preflight", "dtype", "fail",
+                     f"{origin} needs encoding {wanted}, which arch.py does not list in supported_encodings", details)
+    if arch.default_encoding != wanted:
+        return Check("preflight", "dtype", "fail",
+                     f"{origin} -> {wanted}, but arch.py default_encoding is {arch.default_encoding!r}", details)
+    return Check("preflight", "dtype", "pass", f"{origin} matches default_encoding {wanted}", details)
+
+
+def name_check(config: dict, arch: port_layout.ArchDeclaration) -> Check:
+    expected = config["architectures"][0]
+    details = {"arch_py_name": arch.name, "config_architecture": expected}
+    if arch.name != expected:
+        return Check("preflight", "arch-name", "fail",
+                     f"arch.py name {arch.name!r} != config.json architectures[0] {expected!r}; MAX would not "
+                     "pick the port for this checkpoint", details)
+    return Check("preflight", "arch-name", "pass", f"arch.py name is {expected}", details)
+
+
+def encoding_check(arch: port_layout.ArchDeclaration) -> Check:
+    supported = arch.supported_encodings
+    details = {"default_encoding": arch.default_encoding, "supported_encodings": supported}
+    if supported is None:
+        return Check("preflight", "encoding", "fail",
+                     "arch.py supported_encodings is not a literal set; write it out so the gates can read it", details)
+    if "float32" not in supported:
+        return Check("preflight", "encoding", "fail", "float32 is not a supported encoding (needed for CPU bring-up)",
+                     details)
+    if arch.default_encoding not in supported:
+        return Check("preflight", "encoding", "fail",
+                     f"default_encoding {arch.default_encoding!r} is not in supported_encodings", details)
+    return Check("preflight", "encoding", "pass", f"float32 supported; default {arch.default_encoding}", details)
+
+
+# --- smoke ---------------------------------------------------------------------------
+
+
+def smoke(args: argparse.Namespace, port: port_layout.PortDir) -> list[Check]:
+    """Each smoke check in its own fresh Python process (port_probe.py)."""
+    checks = []
+    for name in SMOKE_CHECKS:
+        check = run_probe(args, port, name)
+        checks.append(check)
+        if name == "import" and check.status != "pass":
+            break  # the other checks import the port too
+    return checks
+
+
+def run_probe(args: argparse.Namespace, port: port_layout.PortDir, name: str) -> Check:
+    command = [sys.executable, str(SCRIPTS_DIR / "port_probe.py"), args.model, "--port-dir", str(port.path),
+               "--check", name, "--encoding", args.encoding, "--json"]
+    if args.revision:
+        command += ["--revision", args.revision]
+    env = dict(os.environ, MAX_SERVE_DISABLE_TELEMETRY="1")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return Check("smoke", name, "fail", f"did not finish in {args.timeout:.0f} s")
+    try:
+        document = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        tail = " ".join((done.stderr.strip().splitlines() or ["no output"])[-1:])
+        return Check("smoke", name, "fail", f"the probe crashed (exit {done.returncode}): {tail[:300]}")
+    if "error" in document:
+        raise ScriptError(document["error"])
+    details = {k: v for k, v in document.items() if k not in ("check", "passed", "summary")}
+    return Check("smoke", name, "pass" if document.get("passed") else "fail", document.get("summary", ""), details)
+
+
+# --- verify --------------------------------------------------------------------------
+
+
+def verify(args: argparse.Namespace, port: port_layout.PortDir) -> Check:
+    if not args.base_url:
+        return Check("verify", "logits", "skipped",
+                     f"no --base-url; serve the port (serve {args.model} --port-dir {port.path}) and rerun "
+                     "with --phase verify --base-url URL")
+    import compare_layers
+
+    result = compare_layers.run_compare(args.model, args.base_url, args.served_name or port.slug,
+                                        dtype=args.encoding, device="cpu", revision=args.revision)
+    document = result.to_dict()
+    if result.verdict == "MATCH":
+        return Check("verify", "logits", "pass", f"MATCH (max |d logprob| {result.max_abs_diff:.3g})", document)
+    return Check("verify", "logits", "fail",
+                 f"DIVERGED at {result.first_divergence} (max |d logprob| {result.max_abs_diff:.3g})", document)
+
+
+# --- output --------------------------------------------------------------------------
+
+
+def report(args: argparse.Namespace, port: port_layout.PortDir, checks: list[Check], code: int) -> None:
+    if args.json:
+        cli_support.print_json({"port_dir": str(port.path), "model": args.model, "phase": args.phase,
+                                "passed": code == 0, "checks": [asdict(c) for c in checks]})
+        return
+    for c in checks:
+        print(f"[{c.phase}] {c.name:15s} {c.status.upper():7s} {c.summary}")
+        for key in ("missing", "unexpected", "shape_mismatches"):
+            for item in c.details.get(key, [])[:20]:
+                print(f"    {key}: {item}")
+    verdict = {0: "all gates passed", 1: "a gate failed", 2: "blocked by a wall"}[code]
+    print(verdict)
+
+
+if __name__ == "__main__":
+    sys.exit(cli_support.standalone(globals()))

@@ -1,0 +1,209 @@
+"""Tests for run_oss_gates.py and port_probe.py: every gate's pass and fail paths.
+
+Preflight and verify-skip tests are metadata only. The smoke tests start MAX in
+fresh subprocesses (no compile): one clean port, one port whose weight adapter
+renames a tensor, one port that does not import, and one key diff against a
+checkpoint with a missing and a transposed tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+import port_probe
+from conftest import run_script
+
+
+def scaffold_port(model: Path, out: Path, slug: str, donor: str = "llama3") -> Path:
+    result = run_script("scaffold", model, "--start-from", donor, "--output-dir", out, "--slug", slug)
+    assert result.returncode == 0, result.stderr
+    return out / slug
+
+
+def gates(model: Path, port: Path | str, *extra: str):
+    result = run_script("run_oss_gates", model, "--port-dir", port, "--json", *extra)
+    return result, (result.json() if result.stdout.strip() else None)
+
+
+def statuses(doc: dict) -> dict[str, str]:
+    return {c["name"]: c["status"] for c in doc["checks"]}
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoint_factory) -> Path:
+    return checkpoint_factory("llama")
+
+
+@pytest.fixture(scope="module")
+def clean_port(llama, tmp_path_factory) -> Path:
+    return scaffold_port(llama, tmp_path_factory.mktemp("gates"), "zz_gate_clean")
+
+
+# --- preflight ---------------------------------------------------------------------------
+
+
+def test_preflight_passes_on_a_fresh_port_with_trailing_slash(llama, clean_port):
+    result, doc = gates(llama, str(clean_port) + "/", "--phase", "preflight")
+    assert result.returncode == 0, result.stderr
+    assert statuses(doc) == {"walls": "pass", "checkpoint-format": "pass", "dtype": "pass", "arch-name": "pass",
+                             "encoding": "pass"}
+    assert doc["passed"] is True and doc["port_dir"] == str(clean_port.resolve())
+
+
+def test_parent_folder_is_an_input_error_naming_the_port(llama, clean_port):
+    result, doc = gates(llama, clean_port.parent, "--phase", "preflight")
+    assert result.returncode == 3 and str(clean_port.resolve()) in doc["error"]
+
+
+def edited_port(port: Path, tmp_path: Path, old: str, new: str) -> Path:
+    copy = tmp_path / port.name
+    import shutil
+
+    shutil.copytree(port, copy)
+    arch = copy / "arch.py"
+    assert old in arch.read_text()
+    arch.write_text(arch.read_text().replace(old, new))
+    return copy
+
+
+@pytest.mark.parametrize("old, new, failing", [
+    ('name="LlamaForCausalLM"', 'name="OtherForCausalLM"', "arch-name"),
+    ('"float32", "float4_e2m1fnx2"', '"float4_e2m1fnx2"', "encoding"),
+    ('default_encoding="float32"', 'default_encoding="bfloat16"', "dtype"),
+])
+def test_preflight_fails_on_arch_py_mistakes(llama, clean_port, tmp_path, old, new, failing):
+    port = edited_port(clean_port, tmp_path, old, new)
+    result, doc = gates(llama, port, "--phase", "preflight")
+    assert result.returncode == 1
+    assert statuses(doc)[failing] == "fail"
+    assert [c["name"] for c in doc["checks"] if c["status"] == "fail"][0] in (failing, "dtype")
+
+
+def test_preflight_fails_on_bin_only_checkpoint(checkpoint_factory, clean_port):
+    model = checkpoint_factory("llama", weights="bin")
+    result, doc = gates(model, clean_port, "--phase", "preflight")
+    assert result.returncode == 2  # check-walls treats a .bin-only checkpoint as a stop
+    fmt = next(c for c in doc["checks"] if c["name"] == "checkpoint-format")
+    assert fmt["status"] == "fail" and "bin" in fmt["summary"]
+
+
+def test_a_wall_blocks_with_exit_2(tmp_path, clean_port):
+    from checkpoints import write_config
+
+    model = write_config(tmp_path / "mamba", {"architectures": ["MambaForCausalLM"], "model_type": "mamba",
+                                              "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 512})
+    result, doc = gates(model, clean_port, "--phase", "all")
+    assert result.returncode == 2
+    assert statuses(doc)["walls"] == "blocked"
+    assert all(c["phase"] == "preflight" for c in doc["checks"])  # later phases never ran
+
+
+# --- verify ------------------------------------------------------------------------------
+
+
+def test_verify_without_server_is_skipped_and_says_how(llama, clean_port):
+    result, doc = gates(llama, clean_port, "--phase", "verify")
+    assert result.returncode == 0
+    (check,) = doc["checks"]
+    assert check["status"] == "skipped" and "--base-url" in check["summary"]
+
+
+def test_verify_against_a_dead_server_cannot_run(llama, clean_port):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result, doc = gates(llama, clean_port, "--phase", "verify", "--base-url", f"http://127.0.0.1:{port}")
+    assert result.returncode == 3 and doc["error"]
+
+
+# --- key diff (pure) -----------------------------------------------------------------------
+
+
+DECLARED = {"embed_tokens.weight": (512, 64), "layers.0.mlp.down_proj.weight": (64, 128),
+            "layers.0.mlp.up_proj.weight": (128, 64), "norm.weight": (64,)}
+
+
+def test_key_diff_clean_and_allowlisted_buffers():
+    produced = dict(DECLARED, **{"rope_freqs.weight": (8,)})
+    diff = port_probe.diff_keys(produced, DECLARED, lambda n: n.endswith("rope_freqs.weight"))
+    assert diff.clean
+
+
+def test_key_diff_catches_renamed_missing_and_transposed():
+    produced = dict(DECLARED)
+    produced["layers.0.mlp.down.weight"] = produced.pop("layers.0.mlp.down_proj.weight")  # renamed
+    del produced["norm.weight"]  # missing
+    produced["layers.0.mlp.up_proj.weight"] = (64, 128)  # transposed
+    diff = port_probe.diff_keys(produced, DECLARED)
+    assert diff.missing == ["layers.0.mlp.down_proj.weight", "norm.weight"]
+    assert diff.unexpected == ["layers.0.mlp.down.weight"]
+    assert diff.shape_mismatches == [{"name": "layers.0.mlp.up_proj.weight", "adapter_shape": [64, 128],
+                                      "graph_shape": [128, 64]}]
+    assert not diff.clean
+
+
+# --- smoke (fresh MAX subprocesses, no compile) ----------------------------------------------
+
+
+def test_smoke_passes_on_a_fresh_port(llama, clean_port):
+    result, doc = gates(llama, clean_port, "--phase", "smoke")
+    assert result.returncode == 0, (result.stderr, result.stdout)
+    assert statuses(doc) == {"import": "pass", "dry-build": "pass", "key-diff": "pass", "weights-format": "pass"}
+    key_diff = next(c for c in doc["checks"] if c["name"] == "key-diff")
+    assert key_diff["details"]["missing"] == [] and "21 adapter tensors" in key_diff["summary"]
+
+
+def test_port_with_renamed_tensor_fails_at_the_gate(llama, clean_port, tmp_path):
+    import shutil
+
+    port = tmp_path / clean_port.name
+    shutil.copytree(clean_port, port)
+    adapter = port / "weight_adapters.py"
+    text = adapter.read_text()
+    old = '"model.": "",  # Removes the "model" prefix.'
+    assert old in text
+    adapter.write_text(text.replace(old, old + '\n    "mlp.down_proj": "mlp.down",'))
+    result, doc = gates(llama, port, "--phase", "all")
+    assert result.returncode == 1
+    key_diff = next(c for c in doc["checks"] if c["name"] == "key-diff")
+    assert key_diff["status"] == "fail"
+    assert "layers.0.mlp.down_proj.weight" in key_diff["details"]["missing"]
+    assert "layers.0.mlp.down.weight" in key_diff["details"]["unexpected"]
+    assert not any(c["phase"] == "verify" for c in doc["checks"])  # never reaches a serve
+
+
+def test_port_that_does_not_import_stops_smoke(llama, clean_port, tmp_path):
+    import shutil
+
+    port = tmp_path / clean_port.name
+    shutil.copytree(clean_port, port)
+    (port / "model.py").write_text((port / "model.py").read_text() + "\nfrom .no_such_module import X\n")
+    result, doc = gates(llama, port, "--phase", "smoke")
+    assert result.returncode == 1
+    assert statuses(doc) == {"import": "fail"}
+    assert "no_such_module" in doc["checks"][0]["summary"]
+
+
+def test_key_diff_probe_catches_missing_and_transposed_checkpoint_tensors(llama, clean_port, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = tmp_path / "edited"
+    import shutil
+
+    shutil.copytree(llama, model)
+    tensors = load_file(model / "model.safetensors")
+    del tensors["model.norm.weight"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name].T.copy()
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    result = run_script("port_probe", model, "--port-dir", clean_port, "--check", "key-diff", "--json")
+    assert result.returncode == 1, result.stderr
+    doc = result.json()
+    assert doc["missing"] == ["norm.weight"] and doc["unexpected"] == []
+    assert doc["shape_mismatches"] == [{"name": "layers.0.mlp.up_proj.weight", "adapter_shape": [64, 128],
+                                        "graph_shape": [128, 64]}]
+    assert json.loads(json.dumps(doc))["passed"] is False

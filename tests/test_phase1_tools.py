@@ -1,0 +1,339 @@
+"""Phase 1 tools: list-archs, inspect, list-keys and check-walls on tiny local and Hub checkpoints.
+
+Checkpoints are tiny random models saved by transformers (see checkpoints.py),
+native in MAX 26.7 (llama, qwen2, phi3, olmo2, granite, qwen3_moe) and not
+(stablelm, arcee, gemma2, mixtral, bloom, falcon_mamba), plus .bin-only,
+quantized-only, remote-code and custom-tokenizer variants made by editing a
+copy. Each script's JSON answer is asserted exactly where it is stable.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from conftest import REPO_ROOT, run_script
+
+PHI3_IDS = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint_factory, tmp_path_factory):
+    """Every checkpoint the tests use, by short name."""
+    built = {name: checkpoint_factory(name, tokenizer=False)
+             for name in ("llama", "qwen2", "olmo2", "granite", "qwen3_moe", "stablelm", "arcee", "gemma2",
+                          "mixtral", "bloom", "falcon_mamba")}
+    built["phi3"] = checkpoint_factory("phi3", tokenizer=False, config_overrides=PHI3_IDS)
+    built["llama_bin"] = checkpoint_factory("llama", weights="bin", tokenizer=False)
+    built["llama_sharded"] = checkpoint_factory("llama", tokenizer=False, max_shard_size="100KB")
+    root = tmp_path_factory.mktemp("variants")
+
+    def variant(name: str, base: str, edits: dict, remove: tuple[str, ...] = (), files: dict | None = None) -> None:
+        folder = root / name
+        shutil.copytree(built[base], folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.update(edits)
+        for key in remove:
+            config.pop(key, None)
+        (folder / "config.json").write_text(json.dumps(config))
+        for filename, content in (files or {}).items():
+            (folder / filename).write_text(content)
+        built[name] = folder
+
+    variant("quant_only", "arcee", {"quantization_config": {"quant_method": "fp8"}}, remove=("dtype", "torch_dtype"))
+    variant("moe_gptq", "mixtral", {"quantization_config": {"quant_method": "gptq", "bits": 4}})
+    variant("remote_code", "arcee", {"architectures": ["AcmeForCausalLM"], "model_type": "acme",
+                                     "auto_map": {"AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM"}})
+    variant("unshipped_class", "arcee", {"architectures": ["AcmeForCausalLM"]})
+    variant("custom_tokenizer", "arcee", {}, files={"tokenizer_config.json": json.dumps(
+        {"tokenizer_class": "AcmeTokenizer"})})
+    variant("falcon_alibi", "stablelm", {"architectures": ["FalconForCausalLM"], "model_type": "falcon",
+                                         "alibi": True})
+    variant("mpt_alibi", "stablelm", {"architectures": ["MptForCausalLM"], "model_type": "mpt",
+                                      "attn_config": {"alibi": True, "alibi_bias_max": 8}})
+    variant("encoder", "stablelm", {"architectures": ["BertForMaskedLM"], "model_type": "bert"})
+    variant("seq2seq", "stablelm", {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+                                    "is_encoder_decoder": True})
+    variant("nested_ssm", "stablelm", {"architectures": ["AcmeVLForConditionalGeneration"], "model_type": "acme_vl",
+                                       "text_config": {"model_type": "jamba", "mamba_d_state": 16}})
+    no_weights = root / "no_weights"
+    no_weights.mkdir()
+    shutil.copy(built["arcee"] / "config.json", no_weights / "config.json")
+    built["no_weights"] = no_weights
+    return built
+
+
+def walls(path: Path, *extra: str):
+    result = run_script("check_walls", str(path), "--json", *extra)
+    return result.returncode, [(f["code"], f["level"]) for f in result.json()["findings"]], result
+
+
+# ------------------------------------------------------------------ list-archs
+
+def test_list_archs_lists_every_registration_and_flags_module_v3():
+    result = run_script("list_native_archs", "--json")
+    assert result.returncode == 0, result.stderr
+    rows = result.json()["architectures"]
+    qwen3 = [(r["slug"], r["task"]) for r in rows if r["name"] == "Qwen3ForCausalLM"]
+    assert qwen3 == [("qwen3", "text_generation"), ("qwen3_embedding", "embeddings_generation")]
+    assert ("Qwen3MoeForCausalLM", "qwen3") in {(r["name"], r["slug"]) for r in rows}
+    flagged = {r["name"] for r in rows if r["module_v3"]}
+    assert "LlamaForCausalLM_ModuleV3" in flagged and "LlamaForCausalLM" not in flagged
+    assert all(r["name"].endswith("_ModuleV3") == r["module_v3"] for r in rows)
+
+
+def test_list_archs_match_hit_miss_and_hints():
+    hit = run_script("list_native_archs", "--match", "Qwen3ForCausalLM", "--json")
+    assert hit.returncode == 0
+    assert [(r["slug"], r["task"]) for r in hit.json()["registrations"]] == [
+        ("qwen3", "text_generation"), ("qwen3_embedding", "embeddings_generation")]
+    miss = run_script("list_native_archs", "--match", "qwen3forcausallm", "--json")
+    assert miss.returncode == 1
+    assert miss.json()["registered"] is False and miss.json()["close_names"][0] == "Qwen3ForCausalLM"
+    text = run_script("list_native_archs", "--match", "ArceeForCausalLM")
+    assert text.returncode == 1 and "not registered" in text.stdout and "Close names:" in text.stdout
+
+
+def test_list_archs_donors_report_measured_facts_only():
+    result = run_script("list_native_archs", "--donors", "--json")
+    assert result.returncode == 0
+    donors = {d["slug"]: d for d in result.json()["donors"]}
+    assert {s for s, d in donors.items() if d["cpu_fp32"] == "match"} == {
+        "llama3", "phi3", "qwen2", "olmo", "olmo2", "granite"}
+    assert {s for s, d in donors.items() if d["cpu_fp32"] == "fail"} == {"qwen3", "mistral", "gemma3"}
+    assert "allreduce" in donors["qwen3"]["cpu_fp32_note"] and "26.7" in donors["qwen3"]["cpu_fp32_note"]
+    assert donors["granite"]["graph"] == "reuses llama3" and donors["llama3"]["graph"] == "own"
+    assert donors["olmo2"]["graph"] == "own"
+    assert not any(d["module_v3"] for d in donors.values())
+    assert "eagle_llama3" not in donors  # speculative draft models are not donors
+    with_v3 = run_script("list_native_archs", "--donors", "--include-module-v3", "--json").json()["donors"]
+    assert "llama3_modulev3" in {d["slug"] for d in with_v3}
+
+
+def test_list_archs_bad_input_and_missing_max(tmp_path):
+    bad = run_script("list_native_archs", "--include-module-v3")
+    assert bad.returncode == 3 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    fake = tmp_path / "max"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    missing = run_script("list_native_archs", "--json", env={"PYTHONPATH": str(tmp_path)})
+    assert missing.returncode == 3 and "error" in missing.json()
+
+
+def test_list_archs_fast_path_matches_live_registry():
+    """The ast fast path lists the same names and tasks that MAX's live registry holds."""
+    code = ("import json; from max.pipelines import PIPELINE_REGISTRY as R; "
+            "print(json.dumps(sorted({(a.name, a.task.value) for a in R.all_architectures()})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "MAX_SERVE_DISABLE_TELEMETRY": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    live = {tuple(pair) for pair in json.loads(done.stdout.strip().splitlines()[-1])}
+    rows = run_script("list_native_archs", "--json").json()["architectures"]
+    fast = {(r["name"], r["task"]) for r in rows if not r["speculates_on"]}
+    assert live <= fast
+    assert {name for name, _ in live} == {name for name, _ in fast}
+
+
+# ------------------------------------------------------------------ inspect
+
+@pytest.mark.parametrize("name,arch,slug", [
+    ("llama", "LlamaForCausalLM", "llama3"), ("qwen2", "Qwen2ForCausalLM", "qwen2"),
+    ("phi3", "Phi3ForCausalLM", "phi3"), ("olmo2", "Olmo2ForCausalLM", "olmo2"),
+    ("granite", "GraniteForCausalLM", "granite"), ("qwen3_moe", "Qwen3MoeForCausalLM", "qwen3"),
+])
+def test_inspect_native_guard_stops_with_serve_command(models, name, arch, slug):
+    result = run_script("inspect_hf", str(models[name]), "--json")
+    assert result.returncode == 0, result.stderr
+    report = result.json()
+    assert report["architecture"] == arch and report["native"]["registered"] is True
+    assert [r["slug"] for r in report["native"]["registrations"]] == [slug]
+    assert report["native"]["serve_commands"]["cpu_fp32"] == (
+        f"max serve --model {models[name]} --devices cpu --quantization-encoding float32")
+    assert "delta_signals" not in report and "stop" in report
+
+
+@pytest.mark.parametrize("name,signals,top", [
+    ("arcee", {"gqa", "activation"}, "llama3"),
+    ("stablelm", {"gqa", "partial_rotary", "layernorm"}, "olmo"),
+    ("gemma2", {"gqa", "sliding_window", "per_layer_attention", "logit_softcap", "attn_softcap", "activation",
+                "tied_embeddings", "attention_scaling", "norm_offset", "embedding_scale", "sandwich_norm"}, "gemma3"),
+    ("mixtral", {"gqa", "moe"}, "minimax_m2"),
+    ("falcon_mamba", {"gqa", "ssm", "tied_embeddings"}, "mamba"),
+])
+def test_inspect_delta_signals_and_donor(models, name, signals, top):
+    report = run_script("inspect_hf", str(models[name]), "--json").json()
+    assert report["native"]["registered"] is False
+    assert {s["code"] for s in report["delta_signals"]} == signals
+    assert report["donor_ranking"][0]["slug"] == top
+    assert report["chosen_donor"]["slug"] == top
+    keys = {row["key"] for row in report["config_keys"]}
+    config = json.loads((models[name] / "config.json").read_text())
+    assert set(config) <= keys  # every top-level key is mapped
+
+
+def test_inspect_config_map_and_candidate_deltas(models):
+    report = run_script("inspect_hf", str(models["stablelm"]), "--json").json()
+    rows = {row["key"]: row for row in report["config_keys"]}
+    assert rows["hidden_size"]["status"] == "donor_config"
+    assert rows["hidden_size"]["read_at"][0].startswith("architectures/llama3/model_config.py:")
+    assert rows["initializer_range"]["status"] == "training_only"
+    assert rows["rope_parameters.rope_theta"]["status"] in ("donor_config", "donor_code")
+    unread = report["chosen_donor"]["unread_candidate_deltas"]
+    assert {"partial_rotary_factor", "layer_norm_eps", "use_qkv_bias", "qk_layernorm"} <= set(unread)
+    assert "hidden_size" not in unread
+    # Signals come from tensors where the config is silent: the q_norm weights of qwen3_moe, norm biases here.
+    evidence = {s["code"]: s["evidence"] for s in report["delta_signals"]}
+    assert any(e.startswith("tensor: model.layers.0.input_layernorm.bias") for e in evidence["layernorm"])
+
+
+def test_inspect_tensor_signals_where_config_is_silent(models):
+    with_tensors = run_script("inspect_hf", str(models["mixtral"]), "--json").json()
+    moe = {s["code"]: s for s in with_tensors["delta_signals"]}["moe"]
+    assert any(e.startswith("tensor: ") and ".experts." in e for e in moe["evidence"])
+    config_only = run_script("inspect_hf", str(models["mixtral"]), "--no-tensors", "--json").json()
+    moe_config = {s["code"]: s for s in config_only["delta_signals"]}["moe"]
+    assert all(e.startswith("config: ") for e in moe_config["evidence"])
+    assert config_only["tensors"] == "skipped (--no-tensors)"
+
+
+def test_inspect_donor_override_and_bad_input(models, tmp_path):
+    report = run_script("inspect_hf", str(models["arcee"]), "--donor", "qwen2", "--json").json()
+    assert report["chosen_donor"]["slug"] == "qwen2" and report["chosen_donor"]["config_class"] == "Qwen2Config"
+    bad = run_script("inspect_hf", str(models["arcee"]), "--donor", "nope", "--json")
+    assert bad.returncode == 3 and "nope" in bad.json()["error"]
+    missing = run_script("inspect_hf", str(tmp_path / "absent"), "--json")
+    assert missing.returncode == 3 and "not found" in missing.json()["error"]
+    (tmp_path / "config.json").write_text("{not json")
+    broken = run_script("inspect_hf", str(tmp_path))
+    assert broken.returncode == 3 and "not valid JSON" in broken.stderr and "Traceback" not in broken.stderr
+
+
+# ------------------------------------------------------------------ list-keys
+
+def _expected_parameters(folder: Path) -> tuple[int, int]:
+    count = params = 0
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "np") as handle:
+            for key in handle.keys():
+                count += 1
+                shape = handle.get_slice(key).get_shape()
+                size = 1
+                for dim in shape:
+                    size *= dim
+                params += size
+    return count, params
+
+
+def test_list_keys_summary_exact(models):
+    for name, sharded in (("llama", False), ("llama_sharded", True)):
+        result = run_script("list_checkpoint_keys", str(models[name]), "--summary", "--json")
+        assert result.returncode == 0, result.stderr
+        summary = result.json()
+        count, params = _expected_parameters(models[name])
+        assert (summary["tensor_count"], summary["parameter_count"]) == (count, params)
+        assert summary["dominant_dtype"] == "F32" and summary["format"] == "safetensors"
+        assert summary["sharded"] is sharded and (len(summary["files"]) > 1) is sharded
+
+
+def test_list_keys_group_prefix_exclude_limit(models):
+    groups = run_script("list_checkpoint_keys", str(models["qwen3_moe"]), "--group", "--json").json()["groups"]
+    by_pattern = {g["pattern"]: g for g in groups}
+    assert by_pattern["model.layers.{0..1}.mlp.experts.{0..3}.up_proj.weight"]["count"] == 8
+    assert by_pattern["model.layers.{0..1}.self_attn.q_norm.weight"]["shapes"] == [[16]]
+    rows = run_script("list_checkpoint_keys", str(models["llama"]), "--prefix", "model.layers.1.",
+                      "--exclude-prefix", "model.layers.1.mlp", "--json").json()
+    assert [r["name"] for r in rows["tensors"]] == [
+        "model.layers.1.input_layernorm.weight", "model.layers.1.post_attention_layernorm.weight",
+        "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.o_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"]
+    assert rows["tensors"][2]["shape"] == [32, 64] and rows["tensors"][2]["dtype"] == "F32"
+    limited = run_script("list_checkpoint_keys", str(models["llama"]), "--limit", "2")
+    assert limited.returncode == 0 and limited.stdout.splitlines()[-1].startswith("... ")
+    assert len(limited.stdout.splitlines()) == 3
+
+
+def test_list_keys_non_safetensors_and_bad_input(models):
+    result = run_script("list_checkpoint_keys", str(models["llama_bin"]), "--json")
+    assert result.returncode == 2 and result.json()["format"] == "bin"
+    assert run_script("list_checkpoint_keys", str(models["llama"]), "--limit", "0").returncode == 3
+
+
+# ------------------------------------------------------------------ check-walls
+
+@pytest.mark.parametrize("name,code,findings", [
+    ("llama", 0, [("native", "note")]),
+    ("arcee", 0, []),
+    ("stablelm", 0, []),
+    ("gemma2", 0, []),
+    ("mixtral", 0, []),
+    ("bloom", 2, [("alibi", "stop")]),
+    ("falcon_alibi", 2, [("alibi", "stop")]),
+    ("mpt_alibi", 2, [("alibi", "stop")]),
+    ("falcon_mamba", 2, [("ssm_recurrence", "stop")]),
+    ("nested_ssm", 2, [("ssm_recurrence", "stop"), ("class_not_in_transformers", "warn")]),
+    ("llama_bin", 2, [("bin_only", "stop"), ("native", "note")]),
+    ("no_weights", 2, [("no_weights", "stop")]),
+    ("quant_only", 2, [("quantized_only", "stop")]),
+    ("moe_gptq", 2, [("moe_quant_unsupported", "stop"), ("quantized_weights", "note")]),
+    ("remote_code", 1, [("remote_code", "warn")]),
+    ("unshipped_class", 1, [("class_not_in_transformers", "warn")]),
+    ("custom_tokenizer", 1, [("custom_tokenizer", "warn")]),
+    ("encoder", 1, [("not_causal_lm", "warn")]),
+    ("seq2seq", 1, [("not_causal_lm", "warn")]),
+])
+def test_check_walls_catalogue(models, name, code, findings):
+    returncode, found, result = walls(models[name])
+    assert (returncode, found) == (code, findings), result.stdout
+    for finding in result.json()["findings"]:
+        assert "\n" not in finding["message"] and finding["reference"] in finding["message"]
+        assert (REPO_ROOT / finding["reference"]).is_file()
+
+
+def test_check_walls_text_and_scan_function(models):
+    result = run_script("check_walls", str(models["bloom"]))
+    assert result.returncode == 2 and result.stdout.startswith("STOP  alibi: ")
+    assert "references/recognize-walls.md" in result.stdout
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import check_walls
+    import model_source
+
+    findings = check_walls.scan_walls(model_source.resolve(str(models["remote_code"])))
+    assert [f.code for f in findings] == ["remote_code"] and check_walls.exit_code_for(findings) == 1
+
+
+def test_check_walls_large_model_from_header_metadata(tmp_path):
+    """A 40B-parameter checkpoint is recognised from its safetensors header alone."""
+    import struct
+
+    header = {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [200000, 200000], "data_offsets": [0, 0]}}
+    raw = json.dumps(header).encode()
+    (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["AcmeForCausalLM"], "model_type": "llama"}))
+    returncode, found, result = walls(tmp_path)
+    assert returncode == 1 and ("large_model", "warn") in found
+    assert "references/distributed-transformer.md" in result.stdout
+
+
+# ------------------------------------------------------------------ Hub path
+
+def test_phase1_scripts_on_the_hub_read_no_weights(hub, models):
+    hub.add_repo("org/tiny-stablelm", models["stablelm"])
+    hub.add_repo("org/tiny-bloom", models["bloom"])
+    env = hub.env()
+    keys = run_script("list_checkpoint_keys", "org/tiny-stablelm", "--summary", "--json", env=env)
+    assert keys.returncode == 0, keys.stderr
+    assert keys.json()["tensor_count"] == _expected_parameters(models["stablelm"])[0]
+    report = run_script("inspect_hf", "org/tiny-stablelm", "--json", env=env)
+    assert report.returncode == 0, report.stderr
+    assert {s["code"] for s in report.json()["delta_signals"]} == {"gqa", "partial_rotary", "layernorm"}
+    wall = run_script("check_walls", "org/tiny-bloom", "--json", env=env)
+    assert wall.returncode == 2 and [f["code"] for f in wall.json()["findings"]] == ["alibi"]
+    assert not any(f.endswith(".safetensors") for f in hub.downloaded_files())
+    absent = run_script("check_walls", "org/absent", "--json", env=env)
+    assert absent.returncode == 3 and "not found" in absent.json()["error"]

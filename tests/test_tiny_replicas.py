@@ -1,0 +1,299 @@
+"""Tests for make_tiny_model.py (tiny replicas) and its sensitivity report.
+
+Replicas are built from full-size configs shaped like real Hub checkpoints
+(``family_configs.py``), once per module, in this process.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from family_configs import FAMILY_CONFIGS, write_family_config
+
+import tolerances
+from make_tiny_model import MANIFEST, ReplicaOptions, build_replica
+from replica_init import InitOptions
+from tiny_config import ShrinkOptions, shrink_config
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3", "phi3", "stablelm", "olmo2",
+            "granite", "mixtral", "arcee"]
+
+# Fields that must reach the replica unchanged (when the original has them).
+SEMANTIC_FIELDS = ("rope_theta", "rope_scaling", "rms_norm_eps", "layer_norm_eps", "hidden_act", "hidden_activation",
+                   "attn_logit_softcapping", "final_logit_softcapping", "tie_word_embeddings", "embedding_multiplier",
+                   "residual_multiplier", "attention_multiplier", "logits_scaling", "partial_rotary_factor",
+                   "use_parallel_residual", "use_qkv_bias", "attention_bias", "rope_local_base_freq",
+                   "sliding_window_pattern", "norm_topk_prob", "decoder_sparse_step", "use_sliding_window")
+
+
+class Replicas:
+    """Builds each family's replica (and its sensitivity report) once, on first use."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.built: dict[str, tuple[Path, dict]] = {}
+        self.reports: dict[str, object] = {}
+
+    def get(self, family: str) -> tuple[Path, dict]:
+        if family not in self.built:
+            config_path = write_family_config(self.root / f"src_{family}", family)
+            output = self.root / f"tiny_{family}"
+            self.built[family] = (output, build_replica(str(config_path), output, ReplicaOptions()))
+        return self.built[family]
+
+    def report(self, family: str):
+        if family not in self.reports:
+            from replica_sensitivity import sensitivity_report
+
+            self.reports[family] = sensitivity_report(self.get(family)[0])
+        return self.reports[family]
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory) -> Replicas:
+    return Replicas(tmp_path_factory.mktemp("replicas"))
+
+
+def _text(config: dict) -> dict:
+    return config.get("text_config") or config
+
+
+def _without_factor_lists(value):
+    """A RoPE dict without longrope factor lists (their length follows head_dim by rule)."""
+    if isinstance(value, dict):
+        return {k: v for k, v in value.items() if k not in ("long_factor", "short_factor")}
+    return value
+
+
+def _changed(manifest: dict) -> dict[str, dict]:
+    return {change["field"]: change for change in manifest["changes"]}
+
+
+# --- config shrinking rules (no torch) --------------------------------------------------------
+
+
+def test_gqa_ratio_head_dim_and_sizes_follow_the_rules():
+    shrunk = shrink_config(FAMILY_CONFIGS["qwen2"], ShrinkOptions()).config
+    assert (shrunk["num_attention_heads"], shrunk["num_key_value_heads"]) == (14, 2)  # ratio 7 kept
+    assert shrunk["hidden_size"] == 14 * 16  # original had hidden = heads x head_dim
+    assert shrunk["intermediate_size"] == 2 * shrunk["hidden_size"]
+    assert shrunk["max_window_layers"] == 2  # no sliding used: still "all layers full"
+    mha = shrink_config(FAMILY_CONFIGS["olmo2"], ShrinkOptions()).config
+    assert (mha["num_attention_heads"], mha["num_key_value_heads"], mha["hidden_size"]) == (4, 4, 64)
+    gemma = shrink_config(FAMILY_CONFIGS["gemma2"], ShrinkOptions()).config
+    assert gemma["head_dim"] == 16 and gemma["query_pre_attn_scalar"] == 16  # it equalled head_dim
+    assert gemma["sliding_window"] == 4
+    moe = shrink_config(FAMILY_CONFIGS["qwen3_moe"], ShrinkOptions()).config
+    assert moe["hidden_size"] == 64  # original hidden != heads x head_dim
+    assert (moe["num_experts"], moe["num_experts_per_tok"], moe["moe_intermediate_size"]) == (4, 2, 32)
+
+
+def test_longrope_lists_follow_the_rotary_dim_and_max_positions_stay():
+    shrunk = shrink_config(FAMILY_CONFIGS["phi3"], ShrinkOptions())
+    scaling = shrunk.config["rope_scaling"]
+    assert len(scaling["long_factor"]) == len(scaling["short_factor"]) == int(16 * 0.75) // 2
+    assert scaling["long_factor"][0] == FAMILY_CONFIGS["phi3"]["rope_scaling"]["long_factor"][0]
+    assert scaling["long_factor"][-1] == FAMILY_CONFIGS["phi3"]["rope_scaling"]["long_factor"][-1]
+    assert shrunk.config["max_position_embeddings"] == 131072  # longrope reads it
+    assert "rope_scaling.long_factor" in {c.field for c in shrunk.changes}
+
+
+def test_llama3_rope_keeps_max_positions_at_least_the_pretraining_length():
+    shrunk = shrink_config(FAMILY_CONFIGS["llama"], ShrinkOptions()).config
+    assert shrunk["max_position_embeddings"] == 8192
+    assert shrunk["rope_scaling"] == FAMILY_CONFIGS["llama"]["rope_scaling"]
+
+
+def test_layers_keep_one_of_each_type_dense_and_moe():
+    original = dict(FAMILY_CONFIGS["qwen3_moe"], mlp_only_layers=[0, 1, 2])
+    shrunk = shrink_config(original, ShrinkOptions())
+    assert shrunk.kept_layers == [0, 1, 2, 3]  # shortest prefix with a MoE layer
+    assert shrunk.config["mlp_only_layers"] == [0, 1, 2]
+    assert shrunk.layer_signatures == ["dense", "dense", "dense", "moe"]
+
+
+def test_sliding_layers_far_away_use_representatives_and_remap_max_window_layers():
+    original = dict(FAMILY_CONFIGS["qwen2"], use_sliding_window=True, max_window_layers=20)
+    layer_types = ["full_attention"] * 20 + ["sliding_attention"] * 8
+    shrunk = shrink_config(original, ShrinkOptions(), layer_types=layer_types)
+    assert shrunk.kept_layers == [0, 20]
+    assert shrunk.config["layer_types"] == ["full_attention", "sliding_attention"]
+    assert shrunk.config["max_window_layers"] == 1  # layer 0 full, layer 1 slides, as before
+    assert shrunk.config["num_hidden_layers"] == 2
+
+
+def test_special_ids_and_multimodal_text_config():
+    shrunk = shrink_config(FAMILY_CONFIGS["gemma3"], ShrinkOptions(), vocab_size=500,
+                           special_ids={"bos": 1, "eos": 2, "pad": 3}, causal_lm_architecture="Gemma3ForCausalLM")
+    config = shrunk.config
+    assert shrunk.text_only and config["architectures"] == ["Gemma3ForCausalLM"]
+    assert config["model_type"] == "gemma3_text" and "vision_config" not in config
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, [2], 3)
+    assert config["vocab_size"] == 500 and config["torch_dtype"] == "float32"
+
+
+# --- per family: manifest, HF load + generate, sensitivity ---------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_manifest_records_changes_and_keeps_semantics(replicas, family):
+    output, manifest = replicas.get(family)
+    original = _text(FAMILY_CONFIGS[family])
+    config = json.loads((output / "config.json").read_text())
+    assert json.loads((output / MANIFEST).read_text()) == manifest
+    for key in SEMANTIC_FIELDS:
+        if key in original:
+            assert _without_factor_lists(config[key]) == _without_factor_lists(original[key]), key
+    changes = _changed(manifest)
+    for key, change in changes.items():
+        if key in original:  # every recorded change is real and matches both files
+            assert change["old"] == original[key] and change["new"] == config[key] and change["rule"], key
+    for key in original:
+        if key in config and config[key] != original[key] and not isinstance(original[key], dict):
+            assert key in changes, f"{key} changed without a manifest entry"
+    assert config["num_hidden_layers"] >= 2 and config["hidden_size"] <= 256
+    assert manifest["tokenizer"]["kind"] == "trained_bpe"
+    assert config["vocab_size"] == manifest["tokenizer"]["vocab_size"] <= 512
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = config.get(key)
+        for token_id in ids if isinstance(ids, list) else [ids]:
+            assert token_id is None or token_id < config["vocab_size"]
+    if isinstance(config.get("sliding_window"), int):
+        assert config["sliding_window"] < manifest["prompt_tokens"]
+    assert manifest["seed"] == 0 and manifest["init"]["mode"] == "peaked" and manifest["init"]["std"] == 0.3
+    assert (output / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_loads_and_generates_four_tokens(replicas, family):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    output, manifest = replicas.get(family)
+    model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    assert type(model).__name__ == manifest["replica"]["architecture"]
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        generated = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.isfinite(logits).all()
+    probs = torch.softmax(logits[0, -1].float(), dim=-1)
+    assert probs.max() > 20.0 / logits.shape[-1]  # peaked, far from uniform
+    assert generated.shape[1] == ids.shape[1] + 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sensitivity_report_passes(replicas, family):
+    report = replicas.report(family)
+    assert report.threshold == tolerances.sensitivity_threshold("float32")
+    assert report.rerun_delta == 0.0
+    applicable = {m.name for m in report.mutations if m.applicable}
+    assert {"rope_theta x0.05", "norm eps x100", "norm weight offset", "RoPE style", "one layer perturbed",
+            "tie vs untie", "activation swap"} <= applicable
+    failed = [(m.name, m.delta) for m in report.mutations if m.applicable and not m.passed]
+    assert report.passed, failed
+    assert all(m.delta >= report.threshold for m in report.mutations if m.applicable)
+
+
+def test_family_specific_mutations_apply(replicas):
+    def applicable(family):
+        return {m.name: m.kind for m in replicas.report(family).mutations if m.applicable}
+
+    gemma2 = applicable("gemma2")
+    assert gemma2["attention softcap removed"] == gemma2["final softcap removed"] == "config edit"
+    assert gemma2["sliding window removed"] == "config edit"
+    stablelm = applicable("stablelm")
+    assert stablelm["parallel vs sequential"] == "config edit" and "partial_rotary_factor" in stablelm
+    assert "GQA head mapping" not in stablelm  # MHA
+    assert applicable("llama")["GQA head mapping"] == "weight edit"
+    assert "sliding window removed" not in applicable("qwen2")  # use_sliding_window is false
+    table = replicas.report("gemma2").table()
+    assert table.splitlines()[-1] == "PASSED" and "final softcap removed" in table and "n/a" in table
+
+
+def test_text_summary_lists_changed_fields(replicas):
+    from make_tiny_model import describe_manifest
+
+    summary = describe_manifest(replicas.get("gemma3")[1])
+    assert "Gemma3ForCausalLM" in summary and "trained_bpe" in summary
+    assert "  sliding_window: 1024 -> 4" in summary and "  num_hidden_layers: 34 -> 6" in summary
+
+
+def test_default_init_replica_fails_the_report(tmp_path):
+    from replica_sensitivity import sensitivity_report
+
+    config_path = write_family_config(tmp_path / "src", "llama")
+    options = ReplicaOptions(init=InitOptions(mode="default"))
+    manifest = build_replica(str(config_path), tmp_path / "default", options)
+    assert manifest["init"]["mode"] == "default"
+    report = sensitivity_report(tmp_path / "default")
+    assert report.rerun_delta == 0.0
+    assert not report.passed
+    assert "rope_theta x0.05" in report.failures()
+    assert report.to_dict()["passed"] is False
+
+
+# --- options, real tokenizer, CLI ------------------------------------------------------------------
+
+
+def test_real_tokenizer_keeps_vocab_and_bf16_weights(checkpoint_factory, tmp_path):
+    import model_source
+
+    source = checkpoint_factory("llama", config_overrides={"vocab_size": 1000})
+    manifest = build_replica(str(source), tmp_path / "bf16", ReplicaOptions(dtype="bfloat16", seed=3))
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert manifest["tokenizer"]["kind"] == "real" and config["vocab_size"] == 1000
+    assert "vocab_size" not in _changed(manifest) and manifest["seed"] == 3
+    tensors = model_source.read_tensor_infos(model_source.resolve(str(tmp_path / "bf16")))
+    assert {info.dtype for info in tensors.values()} == {"BF16"}
+    assert (config.get("dtype") or config.get("torch_dtype")) == "bfloat16"
+    assert (tmp_path / "bf16" / "tokenizer.json").is_file()
+
+
+def test_cli_bad_inputs_exit_3_and_write_nothing(run_script_fixture, tmp_path):
+    config_path = write_family_config(tmp_path / "src", "mistral")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("x")
+    again = run_script_fixture("make_tiny_model", str(config_path), "--output", str(taken), "--json")
+    assert again.returncode == 3 and "--force" in again.json()["error"] and again.json()["exit_code"] == 3
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    missing = run_script_fixture("make_tiny_model", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"))
+    assert missing.returncode == 3 and "not found" in missing.stderr and "Traceback" not in missing.stderr
+    odd = run_script_fixture("make_tiny_model", str(config_path), "--output", str(tmp_path / "o3"), "--head-dim", "15")
+    assert odd.returncode == 3 and "even" in odd.stderr
+    remote = tmp_path / "remote"
+    write_family_config(remote, "llama")
+    data = json.loads((remote / "config.json").read_text())
+    data["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (remote / "config.json").write_text(json.dumps(data))
+    refused = run_script_fixture("make_tiny_model", str(remote), "--output", str(tmp_path / "o4"))
+    assert refused.returncode == 3 and "--trust-remote-code" in refused.stderr
+    for name in ("o2", "o3", "o4"):
+        assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.partial").exists()
+
+
+def test_cli_sensitivity_fails_with_exit_1_for_default_init(run_script_fixture, tmp_path):
+    config_path = write_family_config(tmp_path / "src", "olmo2")
+    result = run_script_fixture("import_model", "tiny", str(config_path), "--output", str(tmp_path / "out"),
+                                "--init", "default", "--sensitivity", "--json")
+    assert result.returncode == 1, result.stderr
+    document = result.json()
+    assert set(document) == {"output", "manifest", "sensitivity", "passed"}
+    assert document["manifest"]["replica"]["architecture"] == "Olmo2ForCausalLM"
+    assert json.loads((tmp_path / "out" / MANIFEST).read_text()) == document["manifest"]
+    assert document["passed"] is False and document["sensitivity"]["failures"]
+    rows = {row["name"]: row for row in document["sensitivity"]["mutations"]}
+    assert rows["rope_theta x0.05"]["kind"] == "config edit" and rows["RoPE style"]["kind"] == "weight edit"
+    assert rows["parallel vs sequential"]["applicable"] is False
+
+
+@pytest.fixture
+def run_script_fixture():
+    from conftest import run_script
+
+    return run_script
