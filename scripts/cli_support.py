@@ -109,11 +109,16 @@ def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace
     """Run ``main(args)``, turning expected failures into one stderr line and exit 3."""
     try:
         code = main(args)
+        sys.stdout.flush()
     except ScriptError as exc:
         return report_error(str(exc), args, exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) closed stdout: stop quietly, without a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     return EXIT_OK if code is None else int(code)
 
 

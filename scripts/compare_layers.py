@@ -12,9 +12,11 @@ generated tokens. Position 0 has no logprob, so scored positions start at 1;
 the score at p is log P(token p | tokens 0..p-1). The tolerance is absolute
 and per dtype (scripts/tolerances.py).
 
-Before loading any HF weights the server is checked: it answers /v1/models,
-serves the expected name (--slug), and echoes back a token-id prompt that
-holds the tokenizer's highest id (vocab size and id round trip).
+Before loading any HF weights the server is checked: it answers /v1/models
+and serves the expected name (--slug); every answer must echo the exact ids
+sent, and every id and top-k text MAX returns must exist in the HF
+tokenizer's vocabulary. (An id beyond the served model's vocabulary crashes
+MAX 26.7's model worker, so the vocab size is never probed with one.)
 
 Public API::
 
@@ -67,7 +69,7 @@ class ServerCheck:
     base_url: str
     served_name: str
     served_models: list[str]
-    round_trip_ids: list[int]
+    max_model_len: int | None
 
 
 @dataclass
@@ -215,7 +217,8 @@ def check_server(base_url: str, served_name: str | None, hint: str) -> ServerChe
     document = serve_port.models_endpoint(base_url, timeout=5.0)
     if document is None:
         raise ScriptError(f"no MAX server answers at {base_url}; start one with: {hint}")
-    names = [str(m.get("id")) for m in document.get("data", []) if isinstance(m, dict)]
+    models = [m for m in document.get("data", []) if isinstance(m, dict)]
+    names = [str(m.get("id")) for m in models]
     if served_name is None:
         if len(names) != 1:
             raise ScriptError(f"the server at {base_url} serves {names}; name one with --slug")
@@ -225,16 +228,26 @@ def check_server(base_url: str, served_name: str | None, hint: str) -> ServerChe
             f"the server at {base_url} serves {names}, not {served_name!r}; pass the right --slug or restart it "
             f"with: {hint}"
         )
-    return ServerCheck(base_url, served_name, names, [])
+    lengths = [m.get("max_model_len") for m in models if str(m.get("id")) == served_name]
+    max_model_len = int(lengths[0]) if lengths and isinstance(lengths[0], int) else None
+    return ServerCheck(base_url, served_name, names, max_model_len)
 
 
-def check_round_trip(check: ServerCheck, tokenizer: Any, vocab_size: int) -> None:
-    """Send a short id prompt holding the tokenizer's highest id; the server must echo the same ids."""
-    highest = min(len(tokenizer), vocab_size) - 1
-    ids = [int(i) for i in tokenizer.encode("The capital of France", add_special_tokens=False)[:4]] + [highest]
-    response = completion(check.base_url, check.served_name, ids, 1, 1)
-    scores = parse_completion(response, ids)
-    check.round_trip_ids = scores.prompt_ids
+def check_answer(answer: MaxScores, index: dict[str, list[int]], vocab_size: int, hint: str) -> None:
+    """The token-id round trip: MAX echoed our ids (checked in parse_completion), and every id it
+    generated and every top-k text it returned exists in the HF tokenizer's vocabulary.
+
+    An id beyond the served model's vocabulary crashes MAX 26.7's model worker, so the vocab
+    size is checked this way rather than by sending the highest id.
+    """
+    beyond = [i for i in answer.generated_ids if i >= vocab_size]
+    if beyond:
+        raise ScriptError(f"MAX generated token ids {beyond[:3]} beyond the HF vocab size {vocab_size}; "
+                          f"the server serves another model (start the right one with: {hint})")
+    unknown = sorted({text for top in answer.top for text in top if text not in index})
+    if unknown:
+        raise ScriptError(f"MAX's top-k holds texts the HF tokenizer never decodes to (e.g. {unknown[0]!r}); "
+                          f"the server uses another tokenizer (start the right one with: {hint})")
 
 
 # --- prompts ------------------------------------------------------------------------
@@ -359,17 +372,25 @@ def run_compare(
     hint = hint or serve_port.serve_hint(model)
     check = check_server(base_url, served_name, hint)
     source = model_source.resolve(model, revision)
-    vocab_size = int(model_source.text_config(model_source.read_config(source)).get("vocab_size") or 0)
     tokenizer = load_tokenizer(model, revision, trust_remote_code)
-    check_round_trip(check, tokenizer, vocab_size or len(tokenizer))
+    vocab_size = max(int(model_source.text_config(model_source.read_config(source)).get("vocab_size") or 0),
+                     len(tokenizer))
+    decoded = _decode_each(tokenizer, vocab_size)
+    index = logprob_compare.text_index(decoded)
 
     texts = read_prompts(prompts, None) if prompts is None else list(prompts)
     encoded = [encode_prompt(tokenizer, text, chat_template) for text in texts]
     for text, ids in zip(texts, encoded):
         if len(ids) < 2:
             raise ScriptError(f"prompt {text!r} is {len(ids)} token(s); need at least 2 to score a position")
-    answers = [parse_completion(completion(base_url, check.served_name, ids, top_k, max_new_tokens), ids)
-               for ids in encoded]
+        if check.max_model_len and len(ids) + max_new_tokens > check.max_model_len:
+            raise ScriptError(f"prompt {text[:40]!r} is {len(ids)} tokens; with {max_new_tokens} new tokens it "
+                              f"exceeds the server's max_model_len {check.max_model_len}")
+    answers = []
+    for ids in encoded:  # every MAX request happens before any HF weights load
+        answer = parse_completion(completion(base_url, check.served_name, ids, top_k, max_new_tokens), ids)
+        check_answer(answer, index, vocab_size, hint)
+        answers.append(answer)
 
     report = CompareReport(model=model, reference=reference or model, base_url=base_url,
                            served_name=check.served_name, dtype=dtype, atol=tolerances.logprob_atol(dtype),
@@ -377,8 +398,7 @@ def run_compare(
     hf_started = time.monotonic()
     hf = load_hf_model(reference or model, revision if reference is None else None, dtype, device, trust_remote_code)
     report.hf_load_seconds = time.monotonic() - hf_started
-    decoded = _decode_each(tokenizer, hf_vocab_rows(hf, tokenizer))
-    index = logprob_compare.text_index(decoded)
+    decoded += [""] * (hf_vocab_rows(hf, tokenizer) - len(decoded))  # padded output rows decode to nothing
     for text, answer in zip(texts, answers):
         sequence = answer.prompt_ids + answer.generated_ids
         rows, stats = hf_forward(hf, sequence, device, layer_stats)

@@ -213,7 +213,7 @@ def import_port_architecture(port_path: Path) -> Any:
     return archs[0]
 
 
-def capture_port(model_dir: Path, port_dir: str, token_ids: list[int], *, encoding: str = "float32",
+def capture_port(model_path: str, port_dir: str, token_ids: list[int], *, encoding: str = "float32",
                  sublayer: bool = False, trust_remote_code: bool = False) -> PortCapture:
     """Build, compile and run the port on ``token_ids``; return every stage's output and the logits."""
     cli_support.warn_if_untested_max()
@@ -236,7 +236,7 @@ def capture_port(model_dir: Path, port_dir: str, token_ids: list[int], *, encodi
     max_length = max(64, len(token_ids) + 1)
     try:
         config = PipelineConfig.from_args(PipelineArgs(
-            model_path=str(model_dir), quantization_encoding=encoding, device_specs=[DeviceSpec.cpu()],
+            model_path=str(model_path), quantization_encoding=encoding, device_specs=[DeviceSpec.cpu()],
             max_length=max_length, trust_remote_code=trust_remote_code,
             runtime={"custom_architectures": [str(port_path)], "max_batch_size": 1}))
     except Exception as exc:

@@ -150,6 +150,8 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
     if not model or not model.strip():
         raise ScriptError("MODEL is empty: give a Hub ID (org/name) or a local directory")
     path = Path(model).expanduser()
+    if revision and (path.is_dir() or path.is_file()):
+        raise ScriptError(f"--revision applies to Hub IDs only; {model} is a local path")
     if path.is_dir():
         return ModelSource(spec=model, local_dir=path, revision=revision)
     if path.is_file():

@@ -197,11 +197,40 @@ def graph_class_of(port: port_layout.PortDir) -> Any:
 
 def check_dry_build(port: port_layout.PortDir, source: Any, encoding: str) -> CheckResult:
     loaded = load_port(port, source, encoding)
-    graph = build_graph(port, loaded, adapted_state_dict(loaded, source))
+    state = adapted_state_dict(loaded, source)
+    graph = build_graph(port, loaded, state)
     declared = graph.raw_state_dict()
     name = type(graph).__name__
-    return CheckResult(True, f"built {name} from the real config ({len(declared)} weights declared, not compiled)",
-                       {"graph_class": name, "declared_weights": len(declared)})
+    traced = trace_graph(graph, without_computed_buffers(port, state))
+    what = "module built and graph traced" if traced else "module built (it has no trace/input_types to trace)"
+    return CheckResult(True, f"{name}: {what} from the real config, {len(declared)} weights declared, not compiled",
+                       {"graph_class": name, "declared_weights": len(declared), "traced": traced})
+
+
+def trace_graph(graph: Any, state_dict: dict[str, Any]) -> bool:
+    """Load the (header-only) weights strictly and trace the graph (no compile).
+
+    False when the graph module offers no ``trace``/``input_types`` to trace with.
+    """
+    kv_params = getattr(getattr(graph, "config", None), "kv_params", None) or getattr(graph, "kv_params", None)
+    if kv_params is None or not hasattr(graph, "trace") or not hasattr(graph, "input_types"):
+        return False
+    graph.load_state_dict(state_dict, override_quantization_encoding=True, weight_alignment=1, strict=True)
+    graph.trace(*graph.input_types(kv_params))
+    return True
+
+
+def computed_buffer_rule(port: port_layout.PortDir) -> Any:
+    """The port's ``is_computed_buffer(name)`` allowlist test (nothing allowed when the port has none)."""
+    try:
+        return importlib.import_module(f"{port.slug}.computed_buffers").is_computed_buffer
+    except ImportError:
+        return lambda name: False
+
+
+def without_computed_buffers(port: port_layout.PortDir, state_dict: dict[str, Any]) -> dict[str, Any]:
+    allowed = computed_buffer_rule(port)
+    return {name: value for name, value in state_dict.items() if not allowed(name)}
 
 
 @dataclass
@@ -235,11 +264,7 @@ def check_key_diff(port: port_layout.PortDir, source: Any, encoding: str) -> Che
     graph = build_graph(port, loaded, state)
     produced = {name: tuple(int(d) for d in data.shape) for name, data in state.items()}
     declared = {name: tuple(int(d) for d in weight.shape) for name, weight in graph.raw_state_dict().items()}
-    try:
-        allowed = importlib.import_module(f"{port.slug}.computed_buffers").is_computed_buffer
-    except ImportError:
-        allowed = lambda name: False  # noqa: E731
-    diff = diff_keys(produced, declared, allowed)
+    diff = diff_keys(produced, declared, computed_buffer_rule(port))
     summary = (f"{len(produced)} adapter tensors match the {len(declared)} graph weights" if diff.clean else
                f"{len(diff.missing)} missing, {len(diff.unexpected)} unexpected, "
                f"{len(diff.shape_mismatches)} shape-mismatched")

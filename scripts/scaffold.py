@@ -393,8 +393,7 @@ def builds_own_graph(text: str, slug: str) -> bool:
     tree = ast.parse(text)
     imports_slug_graph = any(isinstance(n, ast.ImportFrom) and n.module == slug for n in ast.walk(tree))
     return not imports_slug_graph and any(
-        isinstance(n, ast.ClassDef) and any(getattr(b, "id", "") in ("Transformer", "Module") for b in n.bases)
-        and "Transformer" in "".join(getattr(b, "id", "") for b in n.bases)
+        isinstance(n, ast.ClassDef) and any(getattr(b, "id", "").endswith("Transformer") for b in n.bases)
         for n in ast.walk(tree))
 
 

@@ -7,7 +7,11 @@ compare HF and MAX by token id on several prompts, and a negative case proves
 the comparison can fail. Mark every test that needs the server ``e2e``.
 
 pytest does not collect this file from ``templates/`` (see templates/conftest.py);
-it runs only once copied into ``tests/``.
+it runs only once copied into ``tests/``, whose conftest.py registers the ``e2e``
+marker. Checked here: a scaffolded ``llama3`` identity port gives 3 MATCH and the
+DIVERGED control with one compile (setup took 19 minutes on 2 CPU cores shared
+with several other compiles; the replica's sensitivity report and the cold
+compile are most of it).
 """
 
 from __future__ import annotations

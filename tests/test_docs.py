@@ -9,13 +9,16 @@ exit-code table matches each script's ``EXIT_CODES``, the MAX API names
 shown import, and the port test template is never collected from templates/.
 
 Scripts' ``--help`` runs in a subprocess (cached per session); ``EXIT_CODES``
-are read with ``ast`` so no script is imported here.
+and other tables are read with ``ast`` or regexes, so no script is imported
+here except the metadata-only ``audit_docstrings`` (for its marker regex). The
+MAX facts (API names, ``max <sub> --help``) come from one subprocess per session.
 """
 
 from __future__ import annotations
 
 import ast
 import functools
+import html
 import importlib.util
 import json
 import os
@@ -63,7 +66,12 @@ def literal_assignment(path: Path, name: str):
     """The literal value assigned to a module-level ``name`` in ``path``, or None."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in tree.body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, ast.AnnAssign):
+            targets = [node.target]
+        else:
+            continue
         if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
             return ast.literal_eval(node.value)
     return None
@@ -115,7 +123,7 @@ class ShownCommand:
     """One command shown in the docs: which program it runs and the flags shown with it."""
 
     source: str  # markdown file
-    program: str  # "script:<module>", "max:<subcommand>", or "pixi:<task>"
+    program: str  # "script:<module>", "dispatch:<subcommand>", "max:<subcommand>" or "pixi:<task>"
     flags: list[str]
     text: str
 
@@ -328,12 +336,12 @@ def script_subsections() -> dict[str, str]:
 
 
 def exit_code_table() -> dict[str, tuple[str, str]]:
-    """Rows of SKILL.md's exit-code table: subcommand -> (meaning of 1, meaning of 2)."""
+    """Rows of SKILL.md's exit-code table: subcommand -> (meaning of 1, meaning of 2), HTML entities decoded."""
     body = skill_sections(2).get("Exit codes")
     assert body is not None, "SKILL.md has no '## Exit codes' section"
     rows = {}
     for line in body.splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        cells = [html.unescape(cell.strip()) for cell in line.strip().strip("|").split("|")]
         if len(cells) == 3 and line.lstrip().startswith("|") and not set(cells[0]) <= set("-: "):
             name = cells[0].strip("`")
             if name != "subcommand":
@@ -404,6 +412,21 @@ def test_references_named_by_scripts_exist():
             elif anchor and anchor not in heading_anchors(target):
                 problems.append(f"scripts/{script.name}: no heading #{anchor} in {name}")
     assert not problems, "\n".join(problems)
+
+
+def bare_placeholders(text: str) -> list[str]:
+    """``<word>`` outside code: markdown renderers drop it as an unknown HTML tag."""
+    if text.startswith("---"):
+        text = text.split("---", 2)[2]  # YAML front matter is not rendered as markdown
+    prose = re.sub(r"<!--.*?-->", "", strip_code(text), flags=re.S)
+    return re.findall(r"<[A-Za-z_/][^>\n]*>", prose)
+
+
+def test_placeholders_are_inside_code():
+    problems = [f"{relative(path)}: {tag}" for path in markdown_files()
+                for tag in bare_placeholders(path.read_text(encoding="utf-8"))]
+    assert not problems, "write placeholders in `code`: " + "\n".join(problems)
+    assert bare_placeholders("run `tiny <MODEL>` on <MODEL>") == ["<MODEL>"]
 
 
 def test_link_checker_catches_a_dead_link(tmp_path):
@@ -589,7 +612,10 @@ def test_subsections_mention_every_exit_code_the_script_uses():
     assert not problems, "\n".join(problems)
 
 
-EXIT_CLAIM = re.compile(r"`(?:python )?(?:scripts/import_model\.py )?([\w-]+)(?:\.py)?[^`]*`[^.\n]{0,60}?\bexits? (?:with )?(?:code )?([12])\b")
+EXIT_CLAIM = re.compile(
+    r"`(?:python )?(?:scripts/import_model\.py )?([\w-]+)(?:\.py)?[^`]*`"  # a script or subcommand in code
+    r"[^.\n]{0,60}?\bexits? (?:with )?(?:code )?([12])\b"  # ... "exits 2" later in the same sentence
+)
 
 
 def false_exit_claims(text: str, source: str) -> list[str]:
@@ -608,12 +634,15 @@ def false_exit_claims(text: str, source: str) -> list[str]:
 
 def test_exit_claims_in_prose_use_codes_the_script_uses():
     """A sentence like "`audit` exits 2" must name a code the script really uses."""
-    problems = [p for path in markdown_files() for p in false_exit_claims(path.read_text(encoding="utf-8"), relative(path))]
+    problems = []
+    for path in markdown_files():
+        problems += false_exit_claims(path.read_text(encoding="utf-8"), relative(path))
     assert not problems, "\n".join(problems)
 
 
 def test_exit_claim_check_catches_a_false_claim():
-    text = "Run `audit` and it exits 2 on a bad port. `check-walls` exits 2 on a blocker. `inspect` exits 1 when native."
+    text = ("Run `audit` and it exits 2 on a bad port. `check-walls` exits 2 on a blocker. "
+            "`inspect` exits 1 when native.")
     assert false_exit_claims(text, "x") == ["x: audit never exits 2", "x: inspect never exits 1"]
 
 
@@ -641,9 +670,11 @@ def test_references_that_state_max_facts_name_the_checked_version():
 
 def test_every_wall_code_is_explained_in_recognize_walls():
     """Every finding code check_walls.py emits has a row with the same level, and no row is invented."""
-    emitted = set(re.findall(r'_finding\(\s*"(\w+)",\s*([A-Z]+)', (SCRIPTS_DIR / "check_walls.py").read_text(encoding="utf-8")))
+    source = (SCRIPTS_DIR / "check_walls.py").read_text(encoding="utf-8")
+    emitted = set(re.findall(r'_finding\(\s*"(\w+)",\s*([A-Z]+)', source))
     assert emitted, "no finding codes found in scripts/check_walls.py"
-    documented = set(re.findall(r"^\| `(\w+)` \| (\w+) \|", (REPO_ROOT / "references" / "recognize-walls.md").read_text(), re.M))
+    walls_doc = (REPO_ROOT / "references" / "recognize-walls.md").read_text(encoding="utf-8")
+    documented = set(re.findall(r"^\| `(\w+)` \| (\w+) \|", walls_doc, re.M))
     documented = {(code, level.upper()) for code, level in documented}
     assert sorted(emitted - documented) == [], "wall codes or levels missing from references/recognize-walls.md"
     assert sorted(documented - emitted) == [], "recognize-walls.md documents codes check_walls.py never emits"

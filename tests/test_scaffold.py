@@ -69,6 +69,9 @@ def test_llama3_imports_point_at_the_copies():
     assert "from .distributed_llama import DistributedLlama3" in model
     assert "from .zz_port import Llama3" in plan.texts["data_parallel_llama.py"]
     assert plan.borrowed_families == []
+    # the tensor-parallel graph is a separate copy: its docstring says so and how to refuse multi-device
+    assert "Multi-device runs build the graph defined here" in plan.texts["distributed_llama.py"]
+    assert "Multi-device runs" not in plan.texts["data_parallel_llama.py"]
 
 
 def test_olmo2_absolute_and_parent_relative_imports_become_port_relative():
@@ -210,3 +213,20 @@ def test_default_slug_and_encoding_from_checkpoint(tmp_path, checkpoint_factory)
     assert doc["slug"] == port_layout.slug_from_name(Path(model).name)
     assert doc["default_encoding"] == "bfloat16" and "float32" in doc["supported_encodings"]
     assert doc["borrowed_families"] == ["llama3"]
+
+
+def test_unportable_donor_is_a_hard_stop(tmp_path, checkpoint_factory, monkeypatch, capsys):
+    import argparse
+
+    with pytest.raises(ValueError, match="SupportedArchitecture"):
+        scaffold.edit_arch("x = 1\n", "Zz", "float32", ["float32"], None)
+
+    def refuse(*args, **kwargs):
+        raise ValueError("cannot rewrite 'import x.y' without 'as'")
+
+    monkeypatch.setattr(scaffold, "build_plan", refuse)
+    args = argparse.Namespace(model=str(checkpoint_factory("llama")), revision=None, start_from="llama3",
+                              output_dir=str(tmp_path / "out"), slug="zz_stop", arch_name=None, force=False,
+                              dry_run=False, json=True)
+    assert scaffold.main(args) == 2
+    assert capsys.readouterr().out and not (tmp_path / "out").exists()

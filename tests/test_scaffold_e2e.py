@@ -18,7 +18,7 @@ from conftest import run_script
 
 pytestmark = pytest.mark.e2e
 
-PROMPTS = ["The capital of France is", "Once upon a time there was a little robot"]
+PROMPTS = ["The capital of France is Paris. Once upon a time there was a little robot"]
 SERVE_TIMEOUT = 2400.0  # a cold compile on a busy 2-core runner can take many minutes
 
 # Doubles the output of the final norm (the last hidden state before the LM head).
@@ -89,14 +89,14 @@ def olmo2_case(checkpoint_factory, root):
 
 def test_llama3_identity_port_matches_hf(llama_case):
     _, _, report, gate = llama_case
-    assert report.verdict == "MATCH", report.to_dict()
+    assert report.verdict == "MATCH", (report.max_abs_diff, report.first_divergence)
     assert gate.returncode == 0, gate.stdout + gate.stderr
     assert gate.json()["checks"][0]["status"] == "pass"
 
 
 def test_olmo2_identity_port_matches_hf(olmo2_case):
     report, gate = olmo2_case
-    assert report.verdict == "MATCH", report.to_dict()
+    assert report.verdict == "MATCH", (report.max_abs_diff, report.first_divergence)
     assert gate.returncode == 0, gate.stdout + gate.stderr
 
 

@@ -236,3 +236,15 @@ def test_parse_completion_aligns_positions_and_checks_echo():
                           "logprobs": {"token_logprobs": [-1.0], "top_logprobs": [{"a": -1.0}]}}]}
     with pytest.raises(ScriptError, match="--enable-echo"):
         compare_layers.parse_completion(short, prompt)
+
+
+def test_check_answer_rejects_foreign_ids_and_texts():
+    index = {"a": [0], "b": [1], "\ufffd": [2, 3]}
+    good = compare_layers.MaxScores([0, 1], [1], [-1.0, -2.0], [{"a": -1.0, "\ufffd": -3.0}, {"b": -2.0}])
+    compare_layers.check_answer(good, index, 4, "HINT")
+    beyond = compare_layers.MaxScores([0, 1], [7], [-1.0, -2.0], [{"a": -1.0}, {"b": -2.0}])
+    with pytest.raises(ScriptError, match=r"token ids \[7\] beyond the HF vocab size 4.*HINT"):
+        compare_layers.check_answer(beyond, index, 4, "HINT")
+    foreign = compare_layers.MaxScores([0, 1], [1], [-1.0, -2.0], [{"zz": -1.0}, {"b": -2.0}])
+    with pytest.raises(ScriptError, match="another tokenizer"):
+        compare_layers.check_answer(foreign, index, 4, "HINT")
