@@ -35,6 +35,10 @@ MARKER_SYNTAX = "[audit-ok: <reason>]"
 FAMILY_WORDS = ("llama", "olmo", "phi", "qwen", "granite", "mistral", "mixtral", "gemma", "deepseek",
                 "exaone", "gpt", "internvl", "idefics", "pixtral", "bert", "mpnet", "smollm", "falcon")
 
+# MAX folder stems that are ordinary words (or not model families); never reported as family names.
+NOT_FAMILIES = {"unified", "step", "diffusion", "speculators", "autoencoders", "eagle", "muse", "inkling", "wan",
+                "dflash", "dspark", "umt", "laguna"}
+
 # Claim -> (text pattern, code identifiers whose presence in the file backs the claim).
 CLAIMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "single-GPU": (r"single[- ]?(gpu|device)", ("devices",)),
@@ -118,7 +122,7 @@ def family_terms(donor: str | None) -> dict[str, re.Pattern[str]]:
         pass
     if donor:
         words.add(re.sub(r"[^a-z]", "", donor.lower()))
-    words.discard("")
+    words -= NOT_FAMILIES | {""}
     return {w: re.compile(rf"(?<![a-z]){w}(?!(?!v\d)[a-z])", re.I) for w in sorted(words) if len(w) >= 3}
 
 

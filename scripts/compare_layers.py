@@ -363,11 +363,14 @@ def run_compare(
     running, serves another name, or disagrees on the token ids.
     """
     started = time.monotonic()
-    dtype = tolerances.canonical_dtype(dtype)
+    try:
+        dtype = tolerances.canonical_dtype(dtype)
+    except ValueError as exc:
+        raise ScriptError(str(exc)) from None
     if not 1 <= top_k <= MAX_TOP_K:
         raise ScriptError(f"--top-k must be between 1 and {MAX_TOP_K} (MAX caps logprobs at {MAX_TOP_K})")
-    if max_new_tokens < 0:
-        raise ScriptError("--max-new-tokens must be 0 or more")
+    if max_new_tokens < 1:
+        raise ScriptError("--max-new-tokens must be 1 or more")
     base_url = base_url.rstrip("/")
     hint = hint or serve_port.serve_hint(model)
     check = check_server(base_url, served_name, hint)

@@ -218,6 +218,13 @@ def _layer0(names: list[str]) -> list[str]:
     return result
 
 
+def _head_dim(text: dict[str, Any]) -> int | None:
+    head_dim, hidden, heads = text.get("head_dim"), text.get("hidden_size"), text.get("num_attention_heads")
+    if isinstance(head_dim, int):
+        return head_dim
+    return hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+
+
 def _tensor_signals(text: dict[str, Any], tensors: dict[str, TensorInfo], found: _Collector) -> None:
     names = sorted(tensors)
     layer = _layer0(names)
@@ -250,6 +257,10 @@ def _tensor_signals(text: dict[str, Any], tensors: dict[str, TensorInfo], found:
         name = example(pattern)
         if name:
             found.add(code, detail, ev(name))
+    q_norm = example(r"\.(q_norm|q_layernorm|query_layernorm)\.weight$")
+    width = _head_dim(text)
+    if q_norm and width and len(tensors[q_norm].shape) == 1 and tensors[q_norm].shape[0] > width:
+        found.add("qk_norm_full_width", "one QK-norm spans all heads (OLMo2-style), not one per head", ev(q_norm))
 
     norm_names = {n.rsplit(".", 1)[0] for n in layer if "norm" in n.lower()}
     norm_names -= {n for n in norm_names if re.search(r"(q_norm|k_norm|q_layernorm|k_layernorm)", n)}
@@ -285,9 +296,22 @@ _BASELINE = {"gqa", "mqa", "tied_embeddings", "head_dim_override", "rope_scaling
 
 # Donor features that are always on in the donor's graph, with the cost of
 # removing them when the model does not have them (structural ones cost more).
+# A donor's ``optional`` features (switched on by config or weights) cost nothing.
 _ALWAYS_ON = {"ssm": 3, "mla": 3, "moe": 2, "shared_experts": 1, "sandwich_norm": 1, "post_norm": 1,
               "per_layer_attention": 1, "layernorm": 1, "fused_qkv": 1, "fused_gate_up": 1, "norm_offset": 1,
-              "embedding_scale": 1, "nope_layers": 1, "qk_norm": 1}
+              "embedding_scale": 1, "nope_layers": 1, "qk_norm": 1, "qk_norm_full_width": 2,
+              "attention_bias": 1, "mlp_bias": 1}
+
+# Ranking-only code: an MoE config without router keys routes like Mixtral (softmax over all experts,
+# top-k, renormalize), which only some MoE donors implement.
+TOPK_SOFTMAX_ROUTER = "topk_softmax_router"
+
+
+def _ranking_codes(signals: list[Signal]) -> list[str]:
+    codes = [s.code for s in signals if s.code not in _BASELINE]
+    if "moe" in codes and "router" not in codes:
+        codes.append(TOPK_SOFTMAX_ROUTER)
+    return codes
 
 
 @dataclass
@@ -306,13 +330,15 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
                 limit: int = 5) -> list[DonorRank]:
     """Score donors (``max_registry.Donor`` objects with known traits) against the signals.
 
-    +2 per signal the donor already implements (more for structural ones), -1 per signal it lacks, +1 if
-    its family name matches the model type, +1 for a measured CPU fp32 match
-    and -1 for a measured failure. Ties keep MAX's table order.
+    +2 per signal the donor already implements (more for structural ones), -1 per signal it lacks,
+    minus the cost of each always-on donor feature the model lacks, +1 if its family name matches
+    the model type, +1 for a measured CPU fp32 match and -1 for a measured failure. An MoE model
+    without router keys also asks for ``topk_softmax_router``. Ties prefer fewer always-on
+    features, then a donor that owns its graph, then MAX's table order.
     """
     import max_registry
 
-    codes = [s.code for s in signals if s.code not in _BASELINE]
+    codes = _ranking_codes(signals)
     ranked = []
     for donor in donors:
         traits = max_registry.DONOR_TRAITS.get(donor.slug)
@@ -320,7 +346,8 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
             continue
         covered = [c for c in codes if c in traits.features]
         missing = [c for c in codes if c not in traits.features]
-        extra = sorted(f for f in traits.features & _ALWAYS_ON.keys() if f not in codes)
+        always_on = traits.features - traits.optional
+        extra = sorted(f for f in always_on & _ALWAYS_ON.keys() if f not in codes)
         score = (sum(2 + _ALWAYS_ON.get(c, 0) for c in covered) - len(missing)
                  - sum(_ALWAYS_ON[f] for f in extra))
         reasons = []
@@ -330,6 +357,8 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
             reasons.append(f"would need: {', '.join(missing)}")
         if extra:
             reasons.append(f"has what the model lacks (to remove): {', '.join(extra)}")
+        if TOPK_SOFTMAX_ROUTER in codes:
+            reasons.append("no router keys in the config: assumes Mixtral-style softmax top-k routing")
         if not codes:
             reasons.append("no delta signals: a plain Llama-style block")
         family = donor.slug.rstrip("0123456789").lower()
@@ -344,6 +373,7 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
             reasons.append(f"fails on CPU fp32: {donor.cpu_fp32_note}")
         else:
             reasons.append("CPU fp32 behaviour unmeasured")
-        ranked.append(DonorRank(donor.slug, score, reasons, covered, missing, donor.cpu_fp32))
-    ranked.sort(key=lambda r: (-r.score, len(max_registry.DONOR_TRAITS[r.slug].features)))
-    return ranked[:limit]
+        tie_break = (len(always_on), getattr(donor, "graph", "own") != "own")
+        ranked.append((tie_break, DonorRank(donor.slug, score, reasons, covered, missing, donor.cpu_fp32)))
+    ranked.sort(key=lambda pair: (-pair[1].score, pair[0]))
+    return [rank for _, rank in ranked[:limit]]

@@ -102,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
     hf_seconds = time.perf_counter() - start
     del hf
     port = max_hidden_states.capture_port(str(source.local_dir or source.repo_id), args.port_dir, token_ids, encoding=dtype,
-                                          sublayer=args.sublayer, trust_remote_code=args.trust_remote_code)
+                                          revision=args.revision, trust_remote_code=args.trust_remote_code)
     if port.num_blocks != hf_capture.num_blocks:
         raise ScriptError(f"the port has {port.num_blocks} blocks but HF has {hf_capture.num_blocks}; "
                           "check num_hidden_layers wiring (references/divergences.md#c1-config-key-not-wired)")

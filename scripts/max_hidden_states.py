@@ -5,10 +5,11 @@ MAX's serving API returns no hidden states, and ``ReturnHiddenStates`` in MAX
 which no pipeline model sets): no embedding, no attention/MLP split, no final
 norm. So this module uses MAX's layer hooks (``max.nn.layer.add_layer_hook``):
 while the port's graph is traced, a hook records the outputs of the modules
-named ``embed_tokens``, ``layers[i]`` (and with ``sublayer`` their ``self_attn``
-and ``mlp``) and ``norm``, and appends them to the root model's outputs. The
-port needs no taps. With no hook registered (``max serve``) the graph is the
-normal one.
+named ``embed_tokens``, ``layers[i]``, their ``self_attn`` and ``mlp``, and
+``norm``, and appends them to the root model's outputs. The sublayer outputs
+are always captured, so one compiled graph serves runs with and without
+``--sublayer``. The port needs no taps. With no hook registered (``max
+serve``) the graph is the normal one.
 
 The port is built the way ``max serve`` builds it (its own ``PipelineConfig``,
 pipeline model, weight adapter and KV cache manager), with every position's
@@ -116,8 +117,7 @@ class CaptureHook:
     appended, and ``model_output_count`` how many outputs the model had.
     """
 
-    def __init__(self, sublayer: bool) -> None:
-        self.sublayer = sublayer
+    def __init__(self) -> None:
         self._calls: list[tuple[int, Any]] = []
         self.stage_names: list[str] = []
         self.model_output_count: int | None = None
@@ -138,7 +138,7 @@ class CaptureHook:
         from max.dtype import DType
         from max.graph import ops
 
-        names = tap_names(root, self.sublayer)
+        names = tap_names(root, sublayer=True)
         self.num_blocks = len(_first_attr(root, BLOCK_LIST_ATTRS))
         embedding_rows = next((v.shape[0] for i, v in self._calls if names.get(i) == "embedding"), None)
         chosen: dict[str, Any] = {}
@@ -214,8 +214,8 @@ def import_port_architecture(port_path: Path) -> Any:
 
 
 def capture_port(model_path: str, port_dir: str, token_ids: list[int], *, encoding: str = "float32",
-                 sublayer: bool = False, trust_remote_code: bool = False) -> PortCapture:
-    """Build, compile and run the port on ``token_ids``; return every stage's output and the logits."""
+                 revision: str | None = None, trust_remote_code: bool = False) -> PortCapture:
+    """Build, compile and run the port on ``token_ids``; return every stage's output (sublayers too) and the logits."""
     cli_support.warn_if_untested_max()
     os.environ.setdefault("MAX_SERVE_DISABLE_TELEMETRY", "1")
     port_path = normalized_port_dir(port_dir)
@@ -238,6 +238,7 @@ def capture_port(model_path: str, port_dir: str, token_ids: list[int], *, encodi
         config = PipelineConfig.from_args(PipelineArgs(
             model_path=str(model_path), quantization_encoding=encoding, device_specs=[DeviceSpec.cpu()],
             max_length=max_length, trust_remote_code=trust_remote_code,
+            **({"huggingface_model_revision": revision} if revision else {}),
             runtime={"custom_architectures": [str(port_path)], "max_batch_size": 1}))
     except Exception as exc:
         raise ScriptError(f"MAX rejected the pipeline config: {type(exc).__name__}: {exc}") from None
@@ -246,7 +247,7 @@ def capture_port(model_path: str, port_dir: str, token_ids: list[int], *, encodi
     session = InferenceSession(devices=devices)
     plan = MemoryPlan(planned_max_batch_size=1, footprint=0, planned_max_length=max_length,
                       available_cache_memory=KV_CACHE_BYTES, device_specs=(DeviceSpec.cpu(),))
-    hook = CaptureHook(sublayer)
+    hook = CaptureHook()
     start = time.perf_counter()
     with layer_hook(hook):
         model = arch.pipeline_model(
@@ -273,7 +274,7 @@ def capture_port(model_path: str, port_dir: str, token_ids: list[int], *, encodi
     arrays = [_to_numpy(value) for value in outputs]
     logits = arrays[1] if hook.model_output_count >= 3 else arrays[0]
     stages = dict(zip(hook.stage_names, arrays[hook.model_output_count:]))
-    expected = [s.name for s in stage_order(hook.num_blocks, sublayer) if s.name != "logits"]
+    expected = [s.name for s in stage_order(hook.num_blocks, sublayer=True) if s.name != "logits"]
     return PortCapture(
         token_ids=list(token_ids), stages=stages, logits=logits, num_blocks=hook.num_blocks,
         build_seconds=build_seconds, run_seconds=run_seconds,

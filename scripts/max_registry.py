@@ -47,56 +47,93 @@ DONOR_MEASUREMENTS: dict[str, dict[str, str]] = {
 
 @dataclass(frozen=True)
 class DonorTraits:
-    """The block shape of a MAX text-generation family, hand-curated from MAX 26.7 source.
+    """The block shape of a MAX text-generation family, read from MAX 26.7 source.
 
-    ``features`` are the ``delta_signals`` codes the family already implements.
+    ``features`` are the ``delta_signals`` codes the family's graph implements
+    (plus ``topk_softmax_router``: Mixtral-style softmax, top-k, renormalized).
+    ``optional`` is the subset the graph switches on only when the config or
+    the weights ask for it, so a model without them costs nothing to remove.
     """
 
     attention: str
     mlp: str
     norm: str
     features: frozenset[str] = frozenset()
+    optional: frozenset[str] = frozenset()
 
 
-def _traits(attention: str, mlp: str, norm: str, *features: str) -> DonorTraits:
-    return DonorTraits(attention, mlp, norm, frozenset(features))
+def _traits(attention: str, mlp: str, norm: str, *features: str, optional: tuple[str, ...] = ()) -> DonorTraits:
+    return DonorTraits(attention, mlp, norm, frozenset(features) | frozenset(optional), frozenset(optional))
 
 
-# Slug -> block shape, for the families a port usually starts from.
+# What every family that builds the llama3 graph (llama3/llama3.py) gets: fused qkv_proj and
+# gate_up_proj are detected from the weights (llama3/model_config.py:465-470); embedding/residual/
+# attention multipliers and logits_scaling (model_config.py:274-278, 323-377) and clip_qkv
+# (model_config.py:375, llama3.py:172) are read from the HF config. MLP is always SiLU.
+_LLAMA3_GRAPH = ("fused_qkv", "fused_gate_up", "mup_multipliers", "attention_scaling")
+
+# Slug -> block shape, for the families a port usually starts from. Checked trait by trait
+# against the MAX 26.7 source under max/pipelines/architectures/<slug>/; "unknown" marks a
+# trait the code does not settle.
 DONOR_TRAITS: dict[str, DonorTraits] = {
-    "llama3": _traits("GQA, full RoPE", "gated SiLU (SwiGLU)", "RMSNorm, pre-norm"),
-    "granite": _traits("GQA, full RoPE, attention multiplier", "gated SiLU (SwiGLU)",
-                       "RMSNorm, pre-norm, MuP multipliers", "mup_multipliers"),
-    "phi3": _traits("GQA, fused qkv_proj, RoPE (longrope scaling)", "gated SiLU, fused gate_up_proj",
-                    "RMSNorm, pre-norm", "fused_qkv", "fused_gate_up"),
-    "qwen2": _traits("GQA, RoPE, q/k/v bias", "gated SiLU (SwiGLU)", "RMSNorm, pre-norm", "attention_bias"),
-    "qwen3": _traits("GQA, RoPE, per-head QK-norm", "gated SiLU, or MoE (Qwen3Moe)", "RMSNorm, pre-norm",
-                     "qk_norm", "moe", "router"),
-    "olmo": _traits("MHA, RoPE, optional clip_qkv", "gated SiLU (SwiGLU)", "LayerNorm without weights, pre-norm",
-                    "layernorm", "attention_scaling"),
-    "olmo2": _traits("MHA/GQA, RoPE, full-width QK-norm", "gated SiLU (SwiGLU)",
-                     "RMSNorm, post-norm (after attention and MLP)", "qk_norm", "post_norm"),
-    "olmo3": _traits("GQA, RoPE, full-width QK-norm, sliding/full layer types", "gated SiLU (SwiGLU)",
-                     "RMSNorm, post-norm", "qk_norm", "post_norm", "sliding_window", "per_layer_attention",
-                     "rope_per_layer_type"),
-    "mistral": _traits("GQA, RoPE", "gated SiLU (SwiGLU)", "RMSNorm, pre-norm"),
-    "gemma3": _traits("GQA, RoPE, QK-norm, sliding/global layers", "gated GELU-tanh",
+    "llama3": _traits("GQA, full RoPE (llama3/longrope scaling); optional clip_qkv and attention multiplier; "
+                      "HF attention_bias is not read (always no bias)", "gated SiLU (SwiGLU)",
+                      "RMSNorm, pre-norm", optional=_LLAMA3_GRAPH),
+    "granite": _traits("same graph and config class as llama3 (GQA, full RoPE, attention multiplier)",
+                       "gated SiLU (SwiGLU)", "RMSNorm, pre-norm; MuP multipliers read by the llama3 config",
+                       optional=_LLAMA3_GRAPH),
+    "phi3": _traits("llama3 graph: GQA, fused qkv_proj when present, full RoPE only (partial_rotary_factor "
+                    "is not read), longrope scaling", "gated SiLU, fused gate_up_proj when present",
+                    "RMSNorm, pre-norm", optional=_LLAMA3_GRAPH),
+    "qwen2": _traits("llama3 graph with q/k/v bias always on, GQA, full RoPE", "gated SiLU (SwiGLU)",
+                     "RMSNorm, pre-norm", "attention_bias", optional=_LLAMA3_GRAPH),
+    "qwen3": _traits("GQA, RoPE, per-head RMSNorm QK-norm (always on)",
+                     "gated SiLU, or MoE (Qwen3Moe: softmax, top-k, always renormalized) when num_experts > 0",
+                     "RMSNorm, pre-norm", "qk_norm",
+                     optional=("moe", "router", "topk_softmax_router")),
+    "olmo": _traits("llama3 graph: MHA/GQA, full RoPE, optional clip_qkv", "gated SiLU (SwiGLU)",
+                    "LayerNorm without learnable weight or bias (ConstantLayerNorm), pre-norm", "layernorm",
+                    optional=_LLAMA3_GRAPH),
+    "olmo2": _traits("MHA/GQA, RoPE, full-width QK-norm (across all heads)", "gated SiLU (SwiGLU)",
+                     "RMSNorm, post-norm (after attention and MLP, no input norm)",
+                     "qk_norm", "qk_norm_full_width", "post_norm", optional=("fused_gate_up",)),
+    "olmo3": _traits("GQA, full-width QK-norm (use_qk_norm), sliding/full layer types; plain RoPE on "
+                     "sliding layers, YaRN on full layers", "gated SiLU (SwiGLU)", "RMSNorm, post-norm",
+                     "post_norm", "sliding_window", "per_layer_attention", "rope_per_layer_type",
+                     optional=("qk_norm", "qk_norm_full_width")),
+    "mistral": _traits("GQA, RoPE, explicit head_dim; no sliding window", "gated SiLU (SwiGLU)",
+                       "RMSNorm, pre-norm"),
+    "gemma3": _traits("GQA, RoPE (separate local/global theta), per-head QK-norm, sliding/global layers; "
+                      "softcaps and query_pre_attn_scalar are read into the config but not used by the graph",
+                      "gated MLP with configurable activation (gelu_tanh)",
                       "RMSNorm (1 + weight), sandwich norms", "qk_norm", "sliding_window", "per_layer_attention",
-                      "logit_softcap", "attn_softcap", "sandwich_norm", "norm_offset", "embedding_scale",
-                      "activation", "attention_scaling", "rope_per_layer_type"),
-    "deepseekV2": _traits("MLA (latent KV)", "MoE with shared experts", "RMSNorm, pre-norm",
-                          "mla", "moe", "shared_experts", "router"),
-    "deepseekV3": _traits("MLA (latent KV)", "MoE with shared experts, grouped top-k", "RMSNorm, pre-norm",
-                          "mla", "moe", "shared_experts", "router"),
-    "gpt_oss": _traits("GQA, RoPE (yarn), sliding/full layers, attention sinks", "MoE (clamped SwiGLU experts)",
-                       "RMSNorm, pre-norm", "moe", "router", "sliding_window", "per_layer_attention",
-                       "attention_scaling", "attention_bias"),
-    "llama4": _traits("GQA, chunked attention, NoPE layers", "MoE with shared expert", "RMSNorm, pre-norm",
-                      "moe", "shared_experts", "nope_layers", "sliding_window", "qk_norm"),
-    "minimax_m2": _traits("GQA, RoPE, QK-norm", "MoE", "RMSNorm, pre-norm", "moe", "router", "qk_norm"),
+                      "sandwich_norm", "norm_offset", "embedding_scale", "activation", "rope_per_layer_type"),
+    "deepseekV2": _traits("MLA (latent KV)",
+                          "MoE with shared experts after first_k_dense_replace dense layers; softmax router, "
+                          "greedy or group-limited top-k, no renormalization",
+                          "RMSNorm, pre-norm", "mla", "shared_experts", "router", optional=("moe",)),
+    "deepseekV3": _traits("MLA (latent KV)", "MoE with shared experts; sigmoid router with correction bias, "
+                          "grouped top-k", "RMSNorm, pre-norm", "mla", "moe", "shared_experts", "router"),
+    "gpt_oss": _traits("GQA, RoPE (yarn), sliding/full layers, attention sinks, optional q/k/v bias",
+                       "MoE: router with bias, top-k then softmax; clamped GLU experts with biases (not SwiGLU)",
+                       "RMSNorm, pre-norm", "moe", "router", "mlp_bias", "sliding_window", "per_layer_attention",
+                       "attention_scaling", optional=("attention_bias",)),
+    "llama4": _traits("GQA, chunked attention on RoPE layers, NoPE layers with temperature tuning, "
+                      "weightless L2 QK-norm (use_qk_norm)",
+                      "MoE on moe_layers (sigmoid top-k router, shared expert), gated SiLU MLP elsewhere",
+                      "RMSNorm, pre-norm", "moe", "shared_experts", "router", "nope_layers", "sliding_window",
+                      optional=("qk_norm",)),
+    "minimax_m2": _traits("GQA, partial RoPE (partial_rotary_factor), full-width QK-norm (across heads)",
+                          "MoE on every layer: sigmoid router with correction bias, SwiGLU experts",
+                          "RMSNorm, pre-norm", "moe", "router", "qk_norm", "qk_norm_full_width",
+                          optional=("partial_rotary",)),
     "mamba": _traits("none (selective state space)", "none", "RMSNorm", "ssm"),
-    "lfm2": _traits("hybrid short convolution + GQA", "gated SiLU", "RMSNorm", "ssm", "qk_norm"),
-    "nemotron_h": _traits("hybrid Mamba2 + attention", "MLP / MoE", "RMSNorm", "ssm", "moe", "activation"),
+    "lfm2": _traits("hybrid: short convolution layers + GQA layers with per-head QK-norm (layer_types)",
+                    "gated SiLU", "RMSNorm", "ssm", "qk_norm", "per_layer_attention"),
+    "nemotron_h": _traits("hybrid Mamba-2 + GQA attention without RoPE (the source notes its SSD kernels are not "
+                          "yet in the builtin kernel library)",
+                          "non-gated relu2 MLP, or MoE (sigmoid router, shared expert) per layer pattern",
+                          "RMSNorm", "ssm", "nope_layers", optional=("moe", "shared_experts", "router")),
 }
 
 # Files in an architecture package that only wire things up; any other module

@@ -4,7 +4,8 @@ The gates run each check in a new Python process so nothing imported by an
 earlier check (a stale copy of the port, a native module of the same name) can
 hide a failure. Checks: ``import`` (import the port as --custom-architectures
 does), ``dry-build`` (build the port's config and graph module from the real
-config, without compiling), ``key-diff`` (names and shapes from the port's
+config, load header-only weights strictly and trace the graph, without
+compiling), ``key-diff`` (names and shapes from the port's
 weight adapter, fed header-only weights, against the weights the graph
 declares) and ``weights-format`` (the checkpoint's format has an adapter and
 its dtypes suit the encoding). Imports MAX; never reads weight bytes.

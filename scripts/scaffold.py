@@ -151,11 +151,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         plan = build_plan(index, donor, slug, arch_name, encoding, source, mapping_preview)
     except ValueError as exc:
-        message = f"cannot scaffold from {donor}: {exc}"
-        if args.json:
-            cli_support.print_json({"error": message, "exit_code": 2})
-        print(f"scaffold: error: {message}", file=sys.stderr)
-        return 2
+        return cli_support.report_error(f"cannot scaffold from {donor}: {exc}", args, 2)
     plan.port_dir = str(port_dir.resolve())
     backup = None
     if not args.dry_run:

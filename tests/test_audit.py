@@ -119,3 +119,12 @@ def test_trailing_slash_is_accepted(tmp_path):
     port = make_port(tmp_path, {})
     result, doc = audit(Path(str(port) + "/"))
     assert result.returncode == 0 and doc["port_dir"] == str(port.resolve())
+
+
+def test_ordinary_words_that_are_max_folder_names_are_not_family_hits(tmp_path):
+    port = make_port(tmp_path, {"helpers.py": '''
+        # one step further: a unified pass, like a diffusion of ideas; GPTQ weights stay as they are
+        x = 1
+        '''})
+    result, doc = audit(port)
+    assert result.returncode == 0 and doc["hits"] == []

@@ -163,7 +163,7 @@ def test_inspect_native_guard_stops_with_serve_command(models, name, arch, slug)
     ("stablelm", {"gqa", "partial_rotary", "layernorm"}, "olmo"),
     ("gemma2", {"gqa", "sliding_window", "per_layer_attention", "logit_softcap", "attn_softcap", "activation",
                 "tied_embeddings", "attention_scaling", "norm_offset", "embedding_scale", "sandwich_norm"}, "gemma3"),
-    ("mixtral", {"gqa", "moe"}, "minimax_m2"),
+    ("mixtral", {"gqa", "moe"}, "qwen3"),  # Qwen3MoEGate: softmax, top-k, renormalize (as Mixtral)
     ("falcon_mamba", {"gqa", "ssm", "tied_embeddings"}, "mamba"),
 ])
 def test_inspect_delta_signals_and_donor(models, name, signals, top):
@@ -175,6 +175,92 @@ def test_inspect_delta_signals_and_donor(models, name, signals, top):
     keys = {row["key"] for row in report["config_keys"]}
     config = json.loads((models[name] / "config.json").read_text())
     assert set(config) <= keys  # every top-level key is mapped
+
+
+def _rank(*codes: str, model_type: str | None = None, limit: int = 5) -> list:
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import delta_signals
+    import max_registry
+
+    signals = [delta_signals.Signal(code, code) for code in codes]
+    return delta_signals.rank_donors(signals, max_registry.donors(), model_type, limit=limit)
+
+
+@pytest.mark.parametrize("codes,top,outscored", [
+    # Mixtral: softmax top-k routing is what qwen3's Qwen3MoEGate does; minimax_m2/llama4 route by sigmoid.
+    (("gqa", "moe"), "qwen3", {"minimax_m2", "gpt_oss", "llama4"}),
+    # Llama-like (granite and phi3 tie with llama3: same graph; see the tie-break test).
+    ((), "llama3", {"qwen2", "olmo", "mistral"}),
+    (("gqa", "activation"), "llama3", {"qwen2", "olmo", "mistral"}),
+    # MAX 26.7 phi3 builds full RoPE only: partial rotary gives phi3 no edge over llama3.
+    (("gqa", "partial_rotary"), "llama3", {"minimax_m2", "qwen2", "olmo"}),
+    # Per-head QK-norm is qwen3; full-width QK-norm with post-norm is olmo2.
+    (("gqa", "qk_norm"), "qwen3", {"olmo2", "olmo3", "minimax_m2"}),
+    (("qk_norm", "qk_norm_full_width", "post_norm"), "olmo2", {"qwen3"}),
+    (("gqa", "sliding_window", "per_layer_attention", "logit_softcap", "attn_softcap", "activation",
+      "norm_offset", "embedding_scale", "sandwich_norm", "attention_scaling"), "gemma3", {"gpt_oss"}),
+    (("mla", "moe", "shared_experts", "router"), "deepseekV2", {"qwen3"}),
+])
+def test_rank_donors_top_choice(codes, top, outscored):
+    ranked = _rank(*codes, limit=50)
+    assert ranked[0].slug == top, [(r.slug, r.score) for r in ranked]
+    scores = {r.slug: r.score for r in ranked}
+    assert outscored <= set(scores)
+    assert all(scores[slug] < ranked[0].score for slug in outscored), scores
+
+
+def test_rank_donors_ties_prefer_the_graph_owner():
+    """granite and phi3 build exactly the llama3 graph, so they tie; llama3 owns it and goes first."""
+    for codes in ((), ("gqa", "partial_rotary")):
+        ranked = _rank(*codes)
+        assert [r.slug for r in ranked[:3]] == ["llama3", "granite", "phi3"]
+        assert len({r.score for r in ranked[:3]}) == 1
+    assert _rank(model_type="granite")[0].slug == "granite"  # the family bonus breaks the tie
+
+
+def test_rank_donors_router_and_cpu_reasons():
+    mixtral = {r.slug: r for r in _rank("gqa", "moe")}
+    assert mixtral["qwen3"].covered == ["moe", "topk_softmax_router"]
+    assert any("Mixtral-style" in reason for reason in mixtral["qwen3"].reasons)
+    assert any("allreduce" in reason for reason in mixtral["qwen3"].reasons)  # fails on CPU fp32, still first
+    explicit_router = {r.slug: r for r in _rank("gqa", "moe", "router", limit=50)}
+    assert explicit_router["qwen3"].covered == ["moe", "router"]  # router keys present: no Mixtral assumption
+
+
+def test_donor_traits_match_max_source():
+    """Spot-checks of facts read from the MAX 26.7 source (see max_registry.DONOR_TRAITS)."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import max_registry
+
+    traits = max_registry.DONOR_TRAITS
+    assert "partial_rotary" not in traits["phi3"].features and "partial_rotary" in traits["minimax_m2"].features
+    assert not {"logit_softcap", "attn_softcap", "attention_scaling"} & traits["gemma3"].features
+    assert {"qk_norm_full_width"} <= traits["olmo2"].features and "qk_norm_full_width" not in traits["qwen3"].features
+    assert "topk_softmax_router" in traits["qwen3"].features
+    assert not any("topk_softmax_router" in traits[s].features for s in ("minimax_m2", "llama4", "deepseekV3"))
+    assert "moe" in traits["qwen3"].optional and "moe" not in traits["minimax_m2"].optional
+    assert traits["granite"].features == traits["llama3"].features == traits["phi3"].features
+    assert "attention_bias" in traits["qwen2"].features and "attention_bias" not in traits["llama3"].features
+    assert all(t.optional <= t.features for t in traits.values())
+    donors = {d.slug for d in max_registry.donors()}
+    assert set(traits) <= donors  # every catalogued donor is a text-generation family of MAX 26.7
+
+
+def test_full_width_qk_norm_signal_from_tensor_shape():
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import delta_signals
+    from model_source import TensorInfo
+
+    config = {"model_type": "acme", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 4}
+
+    def codes(width: int) -> set[str]:
+        name = "model.layers.0.self_attn.q_norm.weight"
+        tensors = {name: TensorInfo(name, "F32", (width,), "model.safetensors")}
+        return {s.code for s in delta_signals.detect(config, tensors)}
+
+    assert codes(64) == {"qk_norm", "qk_norm_full_width"}
+    assert codes(16) == {"qk_norm"}
+    assert "qk_norm_full_width" not in {s.code for s in delta_signals.detect(config)}
 
 
 def test_inspect_config_map_and_candidate_deltas(models):

@@ -248,3 +248,12 @@ def test_check_answer_rejects_foreign_ids_and_texts():
     foreign = compare_layers.MaxScores([0, 1], [1], [-1.0, -2.0], [{"zz": -1.0}, {"b": -2.0}])
     with pytest.raises(ScriptError, match="another tokenizer"):
         compare_layers.check_answer(foreign, index, 4, "HINT")
+
+
+def test_run_compare_rejects_bad_options_before_contacting_a_server():
+    with pytest.raises(ScriptError, match="--top-k must be between 1 and 7"):
+        compare_layers.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], top_k=8)
+    with pytest.raises(ScriptError, match="--max-new-tokens must be 1 or more"):
+        compare_layers.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], max_new_tokens=0)
+    with pytest.raises(ScriptError, match="no tolerance defined"):
+        compare_layers.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], dtype="int8")

@@ -14,6 +14,7 @@ import pytest
 from family_configs import FAMILY_CONFIGS, write_family_config
 
 import tolerances
+from conftest import run_script
 from make_tiny_model import MANIFEST, ReplicaOptions, build_replica
 from replica_init import InitOptions
 from tiny_config import ShrinkOptions, shrink_config
@@ -254,32 +255,32 @@ def test_real_tokenizer_keeps_vocab_and_bf16_weights(checkpoint_factory, tmp_pat
     assert (tmp_path / "bf16" / "tokenizer.json").is_file()
 
 
-def test_cli_bad_inputs_exit_3_and_write_nothing(run_script_fixture, tmp_path):
+def test_cli_bad_inputs_exit_3_and_write_nothing(tmp_path):
     config_path = write_family_config(tmp_path / "src", "mistral")
     taken = tmp_path / "taken"
     taken.mkdir()
     (taken / "keep.txt").write_text("x")
-    again = run_script_fixture("make_tiny_model", str(config_path), "--output", str(taken), "--json")
+    again = run_script("make_tiny_model", str(config_path), "--output", str(taken), "--json")
     assert again.returncode == 3 and "--force" in again.json()["error"] and again.json()["exit_code"] == 3
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
-    missing = run_script_fixture("make_tiny_model", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"))
+    missing = run_script("make_tiny_model", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"))
     assert missing.returncode == 3 and "not found" in missing.stderr and "Traceback" not in missing.stderr
-    odd = run_script_fixture("make_tiny_model", str(config_path), "--output", str(tmp_path / "o3"), "--head-dim", "15")
+    odd = run_script("make_tiny_model", str(config_path), "--output", str(tmp_path / "o3"), "--head-dim", "15")
     assert odd.returncode == 3 and "even" in odd.stderr
     remote = tmp_path / "remote"
     write_family_config(remote, "llama")
     data = json.loads((remote / "config.json").read_text())
     data["auto_map"] = {"AutoModelForCausalLM": "modeling_x.XForCausalLM"}
     (remote / "config.json").write_text(json.dumps(data))
-    refused = run_script_fixture("make_tiny_model", str(remote), "--output", str(tmp_path / "o4"))
+    refused = run_script("make_tiny_model", str(remote), "--output", str(tmp_path / "o4"))
     assert refused.returncode == 3 and "--trust-remote-code" in refused.stderr
     for name in ("o2", "o3", "o4"):
         assert not (tmp_path / name).exists() and not (tmp_path / f"{name}.partial").exists()
 
 
-def test_cli_sensitivity_fails_with_exit_1_for_default_init(run_script_fixture, tmp_path):
+def test_cli_sensitivity_fails_with_exit_1_for_default_init(tmp_path):
     config_path = write_family_config(tmp_path / "src", "olmo2")
-    result = run_script_fixture("import_model", "tiny", str(config_path), "--output", str(tmp_path / "out"),
+    result = run_script("import_model", "tiny", str(config_path), "--output", str(tmp_path / "out"),
                                 "--init", "default", "--sensitivity", "--json")
     assert result.returncode == 1, result.stderr
     document = result.json()
@@ -292,8 +293,14 @@ def test_cli_sensitivity_fails_with_exit_1_for_default_init(run_script_fixture, 
     assert rows["parallel vs sequential"]["applicable"] is False
 
 
-@pytest.fixture
-def run_script_fixture():
-    from conftest import run_script
-
-    return run_script
+def test_hub_id_uses_the_real_tokenizer_and_downloads_no_weights(hub, checkpoint_factory, tmp_path):
+    hub.add_repo("org/tiny-llama", checkpoint_factory("llama"))
+    result = run_script("make_tiny_model", "org/tiny-llama", "--output", str(tmp_path / "out"), "--json",
+                        env=hub.env())
+    assert result.returncode == 0, result.stderr
+    manifest = result.json()["manifest"]
+    assert manifest["source"]["model"] == "org/tiny-llama"
+    assert manifest["tokenizer"]["kind"] == "real"
+    downloaded = hub.downloaded_files()
+    assert "org/tiny-llama/config.json" in downloaded
+    assert not [name for name in downloaded if name.endswith((".safetensors", ".bin"))]

@@ -3,19 +3,20 @@
 One server is compiled for the whole module (started and stopped through the
 `serve` command line). The reference variants (other weights, another RoPE
 theta, one layer's MLP changed) are different HF checkpoints compared against
-that same server through compare's ``--reference``.
+that same server through ``run_compare(reference=...)`` (the library form of
+compare's ``--reference``), so torch and transformers load once.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+import compare_layers
 import serve_port
 import tolerances
 from conftest import run_script
@@ -92,11 +93,11 @@ def server(replicas, tmp_path_factory):
         assert not serve_port._group_alive(record["pid"]), "max serve workers outlived --stop"
 
 
-def compare(model: Path, server: dict, *extra: str):
-    result = run_script("compare_layers", str(model), "--base-url", server["base_url"], "--slug",
-                        server["served_name"], "--prompt", PROMPT, "--json", *extra)
-    assert result.returncode in (0, 1), result.stderr[-3000:]
-    return result, result.json()
+def compare_against(reference: Path, server: dict, replicas: dict):
+    """compare's library entry point (one torch import for all variants), HF side = ``reference``."""
+    report = compare_layers.run_compare(str(replicas["base"]), server["base_url"], server["served_name"], [PROMPT],
+                                        reference=str(reference))
+    return report, report.to_dict()
 
 
 def test_serve_prints_url_log_and_served_name(server, replicas):
@@ -108,8 +109,10 @@ def test_serve_prints_url_log_and_served_name(server, replicas):
 
 
 def test_native_serve_matches_hf_token_for_token(server, replicas):
-    result, report = compare(replicas["base"], server, "--max-new-tokens", "6")
-    assert result.returncode == 0, report["first_divergence"]
+    result = run_script("compare_layers", str(replicas["base"]), "--base-url", server["base_url"], "--slug",
+                        server["served_name"], "--prompt", PROMPT, "--max-new-tokens", "6", "--layer-stats", "--json")
+    assert result.returncode == 0, result.stderr[-3000:] or result.stdout[-3000:]
+    report = result.json()
     assert report["verdict"] == "MATCH"
     assert report["max_abs_diff"] < FP32_ATOL
     run = report["prompts"][0]
@@ -118,20 +121,22 @@ def test_native_serve_matches_hf_token_for_token(server, replicas):
     assert len(run["max_generated_ids"]) == 6
     assert run["greedy_compared"] == 6 and run["greedy_tie_at"] is None  # greedy tokens equal HF's
     assert all(p["top1_agree"] is not False for p in run["positions"])  # None: hidden under a shared text key
+    stats = run["layer_stats"]
+    assert [s["layer"] for s in stats] == [0, 1, 2]  # embeddings + 2 decoder layers
+    assert all(s["nan"] == 0 and s["inf"] == 0 and s["mean_token_norm"] > 0 for s in stats)
 
 
 def test_other_weights_diverge_at_the_first_scored_position(server, replicas):
-    result, report = compare(replicas["base"], server, "--reference", str(replicas["other"]))
-    assert result.returncode == 1
-    assert report["verdict"] == "DIVERGED"
+    result, report = compare_against(replicas["other"], server, replicas)
+    assert result.verdict == "DIVERGED"
     first = report["first_divergence"]
     assert (first["prompt_index"], first["position"]) == (0, 1)
     assert first["abs_diff"] > 100 * FP32_ATOL
 
 
 def test_rope_theta_only_diverges_later_not_first(server, replicas):
-    result, report = compare(replicas["base"], server, "--reference", str(replicas["rope"]))
-    assert result.returncode == 1
+    result, report = compare_against(replicas["rope"], server, replicas)
+    assert result.verdict == "DIVERGED"
     first = report["first_divergence"]
     assert first["position"] > 1
     assert report["prompts"][0]["positions"][0]["ok"] is True  # position 1 sees one token: RoPE cannot matter
@@ -139,9 +144,8 @@ def test_rope_theta_only_diverges_later_not_first(server, replicas):
 
 
 def test_one_layer_mlp_change_diverges(server, replicas):
-    result, report = compare(replicas["base"], server, "--reference", str(replicas["mlp"]))
-    assert result.returncode == 1
-    assert report["verdict"] == "DIVERGED"
+    result, report = compare_against(replicas["mlp"], server, replicas)
+    assert result.verdict == "DIVERGED"
     assert report["max_abs_diff"] > 100 * FP32_ATOL
 
 
@@ -170,6 +174,8 @@ def test_server_not_running_fails_fast_before_hf_loads(replicas, tmp_path):
 
 
 def test_port_import_error_is_classified(replicas, tmp_path):
+    # Also shows MAX accepts --custom-architectures and --served-model-name as built by build_serve_command
+    # (the module server covers the other flags): an unknown flag would fail before any import.
     port = tmp_path / "broken_port"
     port.mkdir()
     (port / "__init__.py").write_text("import no_such_module_for_the_port\nARCHITECTURES = []\n")
@@ -181,15 +187,3 @@ def test_port_import_error_is_classified(replicas, tmp_path):
     assert error.startswith("max serve failed (port-import-error:")
     assert "broken.log" in error
     assert not list(tmp_path.glob("*.json")), "a failed start must not leave a server record"
-
-
-def test_every_serve_flag_exists_in_max_serve_help(replicas):
-    import subprocess
-
-    command = serve_port.build_serve_command(str(replicas["base"]), port=1, served_name="x")
-    flags = [part for part in command if part.startswith("--")] + ["--custom-architectures"]
-    env = dict(os.environ, MAX_SERVE_DISABLE_TELEMETRY="1")
-    done = subprocess.run([command[0], "serve", "--help"], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0
-    for flag in flags:
-        assert f"{flag} " in done.stdout or f"{flag}," in done.stdout, flag
