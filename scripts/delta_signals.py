@@ -302,15 +302,19 @@ _ALWAYS_ON = {"ssm": 3, "mla": 3, "moe": 2, "shared_experts": 1, "sandwich_norm"
               "embedding_scale": 1, "nope_layers": 1, "qk_norm": 1, "qk_norm_full_width": 2,
               "attention_bias": 1, "mlp_bias": 1}
 
-# Ranking-only code: an MoE config without router keys routes like Mixtral (softmax over all experts,
-# top-k, renormalize), which only some MoE donors implement.
+# Ranking-only codes for the router kind. An MoE config without router keys routes like Mixtral
+# (softmax over all experts, top-k, renormalize); scoring_func="sigmoid" routes like DeepSeek-V3.
 TOPK_SOFTMAX_ROUTER = "topk_softmax_router"
+SIGMOID_ROUTER = "sigmoid_router"
 
 
 def _ranking_codes(signals: list[Signal]) -> list[str]:
     codes = [s.code for s in signals if s.code not in _BASELINE]
     if "moe" in codes and "router" not in codes:
         codes.append(TOPK_SOFTMAX_ROUTER)
+    router = next((s for s in signals if s.code == "router"), None)
+    if router and any("scoring_func='sigmoid'" in e for e in router.evidence):
+        codes.append(SIGMOID_ROUTER)
     return codes
 
 
@@ -333,7 +337,8 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
     +2 per signal the donor already implements (more for structural ones), -1 per signal it lacks,
     minus the cost of each always-on donor feature the model lacks, +1 if its family name matches
     the model type, +1 for a measured CPU fp32 match and -1 for a measured failure. An MoE model
-    without router keys also asks for ``topk_softmax_router``. Ties prefer fewer always-on
+    without router keys also asks for ``topk_softmax_router``, one with ``scoring_func="sigmoid"``
+    for ``sigmoid_router``. Ties prefer fewer always-on
     features, then a donor that owns its graph, then MAX's table order.
     """
     import max_registry

@@ -50,7 +50,8 @@ class DonorTraits:
     """The block shape of a MAX text-generation family, read from MAX 26.7 source.
 
     ``features`` are the ``delta_signals`` codes the family's graph implements
-    (plus ``topk_softmax_router``: Mixtral-style softmax, top-k, renormalized).
+    (plus the router kinds ``topk_softmax_router``, Mixtral-style softmax, top-k, renormalized,
+    and ``sigmoid_router``, per-expert sigmoid scores).
     ``optional`` is the subset the graph switches on only when the config or
     the weights ask for it, so a model without them costs nothing to remove.
     """
@@ -113,7 +114,8 @@ DONOR_TRAITS: dict[str, DonorTraits] = {
                           "greedy or group-limited top-k, no renormalization",
                           "RMSNorm, pre-norm", "mla", "shared_experts", "router", optional=("moe",)),
     "deepseekV3": _traits("MLA (latent KV)", "MoE with shared experts; sigmoid router with correction bias, "
-                          "grouped top-k", "RMSNorm, pre-norm", "mla", "moe", "shared_experts", "router"),
+                          "grouped top-k", "RMSNorm, pre-norm", "mla", "moe", "shared_experts", "router",
+                          "sigmoid_router"),
     "gpt_oss": _traits("GQA, RoPE (yarn), sliding/full layers, attention sinks, optional q/k/v bias",
                        "MoE: router with bias, top-k then softmax; clamped GLU experts with biases (not SwiGLU)",
                        "RMSNorm, pre-norm", "moe", "router", "mlp_bias", "sliding_window", "per_layer_attention",
@@ -121,11 +123,12 @@ DONOR_TRAITS: dict[str, DonorTraits] = {
     "llama4": _traits("GQA, chunked attention on RoPE layers, NoPE layers with temperature tuning, "
                       "weightless L2 QK-norm (use_qk_norm)",
                       "MoE on moe_layers (sigmoid top-k router, shared expert), gated SiLU MLP elsewhere",
-                      "RMSNorm, pre-norm", "moe", "shared_experts", "router", "nope_layers", "sliding_window",
+                      "RMSNorm, pre-norm", "moe", "shared_experts", "router", "sigmoid_router", "nope_layers",
+                      "sliding_window",
                       optional=("qk_norm",)),
     "minimax_m2": _traits("GQA, partial RoPE (partial_rotary_factor), full-width QK-norm (across heads)",
                           "MoE on every layer: sigmoid router with correction bias, SwiGLU experts",
-                          "RMSNorm, pre-norm", "moe", "router", "qk_norm", "qk_norm_full_width",
+                          "RMSNorm, pre-norm", "moe", "router", "sigmoid_router", "qk_norm", "qk_norm_full_width",
                           optional=("partial_rotary",)),
     "mamba": _traits("none (selective state space)", "none", "RMSNorm", "ssm"),
     "lfm2": _traits("hybrid: short convolution layers + GQA layers with per-head QK-norm (layer_types)",
@@ -133,7 +136,7 @@ DONOR_TRAITS: dict[str, DonorTraits] = {
     "nemotron_h": _traits("hybrid Mamba-2 + GQA attention without RoPE (the source notes its SSD kernels are not "
                           "yet in the builtin kernel library)",
                           "non-gated relu2 MLP, or MoE (sigmoid router, shared expert) per layer pattern",
-                          "RMSNorm", "ssm", "nope_layers", optional=("moe", "shared_experts", "router")),
+                          "RMSNorm", "ssm", "nope_layers", optional=("moe", "shared_experts", "router", "sigmoid_router")),
 }
 
 # Files in an architecture package that only wire things up; any other module

@@ -205,6 +205,7 @@ def help_flags(help_text: str) -> set[str]:
 
 
 MAX_NAME = re.compile(r"\bmax(?:\.[A-Za-z_]\w*)+")
+MISSING_MAX_NAME = "max.nn.NoSuchLayerForTheProbe"  # sent along to prove the probe can say "no"
 
 MAX_PROBE = """
 import contextlib, importlib, io, json, re, sys
@@ -264,7 +265,7 @@ def max_facts() -> dict:
     if importlib.util.find_spec("max") is None:
         pytest.skip("MAX is not installed")
     subcommands = sorted({c.program.partition(":")[2] for c in shown_commands() if c.program.startswith("max:")})
-    request = json.dumps({"names": shown_max_names(), "subcommands": subcommands})
+    request = json.dumps({"names": shown_max_names() + [MISSING_MAX_NAME], "subcommands": subcommands})
     done = subprocess.run([sys.executable, "-c", MAX_PROBE, request], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "MAX_SERVE_DISABLE_TELEMETRY": "1"})
     assert done.returncode == 0, done.stderr[-800:]
@@ -534,6 +535,9 @@ def test_max_subcommands_and_flags_shown_exist_in_installed_max():
     if not shown:
         pytest.skip("the docs show no max command")
     helps = max_facts()["help"]
+    if "serve" in helps:  # the help text really was read: a known flag is there, an invented one is not
+        assert "--custom-architectures" in help_flags(helps["serve"])
+        assert "--no-such-flag" not in help_flags(helps["serve"])
     problems = []
     for command in shown:
         sub = command.program.partition(":")[2]
@@ -653,7 +657,9 @@ def test_exit_claim_check_catches_a_false_claim():
 def test_max_api_names_shown_resolve_in_installed_max():
     """Dotted ``max.*`` names in the docs import (or are attributes) in the installed MAX."""
     assert shown_max_names(), "the docs name no max.* API (the check would prove nothing)"
-    assert max_facts()["unresolved"] == []
+    unresolved = max_facts()["unresolved"]
+    assert MISSING_MAX_NAME in unresolved, "the probe failed to flag a name that does not exist"
+    assert [name for name in unresolved if name != MISSING_MAX_NAME] == []
 
 
 def test_references_that_state_max_facts_name_the_checked_version():

@@ -227,6 +227,22 @@ def test_rank_donors_router_and_cpu_reasons():
     assert explicit_router["qwen3"].covered == ["moe", "router"]  # router keys present: no Mixtral assumption
 
 
+def test_rank_donors_sigmoid_router_picks_deepseek_v3():
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import delta_signals
+    import max_registry
+
+    def signals(scoring: str) -> list:
+        router = delta_signals.Signal("router", "router", [f"config: scoring_func={scoring!r}"])
+        return [delta_signals.Signal(code, code) for code in ("mla", "moe", "shared_experts")] + [router]
+
+    sigmoid = delta_signals.rank_donors(signals("sigmoid"), max_registry.donors())
+    assert sigmoid[0].slug == "deepseekV3" and "sigmoid_router" in sigmoid[0].covered
+    assert sigmoid[0].score > {r.slug: r.score for r in sigmoid}["deepseekV2"]
+    softmax = delta_signals.rank_donors(signals("softmax"), max_registry.donors())
+    assert softmax[0].slug == "deepseekV2"  # DeepSeek-V2's gate is softmax (deepseekV2/layers/moe_gate.py)
+
+
 def test_donor_traits_match_max_source():
     """Spot-checks of facts read from the MAX 26.7 source (see max_registry.DONOR_TRAITS)."""
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
@@ -238,6 +254,8 @@ def test_donor_traits_match_max_source():
     assert {"qk_norm_full_width"} <= traits["olmo2"].features and "qk_norm_full_width" not in traits["qwen3"].features
     assert "topk_softmax_router" in traits["qwen3"].features
     assert not any("topk_softmax_router" in traits[s].features for s in ("minimax_m2", "llama4", "deepseekV3"))
+    assert all("sigmoid_router" in traits[s].features for s in ("minimax_m2", "llama4", "deepseekV3", "nemotron_h"))
+    assert not any("sigmoid_router" in traits[s].features for s in ("qwen3", "deepseekV2", "gpt_oss"))
     assert "moe" in traits["qwen3"].optional and "moe" not in traits["minimax_m2"].optional
     assert traits["granite"].features == traits["llama3"].features == traits["phi3"].features
     assert "attention_bias" in traits["qwen2"].features and "attention_bias" not in traits["llama3"].features
