@@ -111,13 +111,29 @@ def _summarize(name: str, document: Any) -> str:
     """One line that says what a step's JSON answer means."""
     if not isinstance(document, dict):
         return ""
-    for key in ("verdict", "summary", "native", "findings", "slug", "gates"):
-        if key in document:
-            value = document[key]
-            if isinstance(value, (list, dict)):
-                value = json.dumps(value)[:160]
-            return f"{key}: {value}"
-    return ", ".join(list(document)[:6])
+    if name == "list-archs":
+        if document.get("registered"):
+            return "registered natively: " + ", ".join(r.get("slug", "?") for r in document.get("registrations", []))
+        return "not registered in MAX, so a port is needed"
+    if name == "inspect":
+        signals = [s.get("code") for s in document.get("delta_signals", [])]
+        ranking = document.get("donor_ranking") or [{}]
+        return f"delta signals: {', '.join(signals) or 'none'}; top donor: {ranking[0].get('slug')}"
+    if name == "check-walls":
+        findings = document.get("findings", [])
+        return "no walls" if not findings else "; ".join(f"{f['code']} ({f['level']})" for f in findings)
+    if name == "list-keys":
+        return (f"{document.get('tensor_count')} tensors, {document.get('parameter_count'):,} parameters, "
+                f"{document.get('dominant_dtype')}, {document.get('format')}")
+    if name == "scaffold":
+        return f"port package {document.get('slug')} written"
+    if name == "audit":
+        return (f"{document.get('unmarked')} unmarked donor mentions to review "
+                f"({document.get('marked')} marked)")
+    if name == "gates":
+        checks = document.get("checks", [])
+        return ", ".join(f"{c.get('name')}={c.get('status')}" for c in checks)
+    return ""
 
 
 def main(args: argparse.Namespace) -> int:
@@ -131,7 +147,8 @@ def main(args: argparse.Namespace) -> int:
     steps: list[StepResult] = []
     verdict = "INCOMPLETE"
     try:
-        source_config = workdir / "source-config.json"
+        source_config = workdir / "source" / "config.json"
+        source_config.parent.mkdir(exist_ok=True)
         source_config.write_text(json.dumps(DEMO_SOURCE_CONFIG, indent=2))
         if "tiny" not in available:
             raise cli_support.ScriptError("the demo needs scripts/make_tiny_model.py (tiny), which is missing")

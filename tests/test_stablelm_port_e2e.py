@@ -28,6 +28,7 @@ PORT_DIR = REPO_ROOT / "tests" / "ports" / "stablelm"
 GRAPH_FILE = "stablelm.py"
 PROMPTS = ["The capital of France is Paris.", "Once upon a time there was a little robot"]
 FLAGS = ("use_qkv_bias", "qk_layernorm", "use_parallel_residual")
+SERVE_TIMEOUT = 3600.0  # a cold compile of this graph took ~30 min on 2 shared cores
 
 # StableLM 3B 4E1T's config (every optional flag off), old config spelling.
 SOURCE_CONFIG = {
@@ -158,7 +159,7 @@ def compare_reports(replicas, planted_port):
     reports = {}
     for name, (replica, port_dir) in runs.items():
         with serve_port.served_model(str(replica), port_dir=str(port_dir), devices="cpu",
-                                     encoding="float32", progress=False) as server:
+                                     encoding="float32", progress=False, timeout=SERVE_TIMEOUT) as server:
             reports[name] = compare_layers.run_compare(
                 str(replica), server.base_url, server.served_name, prompts=PROMPTS, chat_template=False)
     return reports

@@ -20,8 +20,9 @@ Deltas implemented here, each matching transformers' modeling_stablelm.py:
   and bias (max.nn.norm.LayerNorm), not the donor's RMSNorm; [audit-ok: backed by code in another module of this port (see stablelm.py / model.py)]
 - RoPE rotates only the first ``rotary_dim`` dims of each head, in the
   rotate-half (non-interleaved) layout, and passes the rest through: the
-  RotaryEmbedding is built ``rotary_dim`` wide and ``rope_ragged`` runs with
-  ``rope_first=True``;
+  RotaryEmbedding is built ``rotary_dim`` wide, that slice of each head is
+  rotated with ``rope_ragged`` and concatenated with the rest (the kernel's
+  own ``rope_first`` partial mode requires the interleaved layout);
 - Q/K/V projections carry a bias when ``use_qkv_bias`` is set;
 - with ``qk_layernorm`` each query and key head has its own bias-free [audit-ok: lineage or a true statement about this port]
   LayerNorm (``PerHeadLayerNorm``), applied before RoPE; the donor's fused [audit-ok: lineage or a true statement about this port]
@@ -195,18 +196,13 @@ class StableLmAttention(AttentionWithRope):
         xk = xk.reshape((-1, self.num_key_value_heads, self.head_dim))
         xv = xv.reshape((-1, self.num_key_value_heads, self.head_dim))
 
-        # freqs_cis is rotary_dim wide; rope_first rotates the leading dims
-        # (HF rotates q[..., :rotary_ndims]) and passes the others through.
+        # Partial rotary as in HF: rotate q/k[..., :rotary_dim] and pass the [audit-ok: backed by code in another module of this port (see stablelm.py / model.py)]
+        # rest through. rotary_dim is the width of the RoPE table. The
+        # kernel's own partial mode (rope_first=True) needs the interleaved
+        # layout, so the leading slice is rotated in full and re-joined.
         freqs_cis = ops.cast(freqs_cis, xq.dtype).to(xq.device)
-        start_pos = kv_collection.cache_lengths
-        xq = rope_ragged(
-            xq, input_row_offsets, start_pos, freqs_cis,
-            interleaved=False, rope_first=True,
-        )
-        xk = rope_ragged(
-            xk, input_row_offsets, start_pos, freqs_cis,
-            interleaved=False, rope_first=True,
-        )
+        xq = self._rotate_leading(xq, freqs_cis, kv_collection, input_row_offsets)
+        xk = self._rotate_leading(xk, freqs_cis, kv_collection, input_row_offsets)
         store_k_cache_ragged(kv_collection, xk, input_row_offsets, layer_idx)
         store_v_cache_ragged(kv_collection, xv, input_row_offsets, layer_idx)
 
@@ -221,6 +217,27 @@ class StableLmAttention(AttentionWithRope):
         )
         attn_out = ops.reshape(attn_out, shape=[total_seq_len, q_dim])
         return self.o_proj(attn_out)
+
+
+    def _rotate_leading(
+        self,
+        x: TensorValue,
+        freqs_cis: TensorValue,
+        kv_collection: PagedCacheValues,
+        input_row_offsets: TensorValue,
+    ) -> TensorValue:
+        """RoPE (rotate-half layout) on the first ``freqs_cis`` width of each head."""
+        rotary_dim = int(freqs_cis.shape[-1])
+        rotated = rope_ragged(
+            x[:, :, :rotary_dim],
+            input_row_offsets,
+            kv_collection.cache_lengths,
+            freqs_cis,
+            interleaved=False,
+        )
+        if rotary_dim == self.head_dim:
+            return rotated
+        return ops.concat([rotated, x[:, :, rotary_dim:]], axis=-1)
 
 
 class StableLmDecoderLayer(Module):
