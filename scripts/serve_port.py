@@ -500,6 +500,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_support.add_json_flag(parser)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    """Turn a termination signal into SystemExit, so cleanup code runs."""
+    raise SystemExit(128 + signum)
+
+
 def main(args: argparse.Namespace) -> int:
     if args.stop:
         stopped = stop_recorded(args.port)
@@ -517,6 +522,9 @@ def main(args: argparse.Namespace) -> int:
         raise ScriptError(f"--port {args.port} is not a TCP port number")
     port_dir = normalize_port_dir(args.port_dir).path if args.port_dir else None
     cli_support.warn_if_untested_max()
+    # A SIGTERM/SIGHUP while MAX compiles must still stop the server's process group.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _exit_on_signal)
     server = start_server(args.model, port_dir=port_dir, devices=args.devices, encoding=args.encoding,
                           port=args.port, log_path=args.log_file, timeout=args.timeout, progress=True)
     record = server.record()

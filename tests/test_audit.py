@@ -103,6 +103,10 @@ def test_fresh_scaffold_has_unmarked_hits(tmp_path, checkpoint_factory):
     assert any(h["term"] == "olmo" and h["file"] == "model.py" for h in doc["hits"])
     text = run_script("audit_docstrings", tmp_path / "zz_audit")
     assert "[audit-ok: <reason>]" in text.stdout and "unmarked" in text.stdout
+    # The scaffold's own lineage lines come pre-approved; the donor's text does not.
+    lineage = [h for h in doc["hits"] if "Derived from" in h["context"] or "Copied by scaffold.py" in h["context"]]
+    assert lineage and all(h["marked"] for h in lineage)
+    assert all("Derived from" not in h["context"] for h in doc["hits"] if not h["marked"])
 
 
 @pytest.mark.parametrize("which, message", [("parent", "pass the port folder"), ("missing", "not found")])

@@ -15,7 +15,7 @@ import pytest
 import compare_layers
 import serve_port
 from cli_support import ScriptError
-from conftest import run_script
+from conftest import SCRIPTS_DIR, run_script
 
 
 def make_port(parent: Path, slug: str = "tiny_port", body: str = "ARCHITECTURES = []\n") -> Path:
@@ -255,3 +255,45 @@ def test_run_compare_rejects_bad_options_before_contacting_a_server():
         compare_layers.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], max_new_tokens=0)
     with pytest.raises(ScriptError, match="no tolerance defined"):
         compare_layers.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], dtype="int8")
+
+
+def test_sigterm_while_waiting_stops_the_server_group(tmp_path):
+    """Killing a waiting `serve` CLI with SIGTERM leaves no `max serve` processes behind."""
+    import os
+    import signal
+
+    pid_file = tmp_path / "fake_max.pid"
+    fake_max = tmp_path / "fake_max"
+    # A stand-in for `max serve` that never answers and has a child of its own.
+    fake_max.write_text(
+        "#!/bin/sh\n"
+        f"echo $$ > {pid_file}\n"
+        "sleep 120 &\n"
+        "sleep 120\n"
+    )
+    fake_max.chmod(0o755)
+    model = tmp_path / "model"
+    model.mkdir()
+    driver = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import cli_support, serve_port\n"
+        "serve_port.max_executable = lambda: sys.argv[2]\n"
+        "sys.exit(cli_support.standalone(vars(serve_port), argv=[sys.argv[3], '--timeout', '100']))\n"
+    )
+    env = dict(os.environ, IMPORT_MODEL_SERVER_DIR=str(tmp_path / "records"))
+    process = subprocess.Popen(
+        [sys.executable, "-c", driver, str(SCRIPTS_DIR), str(fake_max), str(model)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pid_file.exists(), "the fake max serve never started"
+    group = int(pid_file.read_text())
+    assert serve_port._group_alive(group)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    assert process.returncode == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 15
+    while serve_port._group_alive(group) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not serve_port._group_alive(group)
