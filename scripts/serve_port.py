@@ -31,7 +31,7 @@ Public API (for compare, the gates, the demo and tests)::
     serve_port.classify_failure(log_text) -> (cause, error_lines)
     serve_port.ServeFailure(ScriptError): .cause, .error_lines, .log_path
         cause is one of port-import-error, weight-name-mismatch, shape-mismatch,
-        unsupported-encoding, device, timeout, unknown.
+        unsupported-encoding, kernel-constraint, device, timeout, unknown.
 
 Servers started from the command line are recorded in
 ~/.cache/import-model/servers/<port>.json (override the folder with the
@@ -91,6 +91,10 @@ FAILURE_CAUSES = (
     ("shape-mismatch",
      (r"had different shape", r"had different dtype", r"shape rank \(expected", r"dim\[\d+\]: expected"),
      "a checkpoint tensor's shape or dtype differs from what the port declares"),
+    ("kernel-constraint",
+     (r"constraint failed", r"requires interleaved layout"),
+     "a MAX kernel rejected the graph's arguments while compiling (the smoke gate cannot see this); "
+     "read the constraint in the error lines and references/pitfalls-graph.md"),
     ("unsupported-encoding",
      (r"quantization_encoding of '[^']*' not supported", r"Cannot cast from '", r"is not supported on this device"),
      "the architecture does not support this --encoding (try another, e.g. bfloat16 on GPU)"),

@@ -96,6 +96,7 @@ LOG_HEAD = "18:55:05.477 INFO: Starting server...\n18:55:07.656 INFO: Waiting fo
         ("ValueError: Value provided to weight 'embed.weight' had different shape (expected=[512, 64], actual=[500, 64])\n",
          "shape-mismatch"),
         ("ValueError: quantization_encoding of 'float32' not supported by MAX engine.\n", "unsupported-encoding"),
+        ("error: constraint failed: rope_first partial RoPE requires interleaved layout\n", "kernel-constraint"),
         ("ValueError: At least one accelerator required for Allreduce\n", "device"),
         ("RuntimeError: something else broke\n", "unknown"),
     ],
