@@ -376,6 +376,8 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
         elif donor.cpu_fp32 == "fail":
             score -= 1
             reasons.append(f"fails on CPU fp32: {donor.cpu_fp32_note}")
+        elif donor.cpu_fp32 == "diverged":  # builds on the CPU, but a copied graph needs the fix first
+            reasons.append(f"native graph diverges from HF on CPU fp32: {donor.cpu_fp32_note}")
         else:
             reasons.append("CPU fp32 behaviour unmeasured")
         tie_break = (len(always_on), getattr(donor, "graph", "own") != "own")

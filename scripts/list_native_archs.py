@@ -97,7 +97,7 @@ def _donors(args: argparse.Namespace, entries: list, version: str | None) -> int
     print(f"Text-generation donors in MAX {version} (CPU fp32 status measured on MAX "
           f"{max_registry.MEASURED_MAX_VERSION}; others unmeasured):")
     for donor in donors:
-        note = f" ({donor.cpu_fp32_note})" if donor.cpu_fp32 == "fail" else ""
+        note = f" ({donor.cpu_fp32_note})" if donor.cpu_fp32 in ("fail", "diverged") else ""
         print(f"  {donor.slug:<20} cpu-fp32: {donor.cpu_fp32}{note}; graph: {donor.graph}; "
               f"classes: {', '.join(donor.names)}")
         print(f"  {'':<20} attention: {donor.attention}; mlp: {donor.mlp}; norm: {donor.norm}")

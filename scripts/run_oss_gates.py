@@ -67,6 +67,8 @@ def main(args: argparse.Namespace) -> int:
     source = model_source.resolve(args.model, args.revision)
     config = model_source.read_config(source)
     phases = PHASES if args.phase == "all" else (args.phase,)
+    if "smoke" in phases:
+        cli_support.warn_if_untested_max()  # the smoke checks build the graph through MAX internals
     checks: list[Check] = []
     for phase in phases:
         if phase == "preflight":
