@@ -52,6 +52,8 @@ CLAIMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "partial-rotary": (r"partial[- _]rotary", ("partial_rotary_factor",)),
 }
 
+WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
 LINEAGE = re.compile(r"derived from|copied (by|from)|based on|borrowed from|adapted from", re.I)
 
 
@@ -81,11 +83,11 @@ def main(args: argparse.Namespace) -> int:
     donor = args.donor or manifest.get("donor")
     own_names = {port.slug, str(manifest.get("arch_name") or "")} - {""}
     families = family_terms(donor)
+    paths = [p for p in sorted(port.path.rglob("*.py")) if "__pycache__" not in p.parts]
+    port_names = set().union(*(_identifiers_of(p) for p in paths)) if paths else set()
     hits: list[Hit] = []
-    for path in sorted(port.path.rglob("*.py")):
-        if "__pycache__" in path.parts:
-            continue
-        hits.extend(scan_file(path, port.path, families, own_names))
+    for path in paths:
+        hits.extend(scan_file(path, port.path, families, own_names, port_names))
     unmarked = [h for h in hits if not h.marked]
     document = {
         "port_dir": str(port.path), "donor": donor, "marker_syntax": MARKER_SYNTAX,
@@ -162,12 +164,27 @@ def code_identifiers(source: str) -> set[str]:
     return names
 
 
-def scan_file(path: Path, root: Path, families: dict[str, re.Pattern[str]], own_names: set[str]) -> list[Hit]:
-    source = path.read_text(encoding="utf-8")
+def _identifiers_of(path: Path) -> set[str]:
+    """The code identifiers of one file; a file that does not parse is reported as exit 3."""
     try:
-        identifiers = code_identifiers(source)
+        return code_identifiers(path.read_text(encoding="utf-8"))
     except SyntaxError as exc:
         raise ScriptError(f"cannot parse {path}: {exc.msg} (line {exc.lineno})") from None
+
+
+def names_only_port_code(text: str, pattern: re.Pattern[str], port_names: set[str]) -> bool:
+    """True when every mention of a family in ``text`` sits inside a name the port's code defines or imports.
+
+    Such a mention (e.g. a kept ``Llama3Inputs`` class) names real code, so it is honest, not stale.
+    """
+    words = [w for w in WORD.findall(text) if pattern.search(w)]
+    return bool(words) and all(w in port_names for w in words)
+
+
+def scan_file(path: Path, root: Path, families: dict[str, re.Pattern[str]], own_names: set[str],
+              port_names: set[str] = frozenset()) -> list[Hit]:
+    source = path.read_text(encoding="utf-8")
+    identifiers = _identifiers_of(path)
     rel = str(path.relative_to(root))
     hits = []
     for line, kind, text in text_regions(source):
@@ -176,7 +193,8 @@ def scan_file(path: Path, root: Path, families: dict[str, re.Pattern[str]], own_
         context = " ".join(text.strip().lstrip("#").split())[:160]
         for term, pattern in families.items():
             if pattern.search(scanned):
-                hint = "OK" if LINEAGE.search(scanned) else "Stale"
+                honest = LINEAGE.search(scanned) or names_only_port_code(scanned, pattern, port_names)
+                hint = "OK" if honest else "Stale"
                 hits.append(Hit(rel, line, kind, "family", term, hint, context, bool(marker),
                                 marker.group(1) if marker else None))
         for claim, (pattern, backing) in CLAIMS.items():

@@ -132,3 +132,26 @@ def test_ordinary_words_that_are_max_folder_names_are_not_family_hits(tmp_path):
         '''})
     result, doc = audit(port)
     assert result.returncode == 0 and doc["hits"] == []
+
+
+def test_mention_of_a_name_the_port_defines_is_hinted_ok(tmp_path):
+    """A kept donor class name (defined in one file, named in another's docstring) is honest, not stale."""
+    port = make_port(tmp_path, {
+        "inputs.py": '''
+            class Llama3Inputs:
+                pass
+            ''',
+        "batching.py": '''
+            """Batches :class:`Llama3Inputs` for the port.
+
+            Same batching as the Llama 3 pipeline.
+            """
+            from .inputs import Llama3Inputs
+            ''',
+    })
+    result, doc = audit(port)
+    assert result.returncode == 1
+    by_line = {(h["file"], h["line"]): h for h in doc["hits"] if h["term"] == "llama"}
+    assert by_line[("batching.py", 2)]["hint"] == "OK"      # names code the port keeps
+    assert by_line[("batching.py", 4)]["hint"] == "Stale"   # prose about the donor
+    assert not any(h["marked"] for h in doc["hits"])        # a hint never approves a hit
