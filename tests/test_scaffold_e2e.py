@@ -8,7 +8,9 @@ the served logits must change. The llama port must MATCH Hugging Face. The
 olmo2 port must give exactly the native MAX olmo2's logprobs (the same graph,
 so the native serve hits the compile cache): at strong init MAX 26.7's native
 olmo2 itself differs from HF from the second position on (position 1 agrees),
-which default-init replicas hide; the port reproduces the native result.
+which default-init replicas hide; the port reproduces the native result. The
+probable cause: native olmo2 never passes the config's rms_norm_eps to its
+QK-norms (they use 1e-6), and this replica keeps transformers' default 1e-5.
 """
 
 from __future__ import annotations
