@@ -67,7 +67,12 @@ def detect(config: dict[str, Any], tensors: dict[str, TensorInfo] | None = None)
     if tensors:
         _tensor_signals(text, tensors, found)
         layernorm = found.signals.get("layernorm")
-        if layernorm and not any(e.startswith("tensor:") for e in layernorm.evidence):
+        has_norm_tensors = any(re.search(r"(norm|ln_\w+|ln\d*)\.(weight|bias)$", name) for name in tensors)
+        if layernorm and not has_norm_tensors:
+            # OLMo-1 style: LayerNorm with nothing to learn, unlike a LayerNorm with weights.
+            found.add("layernorm_weightless", "LayerNorm with no learnable weight or bias (no norm tensors)",
+                      "tensor: no norm weight or bias tensors")
+        elif layernorm and not any(e.startswith("tensor:") for e in layernorm.evidence):
             # "layer_norm_epsilon" also names RMSNorm eps (Mamba); without norm biases trust the tensors.
             del found.signals["layernorm"]
     return list(found.signals.values())
@@ -298,7 +303,7 @@ _BASELINE = {"gqa", "mqa", "tied_embeddings", "head_dim_override", "rope_scaling
 # removing them when the model does not have them (structural ones cost more).
 # A donor's ``optional`` features (switched on by config or weights) cost nothing.
 _ALWAYS_ON = {"ssm": 3, "mla": 3, "moe": 2, "shared_experts": 1, "sandwich_norm": 1, "post_norm": 1,
-              "per_layer_attention": 1, "layernorm": 1, "fused_qkv": 1, "fused_gate_up": 1, "norm_offset": 1,
+              "per_layer_attention": 1, "layernorm": 1, "layernorm_weightless": 1, "fused_qkv": 1, "fused_gate_up": 1, "norm_offset": 1,
               "embedding_scale": 1, "nope_layers": 1, "qk_norm": 1, "qk_norm_full_width": 2,
               "attention_bias": 1, "mlp_bias": 1}
 

@@ -117,7 +117,7 @@ DONOR_TRAITS: dict[str, DonorTraits] = {
                      "RMSNorm, pre-norm", "qk_norm",
                      optional=("moe", "router", "topk_softmax_router")),
     "olmo": _traits("llama3 graph: MHA/GQA, full RoPE, optional clip_qkv", "gated SiLU (SwiGLU)",
-                    "LayerNorm without learnable weight or bias (ConstantLayerNorm), pre-norm", "layernorm",
+                    "LayerNorm without learnable weight or bias (ConstantLayerNorm), pre-norm", "layernorm_weightless",
                     optional=_LLAMA3_GRAPH),
     "olmo2": _traits("MHA/GQA, RoPE, full-width QK-norm (across all heads)", "gated SiLU (SwiGLU)",
                      "RMSNorm, post-norm (after attention and MLP, no input norm)",

@@ -166,7 +166,8 @@ def test_inspect_native_guard_stops_with_serve_command(models, name, arch, slug)
 
 @pytest.mark.parametrize("name,signals,top", [
     ("arcee", {"gqa", "activation"}, "llama3"),
-    ("stablelm", {"gqa", "partial_rotary", "layernorm"}, "olmo"),
+    # olmo's LayerNorm has no weights (ConstantLayerNorm): it must not win for StableLM's weighted LayerNorm.
+    ("stablelm", {"gqa", "partial_rotary", "layernorm"}, "llama3"),
     ("gemma2", {"gqa", "sliding_window", "per_layer_attention", "logit_softcap", "attn_softcap", "activation",
                 "tied_embeddings", "attention_scaling", "norm_offset", "embedding_scale", "sandwich_norm"}, "gemma3"),
     ("mixtral", {"gqa", "moe"}, "qwen3"),  # Qwen3MoEGate: softmax, top-k, renormalize (as Mixtral)
@@ -206,6 +207,9 @@ def _rank(*codes: str, model_type: str | None = None, limit: int = 5) -> list:
     (("gqa", "sliding_window", "per_layer_attention", "logit_softcap", "attn_softcap", "activation",
       "norm_offset", "embedding_scale", "sandwich_norm", "attention_scaling"), "gemma3", {"gpt_oss"}),
     (("mla", "moe", "shared_experts", "router"), "deepseekV2", {"qwen3"}),
+    # A LayerNorm with nothing to learn (no norm tensors) is what olmo's ConstantLayerNorm implements.
+    (("layernorm", "layernorm_weightless"), "olmo", {"llama3", "qwen2"}),
+    (("layernorm",), "llama3", {"olmo"}),
 ])
 def test_rank_donors_top_choice(codes, top, outscored):
     ranked = _rank(*codes, limit=50)
@@ -452,3 +456,25 @@ def test_phase1_scripts_on_the_hub_read_no_weights(hub, models):
     assert not any(f.endswith(".safetensors") for f in hub.downloaded_files())
     absent = run_script("check_walls", "org/absent", "--json", env=env)
     assert absent.returncode == 3 and "not found" in absent.json()["error"]
+
+
+def test_weightless_layernorm_signal_needs_a_checkpoint_without_norm_tensors():
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import delta_signals
+    from model_source import TensorInfo
+
+    def tensors(*names: str) -> dict:
+        return {n: TensorInfo(n, "F32", (4,), "model.safetensors") for n in names}
+
+    config = {"architectures": ["X"], "layer_norm_eps": 1e-5}
+    weighted = tensors("model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm.bias",
+                       "model.layers.0.self_attn.q_proj.weight")
+    assert {s.code for s in delta_signals.detect(config, weighted)} >= {"layernorm"}
+    assert "layernorm_weightless" not in {s.code for s in delta_signals.detect(config, weighted)}
+    # Config says LayerNorm and the checkpoint has no norm tensors at all: OLMo-1 style.
+    weightless = {s.code for s in delta_signals.detect(config, tensors("model.layers.0.self_attn.q_proj.weight"))}
+    assert {"layernorm", "layernorm_weightless"} <= weightless
+    # RMSNorm eps spelled layer_norm_epsilon (Mamba) with norm weights: neither signal.
+    mamba = {s.code for s in delta_signals.detect({"architectures": ["X"], "layer_norm_epsilon": 1e-5},
+                                                  tensors("backbone.layers.0.norm.weight"))}
+    assert not {"layernorm", "layernorm_weightless"} & mamba
