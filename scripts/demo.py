@@ -217,7 +217,9 @@ def _serve_and_compare(model_dir: Path, port_dir: Path, port: int | None, steps:
     verdict = document.get("verdict", "UNKNOWN") if isinstance(document, dict) else "UNKNOWN"
     if isinstance(document, dict):
         step.details = {k: document.get(k) for k in ("verdict", "max_abs_diff", "first_divergence") if k in document}
-        step.outcome += f" (verdict {verdict}, max |Δ logprob| {document.get('max_abs_diff')})"
+        diff = document.get("max_abs_diff")
+        shown = f"{diff:.1e}" if isinstance(diff, (int, float)) else "n/a"
+        step.outcome += f" (verdict {verdict}, max |Δ logprob| {shown})"
     steps.append(step)
     if not quiet:
         print(f"  -> {step.outcome}  [{step.seconds}s]", flush=True)
