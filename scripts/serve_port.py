@@ -25,7 +25,7 @@ Public API (for compare, the gates, the demo and tests)::
         The one place `max serve` flags are built, so every caller hits the
         same compile-cache entries.
     serve_port.start_server(...) -> RunningServer   (same arguments; call .stop())
-    serve_port.normalize_port_dir(path) -> PortDir(path, slug)
+    serve_port.normalize_port_dir(path) -> port_layout.PortDir (.path, .slug)
     serve_port.serve_hint(model, port_dir=None, port=None) -> str
         The serve command to suggest in error messages.
     serve_port.classify_failure(log_text) -> (cause, error_lines)
@@ -60,6 +60,7 @@ from typing import Iterator
 
 import cli_support
 from cli_support import ScriptError
+from port_layout import PortDir
 
 EXIT_CODES = {1: "not used", 2: "not used"}
 
@@ -105,14 +106,6 @@ FAILURE_CAUSES = (
 )
 
 ERROR_LINE = re.compile(r"(Error|Exception|error:|ERROR|CRITICAL|Traceback|raise |failed|Failed)")
-
-
-@dataclass(frozen=True)
-class PortDir:
-    """A normalized port package folder: its path (no trailing slash) and slug (folder name)."""
-
-    path: Path
-    slug: str
 
 
 @dataclass
@@ -174,7 +167,7 @@ def normalize_port_dir(path: str | os.PathLike) -> PortDir:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", slug):
         raise ScriptError(f"--port-dir folder name {slug!r} is not a valid Python module name")
     _refuse_shadowed_slug(slug, folder)
-    return PortDir(folder, slug)
+    return PortDir(folder)
 
 
 def _refuse_shadowed_slug(slug: str, folder: Path) -> None:
