@@ -496,13 +496,27 @@ def test_every_dispatcher_subcommand_shown_exists():
     assert not problems, "\n".join(problems)
 
 
+def script_exists(module: str | None) -> bool:
+    """True when ``scripts/<module>.py`` exists (missing ones are reported by the existence tests)."""
+    return module is not None and (SCRIPTS_DIR / f"{module}.py").is_file()
+
+
+def subsections_with_scripts():
+    """(subcommand, subsection text, script module) for each SKILL.md subsection whose script exists."""
+    table = dispatcher_subcommands()
+    for name, body in script_subsections().items():
+        module = table.get(name)
+        if script_exists(module):
+            yield name, body, module
+
+
 def test_every_flag_shown_with_a_script_is_in_its_help():
     problems = []
     for command in shown_commands():
         if command.program.startswith("max:") or not command.flags:
             continue
         module = resolve_program(command.program)
-        if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
+        if not script_exists(module):
             continue  # reported by the existence tests
         unknown = [flag for flag in command.flags if flag not in help_flags(script_help(module))]
         if unknown:
@@ -512,12 +526,8 @@ def test_every_flag_shown_with_a_script_is_in_its_help():
 
 def test_flags_listed_in_each_script_subsection_are_in_its_help():
     """Inline ``--flag`` mentions in SKILL.md's ``### <subcommand>`` subsections are real flags."""
-    table = dispatcher_subcommands()
     problems = []
-    for name, body in script_subsections().items():
-        module = table.get(name)
-        if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
-            continue
+    for name, body, module in subsections_with_scripts():
         known = help_flags(script_help(module))
         for span in INLINE_CODE.finditer(FENCE.sub("", body)):
             code = span.group(2).strip()
@@ -604,12 +614,8 @@ def test_exit_code_table_matches_each_scripts_exit_codes():
 
 
 def test_subsections_mention_every_exit_code_the_script_uses():
-    table = dispatcher_subcommands()
     problems = []
-    for name, body in script_subsections().items():
-        module = table.get(name)
-        if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
-            continue
+    for name, body, module in subsections_with_scripts():
         for code, meaning in script_exit_codes(module).items():
             if meaning != NOT_USED and not re.search(rf"\b[Ee]xit(?: code)?s? {code}\b|\b{code}\s*[:=—-]", body):
                 problems.append(f"### {name}: exit {code} ({meaning}) is not explained")
@@ -629,7 +635,7 @@ def false_exit_claims(text: str, source: str) -> list[str]:
     problems = []
     for name, code in EXIT_CLAIM.findall(FENCE.sub("", text)):
         module = table.get(name) or (name if name in by_module else None)
-        if module is None or not (SCRIPTS_DIR / f"{module}.py").is_file():
+        if not script_exists(module):
             continue
         if script_exit_codes(module)[int(code)] == NOT_USED:
             problems.append(f"{source}: {name} never exits {code}")
