@@ -284,8 +284,7 @@ def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]
 def load_tokenizer(model: str, revision: str | None, trust_remote_code: bool) -> Any:
     from transformers import AutoTokenizer
 
-    source = model_source.resolve(model, revision)
-    location = str(source.local_dir) if source.is_local else str(source.repo_id)
+    location = model_source.resolve(model, revision).location
     try:
         return AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a one-line exit 3
@@ -298,8 +297,7 @@ def load_hf_model(model: str, revision: str | None, dtype: str, device: str, tru
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    source = model_source.resolve(model, revision)
-    location = str(source.local_dir) if source.is_local else str(source.repo_id)
+    location = model_source.resolve(model, revision).location
     try:
         hf = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=getattr(torch, dtype),
                                                   trust_remote_code=trust_remote_code)

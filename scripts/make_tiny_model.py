@@ -257,7 +257,7 @@ def _write_tokenizer(source: model_source.ModelSource | None, output: Path, opti
 
     reason = "no model source (config dict)"
     if source is not None:
-        location = str(source.local_dir) if source.is_local else source.repo_id
+        location = source.location
         has_files = not source.is_local or any((source.local_dir / f).is_file() for f in TOKENIZER_FILES)
         if has_files:
             try:

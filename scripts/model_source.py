@@ -86,8 +86,13 @@ class ModelSource:
         return self.local_dir is not None
 
     @property
-    def display_name(self) -> str:
+    def location(self) -> str:
+        """What transformers' ``from_pretrained`` takes: the local folder or the repo ID."""
         return str(self.local_dir) if self.local_dir is not None else str(self.repo_id)
+
+    @property
+    def display_name(self) -> str:
+        return self.location
 
     @property
     def name(self) -> str:
