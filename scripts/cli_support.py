@@ -13,15 +13,26 @@ Exit codes, the same in every script:
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import sys
 from typing import Any, Callable, Mapping
 
-EXIT_OK = 0
-EXIT_FINDINGS = 1
-EXIT_STOP = 2
-EXIT_CANNOT_RUN = 3
+
+class ExitCode(enum.IntEnum):
+    """The exit codes every script shares."""
+
+    OK = 0
+    FINDINGS = 1  # findings or mismatch: review
+    STOP = 2  # hard stop: a wall or a blocking gate
+    CANNOT_RUN = 3  # bad input, missing model, network, or MAX missing
+
+
+EXIT_OK = ExitCode.OK
+EXIT_FINDINGS = ExitCode.FINDINGS
+EXIT_STOP = ExitCode.STOP
+EXIT_CANNOT_RUN = ExitCode.CANNOT_RUN
 
 # The MAX releases the MAX-internal parts of the scripts were tested against.
 TESTED_MAX_VERSIONS = ("26.7",)
@@ -41,9 +52,30 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if "--json" in sys.argv[1:]:
-            print(json.dumps({"error": f"usage: {message}", "exit_code": EXIT_CANNOT_RUN}))
+            print(json.dumps({"error": f"usage: {message}", "exit_code": int(EXIT_CANNOT_RUN)}))
         print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_CANNOT_RUN)
+
+
+# The last error boundary: exception types that escape a script's own checks, and how each is
+# reported (always exit 3, one line). A script's own ScriptError names the file or field; these
+# messages are the fallback for inputs no check anticipated.
+UNEXPECTED_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
+    (RecursionError, "input nested too deeply to process"),
+    (MemoryError, "out of memory"),
+    (UnicodeError, "text that is not valid UTF-8"),
+    (OSError, "file or system error"),
+    (Exception, "unexpected error (a bug in import-model; please report it)"),
+)
+
+
+def describe_unexpected(exc: BaseException) -> str:
+    """One line for an exception no script anticipated, per ``UNEXPECTED_ERRORS``."""
+    for kind, label in UNEXPECTED_ERRORS:
+        if isinstance(exc, kind):
+            detail = " ".join(str(exc).split())[:300]
+            return f"{label}: {type(exc).__name__}" + (f": {detail}" if detail else "")
+    return type(exc).__name__
 
 
 def exit_code_epilog(exit_codes: Mapping[int, str]) -> str:
@@ -119,6 +151,12 @@ def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace
         # The reader (e.g. `| head`) closed stdout: stop quietly, without a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except SystemExit:
+        raise
+    except Exception as exc:  # the last boundary: never a traceback, never exit 1 for a crash
+        if os.environ.get("IMPORT_MODEL_TRACEBACK"):
+            raise
+        return report_error(describe_unexpected(exc), args, EXIT_CANNOT_RUN)
     return EXIT_OK if code is None else int(code)
 
 
@@ -126,7 +164,7 @@ def report_error(message: str, args: argparse.Namespace | None, exit_code: int =
     """Print a one-line error (and its JSON form under ``--json``); return the exit code."""
     message = " ".join(str(message).split()) or "unknown error"
     if args is not None and getattr(args, "json", False):
-        print(json.dumps({"error": message, "exit_code": exit_code}))
+        print(json.dumps({"error": message, "exit_code": int(exit_code)}))
     prog = getattr(args, "_prog", None) or os.path.basename(sys.argv[0]) or "import-model"
     print(f"{prog}: error: {message}", file=sys.stderr)
     return exit_code

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -54,14 +55,22 @@ def _usage(available: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     available = available_subcommands()
-    if not argv or argv[0] in ("-h", "--help"):
-        print(_usage(available))
-        return 0 if argv else cli_support.EXIT_CANNOT_RUN
-    name, rest = argv[0], argv[1:]
+    if argv and argv[0] in ("-h", "--help"):
+        try:
+            print(_usage(available))
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    wants_json = "--json" in argv
+    fail = argparse.Namespace(json=wants_json, _prog="import_model.py")
+    name = argv[0] if argv else None
+    if name is None or name.startswith("-"):
+        return cli_support.report_error(
+            f"no subcommand given; choose from: {', '.join(available)} (see --help)", fail)
+    rest = argv[1:]
     if name not in available:
-        print(f"import_model.py: error: unknown subcommand {name!r}; choose from: {', '.join(available)}",
-              file=sys.stderr)
-        return cli_support.EXIT_CANNOT_RUN
+        return cli_support.report_error(
+            f"unknown subcommand {name!r}; choose from: {', '.join(available)}", fail)
     module = importlib.import_module(available[name])
     prog = f"import_model.py {name}"
     parser = cli_support.build_parser(
