@@ -138,10 +138,14 @@ def test_dispatcher_lists_exactly_the_scripts_present() -> None:
     assert dict(listed) == AVAILABLE
 
 
-def test_dispatcher_without_arguments_prints_usage_and_exits_3() -> None:
+def test_dispatcher_without_arguments_is_one_error_line_exit_3() -> None:
     result = run_script("import_model")
     assert result.returncode == 3
-    assert result.stdout.startswith("usage: import_model.py <subcommand> [args ...]")
+    assert result.stdout == ""
+    assert result.stderr.startswith("import_model.py: error: no subcommand given; choose from: list-archs")
+    assert len(result.stderr.strip().splitlines()) == 1
+    as_json = run_script("import_model", "--json")
+    assert as_json.returncode == 3 and json.loads(as_json.stdout)["exit_code"] == 3
 
 
 def test_unknown_subcommand_is_one_line_exit_3() -> None:
@@ -149,6 +153,7 @@ def test_unknown_subcommand_is_one_line_exit_3() -> None:
     assert_one_line_usage_error(result)
     assert result.stderr.startswith("import_model.py: error: unknown subcommand 'frobnicate'; choose from: ")
     assert result.stderr.strip().endswith(", ".join(AVAILABLE))
+    assert json.loads(result.stdout)["error"].startswith("unknown subcommand 'frobnicate'")
 
 
 @pytest.mark.parametrize("subcommand", sorted(AVAILABLE))
