@@ -214,6 +214,10 @@ def add_arguments(parser):
 def main(args):
     if args.count < 0:
         raise cli_support.ScriptError("count must not be negative\\nsecond line folded")
+    if args.count == 7:
+        raise TypeError("unsupported operand\\nspread over lines")
+    if args.count == 9:
+        raise RecursionError("maximum recursion depth exceeded")
     print("loaded:", sorted(m for m in sys.modules if m in ("inspect_hf", "list_native_archs")))
     return args.count % 2
 
@@ -268,6 +272,14 @@ def test_script_errors_and_usage_errors_through_both_entry_points(scratch_script
         as_json = runner("-1", "--json")
         assert json.loads(as_json.stdout) == {"error": "count must not be negative second line folded",
                                               "exit_code": 3}
+        crash = runner("7", "--json")
+        assert crash.returncode == 3, crash
+        assert crash.stderr == (f"{prog}: error: unexpected error (a bug in import-model; please report it): "
+                                "TypeError: unsupported operand spread over lines\n")
+        assert json.loads(crash.stdout)["exit_code"] == 3
+        deep = runner("9")
+        assert (deep.returncode, deep.stderr) == (
+            3, f"{prog}: error: input nested too deeply to process: RecursionError: maximum recursion depth exceeded\n")
         usage = runner("notanumber")
         assert_one_line_usage_error(usage)
         assert usage.stderr == (f"{prog}: error: argument count: invalid int value: 'notanumber' (see --help)\n")
