@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import ast
 import io
-import json
 import re
 import sys
 import tokenize
@@ -23,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cli_support
+import input_files
 import port_layout
 from cli_support import ScriptError
 
@@ -78,16 +78,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.donor is not None and not args.donor.strip():
+        raise ScriptError("--donor is empty; name the donor family (e.g. llama3) or leave the flag out")
     port = port_layout.resolve_port_dir(args.port_dir)
     manifest = read_manifest(port.path)
     donor = args.donor or manifest.get("donor")
     own_names = {port.slug, str(manifest.get("arch_name") or "")} - {""}
     families = family_terms(donor)
-    paths = [p for p in sorted(port.path.rglob("*.py")) if "__pycache__" not in p.parts]
-    port_names = set().union(*(_identifiers_of(p) for p in paths)) if paths else set()
+    sources = read_port_sources(port.path)
+    port_names = set().union(*(code_identifiers(tree) for _, tree in sources.values())) if sources else set()
     hits: list[Hit] = []
-    for path in paths:
-        hits.extend(scan_file(path, port.path, families, own_names, port_names))
+    for path, (text, tree) in sources.items():
+        hits.extend(scan_file(path, port.path, families, own_names, port_names, parsed=(text, tree)))
     unmarked = [h for h in hits if not h.marked]
     document = {
         "port_dir": str(port.path), "donor": donor, "marker_syntax": MARKER_SYNTAX,
@@ -103,14 +105,31 @@ def main(args: argparse.Namespace) -> int:
     return 1 if unmarked else 0
 
 
+# Manifest fields the audit reads; each must be a string when present (null means absent).
+MANIFEST_STRING_FIELDS = ("donor", "arch_name")
+
+# The scaffold's manifest nests three levels (object -> files list -> file entry); anything far deeper is not one.
+MANIFEST_MAX_DEPTH = 16
+
+
 def read_manifest(port_path: Path) -> dict:
+    """The port's scaffold manifest ({} when the port has none); ScriptError when it is not a valid one."""
     path = port_path / port_layout.MANIFEST_NAME
-    if not path.is_file():
+    if not (path.exists() or path.is_symlink()):
         return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
+    document = input_files.load_json(path, "scaffold manifest")
+    input_files.check_json_depth(document, f"scaffold manifest {path}", MANIFEST_MAX_DEPTH)
+    for key in MANIFEST_STRING_FIELDS:
+        value = document.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ScriptError(f"scaffold manifest {path}: {key!r} is {input_files.json_type_name(value)}, "
+                              "expected a string")
+    return document
+
+
+def read_port_sources(port_path: Path) -> dict[Path, tuple[str, ast.Module]]:
+    """Text and ast of every ``.py`` entry below the port (``__pycache__`` aside); ScriptError naming a bad one."""
+    return {path: input_files.read_python(path, "port file") for path in port_layout.port_python_files(port_path)}
 
 
 def family_terms(donor: str | None) -> dict[str, re.Pattern[str]]:
@@ -128,7 +147,7 @@ def family_terms(donor: str | None) -> dict[str, re.Pattern[str]]:
     return {w: re.compile(rf"(?<![a-z]){w}(?!(?!v\d)[a-z])", re.I) for w in sorted(words) if len(w) >= 3}
 
 
-def text_regions(source: str) -> list[tuple[int, str, str]]:
+def text_regions(source: str, tree: ast.Module | None = None) -> list[tuple[int, str, str]]:
     """(line, kind, text) for every comment line and docstring line of a module."""
     regions: list[tuple[int, str, str]] = []
     try:
@@ -137,20 +156,21 @@ def text_regions(source: str) -> list[tuple[int, str, str]]:
                 regions.append((token.start[0], "comment", token.string))
     except (tokenize.TokenError, IndentationError, SyntaxError):
         pass
-    tree = ast.parse(source)
+    tree = tree if tree is not None else ast.parse(source)
+    source_lines = source.splitlines()
     for node in ast.walk(tree):
         if (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
                 and isinstance(node.value.value, str)):
-            lines = source.splitlines()[node.lineno - 1:node.end_lineno]
+            lines = source_lines[node.lineno - 1:node.end_lineno]
             for offset, line in enumerate(lines):
                 regions.append((node.lineno + offset, "docstring", line))
     return sorted(regions)
 
 
-def code_identifiers(source: str) -> set[str]:
+def code_identifiers(source: str | ast.Module) -> set[str]:
     """Every name and attribute used in the code (not in strings or comments)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(ast.parse(source) if isinstance(source, str) else source):
         if isinstance(node, ast.Name):
             names.add(node.id)
         elif isinstance(node, ast.Attribute):
@@ -165,11 +185,8 @@ def code_identifiers(source: str) -> set[str]:
 
 
 def _identifiers_of(path: Path) -> set[str]:
-    """The code identifiers of one file; a file that does not parse is reported as exit 3."""
-    try:
-        return code_identifiers(path.read_text(encoding="utf-8"))
-    except SyntaxError as exc:
-        raise ScriptError(f"cannot parse {path}: {exc.msg} (line {exc.lineno})") from None
+    """The code identifiers of one file; a file that cannot be read or parsed is reported as exit 3."""
+    return code_identifiers(input_files.read_python(path, "port file")[1])
 
 
 def names_only_port_code(text: str, pattern: re.Pattern[str], port_names: set[str]) -> bool:
@@ -182,12 +199,12 @@ def names_only_port_code(text: str, pattern: re.Pattern[str], port_names: set[st
 
 
 def scan_file(path: Path, root: Path, families: dict[str, re.Pattern[str]], own_names: set[str],
-              port_names: set[str] = frozenset()) -> list[Hit]:
-    source = path.read_text(encoding="utf-8")
-    identifiers = _identifiers_of(path)
+              port_names: set[str] = frozenset(), parsed: tuple[str, ast.Module] | None = None) -> list[Hit]:
+    source, tree = parsed if parsed is not None else input_files.read_python(path, "port file")
+    identifiers = code_identifiers(tree)
     rel = str(path.relative_to(root))
     hits = []
-    for line, kind, text in text_regions(source):
+    for line, kind, text in text_regions(source, tree):
         marker = MARKER.search(text)
         scanned = _blank_own_names(MARKER.sub("", text), own_names)
         context = " ".join(text.strip().lstrip("#").split())[:160]

@@ -94,15 +94,31 @@ def json_type_name(value: Any) -> str:
 
 def parse_python(path: str | Path, what: str = "") -> ast.Module:
     """Parse a Python source file with ast; ScriptError naming the file on any failure."""
+    return read_python(path, what)[1]
+
+
+# Python accepts a UTF-8 byte-order mark at the start of a source file; ast.parse of the decoded text does not.
+_BOM = "\ufeff"
+
+
+def read_python(path: str | Path, what: str = "") -> tuple[str, ast.Module]:
+    """The text (without a leading byte-order mark) and ast of a Python source file; ScriptError on any failure.
+
+    Null bytes, syntax errors and nesting too deep for the parser are all reported naming the file.
+    """
     path = Path(path)
     label = f"{what} {path}" if what else str(path)
     text = read_text(path, what)
+    if text.startswith(_BOM):
+        text = text[len(_BOM):]
     try:
-        return ast.parse(text, filename=str(path))
+        return text, ast.parse(text, filename=str(path))
     except SyntaxError as exc:
         raise ScriptError(f"cannot parse {label}: {exc.msg} (line {exc.lineno})") from None
-    except (RecursionError, MemoryError, ValueError) as exc:
-        raise ScriptError(f"cannot parse {label}: {type(exc).__name__}") from None
+    except (RecursionError, MemoryError):
+        raise ScriptError(f"cannot parse {label}: nested too deeply for the Python parser") from None
+    except ValueError as exc:
+        raise ScriptError(f"cannot parse {label}: {exc}") from None
 
 
 def check_output_dir(path: str | Path, flag: str) -> Path:
@@ -144,3 +160,119 @@ def check_not_inside(output: Path, protected: Path, output_flag: str, protected_
         raise ScriptError(f"{output_flag} {output} contains the {protected_what} {protected}; choose another folder")
     if protected in output.parents:
         raise ScriptError(f"{output_flag} {output} lies inside the {protected_what} {protected}; choose another folder")
+
+
+def json_depth(document: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON document (a scalar is 0); no recursion."""
+    deepest, stack = 0, [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_json_depth(document: Any, label: str, limit: int) -> Any:
+    """Refuse a parsed document nested deeper than ``limit`` levels (recursive walks stay safe); return it."""
+    depth = json_depth(document)
+    if depth > limit:
+        raise ScriptError(f"{label} nests arrays/objects {depth} levels deep (more than {limit}); it is not a "
+                          "valid file of its kind")
+    return document
+
+
+# --- staged writes: build beside the output, then move into place ---------------------------------
+
+# Permissions of a new folder before the umask, as ``mkdir`` would use.
+_DIR_MODE = 0o777
+
+
+def make_staging_dir(output: Path, prefix: str, flag: str) -> tuple[Path, list[Path]]:
+    """A fresh staging folder beside ``output``, and the missing parents made for it (deepest first).
+
+    The folder is this run's own (``tempfile.mkdtemp``), so nothing another run or the user left
+    beside ``output`` is ever reused or deleted; it gets ordinary permissions, not mkdtemp's
+    owner-only ones. Hand both to ``discard_staging`` on failure.
+    """
+    import tempfile
+
+    made = _missing_ancestors(output.parent)
+    for folder in reversed(made):
+        try:
+            folder.mkdir()
+        except OSError as exc:
+            remove_empty_dirs(made)
+            raise ScriptError(f"cannot create {folder} for {flag} {output}: {exc.strerror or exc}") from None
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output.parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(staging, _DIR_MODE & ~mask)
+    except OSError as exc:
+        remove_empty_dirs(made)
+        raise ScriptError(f"cannot write into {output.parent} for {flag} {output}: {exc.strerror or exc}") from None
+    return staging, made
+
+
+def _missing_ancestors(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not (folder.exists() or folder.is_symlink()) and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty_dirs(folders: list[Path]) -> None:
+    """Remove folders this run created, deepest first, only while they are still empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def discard_staging(staging: Path, made: list[Path]) -> None:
+    """Remove this run's staging folder and the empty parents it created."""
+    import shutil
+
+    shutil.rmtree(staging, ignore_errors=True)
+    remove_empty_dirs(made)
+
+
+def free_backup_path(path: Path) -> Path:
+    """``<path>.bak-<timestamp>`` beside ``path``, with a counter when that name is taken."""
+    import time
+
+    base = path.with_name(f"{path.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+    candidate, suffix = base, 1
+    while candidate.exists() or candidate.is_symlink():
+        candidate, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
+    return candidate
+
+
+def move_into_place(staging: Path, output: Path, replace: bool) -> Path | None:
+    """Rename ``staging`` to ``output``; with ``replace``, move the old ``output`` to a backup first.
+
+    Returns the backup (or None). If the final rename fails, the old output is put back and the
+    OSError propagates; an empty existing ``output`` folder is replaced without a backup.
+    """
+    backup = None
+    if replace:
+        backup = free_backup_path(output)
+        output.rename(backup)
+    elif output.is_dir() and not output.is_symlink():
+        output.rmdir()  # empty (the caller checked); rmdir refuses if something appeared since
+    try:
+        staging.rename(output)
+    except OSError:
+        if backup is not None:
+            backup.rename(output)
+        raise
+    return backup

@@ -102,7 +102,8 @@ def main(args: argparse.Namespace) -> int:
         if args.json:
             cli_support.print_json({"model": source.display_name, "format": weights.format,
                                     "files": list(weights.files), "error": message, "exit_code": 2})
-        print(f"list-keys: {message}", file=sys.stderr)
+        prog = getattr(args, "_prog", None) or "list_checkpoint_keys.py"
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
     tensors = model_source.read_tensor_infos(source, weights)
     base = {"model": source.display_name, "format": weights.format, "sharded": weights.sharded,

@@ -200,8 +200,8 @@ def architectures_dir() -> Path:
 def _parse(path: Path) -> ast.Module | None:
     try:
         return ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, UnicodeDecodeError):
-        return None
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError, MemoryError):
+        return None  # NUL bytes are a ValueError; nesting too deep for the parser a RecursionError
 
 
 def _const(node: ast.AST | None) -> str | None:
@@ -213,7 +213,8 @@ def read_table(arch_dir: Path | None = None) -> list[Registration]:
     arch_dir = arch_dir or architectures_dir()
     tree = _parse(arch_dir / "__init__.py")
     if tree is None:
-        raise cli_support.ScriptError(f"cannot parse {arch_dir / '__init__.py'}")
+        raise cli_support.ScriptError(f"cannot parse MAX's architecture table {arch_dir / '__init__.py'} "
+                                      "(unreadable, not UTF-8 or not Python); reinstall MAX")
     entries = []
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "_LazyArch"):

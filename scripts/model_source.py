@@ -14,13 +14,15 @@ only when a Hub ID is used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import input_files
 from cli_support import ScriptError
 
 # A safetensors header larger than this is treated as corrupt (real ones are
@@ -32,12 +34,23 @@ BIN_INDEX = "pytorch_model.bin.index.json"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
-# Bytes per element of each safetensors dtype, for parameter/bytes totals.
-DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "F8_E8M0": 1, "F4": 0.5, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "U16": 2, "U32": 4, "U64": 8, "BOOL": 1,
+# Bits per element of each safetensors dtype (the format's own list; F4 and F6 pack
+# several elements per byte), for size checks and parameter/bytes totals.
+DTYPE_BITS = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "F8_E4M3": 8, "F8_E5M2": 8,
+    "F8_E8M0": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4, "C64": 64, "I64": 64, "I32": 32,
+    "I16": 16, "I8": 8, "U8": 8, "U16": 16, "U32": 32, "U64": 64, "BOOL": 8,
 }
+DTYPE_BYTES = {name: bits / 8 for name, bits in DTYPE_BITS.items()}
+
+# Model JSON files (config, index, tokenizer config) nest 3 or 4 levels; deeper ones are
+# refused before any recursive walk over them can reach Python's recursion limit.
+MAX_JSON_DEPTH = 32
+# A safetensors header is {name: {dtype, shape, data_offsets}}: 3 levels with the arrays.
+MAX_HEADER_DEPTH = 3
+# A model folder holds at most a few thousand files; listing stops beyond this so a MODEL
+# that is not a model folder (a home folder, /) fails fast instead of walking the disk.
+MAX_LISTED_FILES = 50_000
 
 
 @dataclass(frozen=True)
@@ -107,11 +120,7 @@ class ModelSource:
         """Relative paths of every file in the model (Hub: the repo listing)."""
         if self._files is None:
             if self.local_dir is not None:
-                self._files = sorted(
-                    str(p.relative_to(self.local_dir)).replace(os.sep, "/")
-                    for p in self.local_dir.rglob("*")
-                    if p.is_file() and ".cache" not in p.relative_to(self.local_dir).parts
-                )
+                self._files = _local_list_files(self.local_dir)
             else:
                 self._files = _hub_list_files(self)
         return list(self._files)
@@ -120,34 +129,70 @@ class ModelSource:
         return filename in self.list_files()
 
     def read_text(self, filename: str) -> str:
-        """The text of one (small) file of the model."""
+        """The UTF-8 text of one (small) file of the model."""
         path = self.fetch(filename)
         try:
             return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ScriptError(f"cannot read {filename} of {self.display_name}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ScriptError(f"{filename} of {self.display_name} is not UTF-8 text (byte {exc.start})") from None
+        except OSError as exc:
+            raise ScriptError(f"cannot read {filename} of {self.display_name}: {exc.strerror or exc}") from None
 
     def read_json(self, filename: str) -> dict[str, Any]:
-        text = self.read_text(filename)
-        try:
-            document = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ScriptError(
-                f"{filename} of {self.display_name} is not valid JSON "
-                f"(line {exc.lineno}, column {exc.colno}: {exc.msg})"
-            ) from None
+        """One JSON object file of the model, refused when malformed, not an object or nested too deeply."""
+        label = f"{filename} of {self.display_name}"
+        document = input_files.parse_json_text(self.read_text(filename), label, expect=None)
         if not isinstance(document, dict):
-            raise ScriptError(f"{filename} of {self.display_name} is not a JSON object")
-        return document
+            raise ScriptError(f"{label} is not a JSON object (it is {input_files.json_type_name(document)})")
+        return input_files.check_json_depth(document, label, MAX_JSON_DEPTH)
 
     def fetch(self, filename: str) -> Path:
-        """A local path to one file (Hub: downloaded into, or read from, the HF cache)."""
+        """A local path to one file (Hub: downloaded into, or read from, the HF cache).
+
+        ``filename`` is relative to the model; a name that leaves the model folder is refused.
+        """
+        problem = unsafe_relative_name(filename)
+        if problem:
+            raise ScriptError(f"refusing to read {filename!r} of {self.display_name}: {problem}")
         if self.local_dir is not None:
             path = self.local_dir / filename
-            if not path.is_file():
+            kind = input_files.describe_path_problem(path)
+            if kind == "does not exist":
                 raise ScriptError(f"{filename} not found in {self.local_dir}")
+            if kind:
+                raise ScriptError(f"{filename} of {self.local_dir} {kind}")
             return path
         return _hub_download(self, filename)
+
+
+def unsafe_relative_name(name: Any) -> str | None:
+    """Why a file name from a model's own files (an index) cannot be read inside the model, or None."""
+    if not isinstance(name, str) or not name.strip():
+        return "not a file name"
+    if "\0" in name:
+        return "the name holds a NUL byte"
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or re.match(r"^[A-Za-z]:", name):
+        return "an absolute path, outside the model folder"
+    if ".." in pure.parts:
+        return "a path with '..', outside the model folder"
+    return None
+
+
+def _local_list_files(root: Path) -> list[str]:
+    """Files below a local model folder (no link is followed into a folder; .cache is skipped)."""
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if d != ".cache")
+        base = Path(dirpath)
+        for name in filenames:
+            path = base / name
+            if path.is_file():  # a dangling link or a link loop is not a file
+                found.append(str(path.relative_to(root)).replace(os.sep, "/"))
+        if len(found) > MAX_LISTED_FILES:
+            raise ScriptError(f"{root} holds more than {MAX_LISTED_FILES} files; it is not a model folder "
+                              "(give the folder with config.json)")
+    return sorted(found)
 
 
 def resolve(model: str, revision: str | None = None) -> ModelSource:
@@ -155,6 +200,8 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
     if not model or not model.strip():
         raise ScriptError("MODEL is empty: give a Hub ID (org/name) or a local directory")
     path = Path(model).expanduser()
+    if path.is_symlink() and not path.exists():
+        raise ScriptError(f"MODEL {model} {input_files.describe_path_problem(path)}")
     if revision and (path.is_dir() or path.is_file()):
         raise ScriptError(f"--revision applies to Hub IDs only; {model} is a local path")
     if path.is_dir():
@@ -175,14 +222,92 @@ def resolve(model: str, revision: str | None = None) -> ModelSource:
 def read_config(source: ModelSource, *, require_architectures: bool = True) -> dict[str, Any]:
     """The raw ``config.json`` of the model, checked for an ``architectures`` list."""
     config = source.read_json("config.json")
+    label = f"config.json of {source.display_name}"
     if require_architectures:
         archs = config.get("architectures")
         if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
-            raise ScriptError(
-                f"config.json of {source.display_name} has no 'architectures' list; "
-                "cannot tell which model class it is"
-            )
+            raise ScriptError(f"{label} has no 'architectures' list; cannot tell which model class it is")
+        wrong = next((i for i, name in enumerate(archs) if not isinstance(name, str) or not name.strip()), None)
+        if wrong is not None:
+            raise ScriptError(f"{label}: architectures[{wrong}] is {_describe(archs[wrong])}, expected a class name")
+    check_config_fields(config, label)
     return config
+
+
+# Size fields every consumer reads as integers (null means "not set").
+INTEGER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings")
+# Fields read as real numbers, with the range each must lie in (null means "not set").
+NUMBER_FIELDS = {
+    "rope_theta": "positive", "rope_local_base_freq": "positive", "partial_rotary_factor": "fraction",
+    "rms_norm_eps": "non_negative", "layer_norm_eps": "non_negative", "layer_norm_epsilon": "non_negative",
+}
+# Fields that name something and must be strings when present.
+STRING_FIELDS = ("model_type", "dtype", "torch_dtype")
+# Fields that must be JSON objects when present.
+OBJECT_FIELDS = ("text_config", "rope_scaling", "rope_parameters", "quantization_config")
+_RANGE_TEXT = {"positive": "a finite number above 0", "fraction": "a number in (0, 1]",
+               "non_negative": "a finite number at least 0"}
+
+
+def _describe(value: Any) -> str:
+    """A JSON value for an error message: its type and a short repr."""
+    text = repr(value)
+    return f"{input_files.json_type_name(value)} ({text if len(text) <= 40 else text[:37] + '...'})"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_number(value: Any, field_name: str, kind: str, label: str) -> None:
+    if value is None:
+        return
+    ok = _is_number(value) and math.isfinite(value) and (
+        value > 0 if kind == "positive" else 0 < value <= 1 if kind == "fraction" else value >= 0)
+    if not ok:
+        raise ScriptError(f"{label}: {field_name} is {_describe(value)}, expected {_RANGE_TEXT[kind]}")
+
+
+def _check_rope_dict(params: dict[str, Any], where: str, label: str) -> None:
+    """RoPE parameter dicts: numeric theta/factors, string type names."""
+    for key in ("rope_type", "type"):
+        if params.get(key) is not None and not isinstance(params[key], str):
+            raise ScriptError(f"{label}: {where}.{key} is {_describe(params[key])}, expected a string")
+    for key in ("rope_theta", "factor"):
+        _check_number(params.get(key), f"{where}.{key}", "positive", label)
+    _check_number(params.get("partial_rotary_factor"), f"{where}.partial_rotary_factor", "fraction", label)
+
+
+def check_config_fields(config: dict[str, Any], label: str = "config") -> None:
+    """Refuse config fields of the wrong JSON type or range, naming the field (top level and text_config)."""
+    parts = [("", config)]
+    if isinstance(config.get("text_config"), dict):
+        parts.append(("text_config.", config["text_config"]))
+    for prefix, part in parts:
+        for key in OBJECT_FIELDS:
+            if part.get(key) is not None and not isinstance(part[key], dict):
+                raise ScriptError(f"{label}: {prefix}{key} is {_describe(part[key])}, expected a JSON object")
+        for key in STRING_FIELDS:
+            if part.get(key) is not None and not isinstance(part[key], str):
+                raise ScriptError(f"{label}: {prefix}{key} is {_describe(part[key])}, expected a string")
+        for key in INTEGER_FIELDS:
+            value = part.get(key)
+            if value is None:
+                continue
+            integral = _is_number(value) and math.isfinite(value) and float(value).is_integer()
+            if not integral or value < 0:
+                raise ScriptError(f"{label}: {prefix}{key} is {_describe(value)}, expected a whole number >= 0")
+        for key, kind in NUMBER_FIELDS.items():
+            _check_number(part.get(key), prefix + key, kind, label)
+        if isinstance(part.get("rope_scaling"), dict):
+            _check_rope_dict(part["rope_scaling"], prefix + "rope_scaling", label)
+        params = part.get("rope_parameters")
+        if isinstance(params, dict):
+            # Read as normalize_config reads it: per layer type when every value is an object.
+            nested = params if params and all(isinstance(v, dict) for v in params.values()) else {"": params}
+            for layer_type, sub in nested.items():
+                _check_rope_dict(sub, f"{prefix}rope_parameters" + (f".{layer_type}" if layer_type else ""), label)
 
 
 def text_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -221,7 +346,10 @@ class NormalizedConfig:
 
 
 def normalize_config(config: dict[str, Any]) -> NormalizedConfig:
-    """Read dtype and RoPE settings from either config spelling."""
+    """Read dtype and RoPE settings from either config spelling (ScriptError for a field of the wrong type)."""
+    if not isinstance(config, dict):
+        raise ScriptError(f"config is {input_files.json_type_name(config)}, expected a JSON object")
+    check_config_fields(config)
     text = text_config(config)
     dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
     old = any(k in text or k in config for k in ("torch_dtype", "rope_theta", "rope_scaling", "rope_local_base_freq"))
@@ -256,7 +384,7 @@ def normalize_config(config: dict[str, Any]) -> NormalizedConfig:
             }
     archs = config.get("architectures") or []
     return NormalizedConfig(
-        architecture=archs[0] if archs and isinstance(archs[0], str) else None,
+        architecture=archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None,
         model_type=config.get("model_type"),
         dtype=str(dtype) if dtype is not None else None,
         rope=rope,
@@ -297,9 +425,7 @@ def weight_files(source: ModelSource) -> WeightFiles:
         others = tuple(p for p in present if p != "safetensors")
         if SAFETENSORS_INDEX in top:
             index = source.read_json(SAFETENSORS_INDEX)
-            shards = sorted(set((index.get("weight_map") or {}).values()))
-            if not shards:
-                raise ScriptError(f"{SAFETENSORS_INDEX} of {source.display_name} has an empty weight_map")
+            shards = index_shards(index, f"{SAFETENSORS_INDEX} of {source.display_name}")
             return WeightFiles("safetensors", tuple(shards), True, SAFETENSORS_INDEX, others)
         return WeightFiles("safetensors", tuple(safetensors), len(safetensors) > 1, None, others)
     if bins or BIN_INDEX in top:
@@ -318,14 +444,43 @@ def weight_files(source: ModelSource) -> WeightFiles:
     return WeightFiles("none", (), False, None, ())
 
 
+def index_shards(index: dict[str, Any], label: str) -> list[str]:
+    """The shard files a safetensors index names, checked: an object of names inside the model folder."""
+    weight_map = index.get("weight_map")
+    if weight_map is None:
+        raise ScriptError(f"{label} has no weight_map")
+    if not isinstance(weight_map, dict):
+        raise ScriptError(f"{label}: weight_map is {input_files.json_type_name(weight_map)}, expected a JSON "
+                          "object of tensor name -> shard file")
+    if not weight_map:
+        raise ScriptError(f"{label} has an empty weight_map")
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise ScriptError(f"{label}: weight_map[{tensor!r}] is {_describe(shard)}, expected a shard file name")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        problem = unsafe_relative_name(shard)
+        if problem:
+            raise ScriptError(f"{label}: weight_map names shard {shard!r}, {problem}; refusing to read it")
+        if not shard.endswith(".safetensors"):
+            raise ScriptError(f"{label}: weight_map names shard {shard!r}, which is not a .safetensors file")
+    return shards
+
+
 def read_safetensors_header(path: Path | str) -> dict[str, Any]:
     """Read one local safetensors header: the 8-byte length, then that much JSON.
 
     Reads no tensor data. Raises ScriptError on a truncated, oversized or
     malformed header.
     """
+    return read_safetensors_file(path)[0]
+
+
+def read_safetensors_file(path: Path | str) -> tuple[dict[str, Any], int]:
+    """A local safetensors header and the size in bytes of the data after it (``read_safetensors_header``)."""
     path = Path(path)
     try:
+        size = path.stat().st_size
         with path.open("rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -345,20 +500,61 @@ def read_safetensors_header(path: Path | str) -> dict[str, Any]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ScriptError(f"{path.name}: safetensors header is not valid JSON; the file is corrupt") from None
+    except RecursionError:
+        raise ScriptError(f"{path.name}: safetensors header is nested too deeply to parse; the file is corrupt") from None
     if not isinstance(header, dict):
         raise ScriptError(f"{path.name}: safetensors header is not a JSON object")
-    return header
+    return header, size - 8 - length
 
 
-def _tensors_from_header(header: dict[str, Any], filename: str) -> dict[str, TensorInfo]:
+def _tensors_from_header(header: dict[str, Any], filename: str, data_size: int | None = None,
+                         label: str | None = None) -> dict[str, TensorInfo]:
+    """Tensor infos from a parsed header, each entry checked against the safetensors format.
+
+    Checks the dtype, the shape (whole numbers >= 0), that ``data_offsets`` hold exactly
+    shape x dtype bytes, that no two tensors overlap and, when ``data_size`` is known, that
+    every tensor ends inside the file.
+    """
+    where = label or filename
     tensors = {}
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise ScriptError(f"{where}: safetensors __metadata__ is {_describe(entry)}, expected a JSON "
+                                  "object of strings; the file is corrupt")
             continue
-        try:
-            tensors[name] = TensorInfo(name, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]), filename)
-        except (KeyError, TypeError, ValueError):
-            raise ScriptError(f"{filename}: malformed safetensors header entry for {name!r}") from None
+        if not isinstance(entry, dict) or not all(k in entry for k in ("dtype", "shape", "data_offsets")):
+            raise ScriptError(f"{where}: malformed safetensors header entry for {name!r}")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
+            raise ScriptError(f"{where}: tensor {name!r} has dtype {_describe(dtype)}, not a safetensors dtype "
+                              f"({', '.join(DTYPE_BITS)})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise ScriptError(f"{where}: tensor {name!r} has shape {_describe(shape)}; every dimension must be "
+                              "a whole number >= 0")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ScriptError(f"{where}: tensor {name!r} has data_offsets {_describe(offsets)}; expected "
+                              "[begin, end] with 0 <= begin <= end")
+        info = TensorInfo(name, dtype, tuple(shape), filename)
+        expected = (info.num_elements * DTYPE_BITS[dtype] + 7) // 8
+        begin, end = offsets
+        if end - begin != expected:
+            raise ScriptError(f"{where}: tensor {name!r} ({dtype} {shape}) needs {expected} bytes but its "
+                              f"data_offsets {offsets} hold {end - begin}; the file is corrupt")
+        if data_size is not None and end > data_size:
+            raise ScriptError(f"{where}: tensor {name!r} ends at data byte {end}, past the end of the file's "
+                              f"{max(data_size, 0)} data bytes; the file is truncated or corrupt")
+        spans.append((begin, end, name))
+        tensors[name] = info
+    spans.sort()
+    for (_, first_end, first), (second_begin, _, second) in zip(spans, spans[1:]):
+        if second_begin < first_end:
+            raise ScriptError(f"{where}: tensors {first!r} and {second!r} overlap in the file "
+                              "(data_offsets); the file is corrupt")
     return tensors
 
 
@@ -377,7 +573,8 @@ def read_tensor_infos(source: ModelSource, weights: WeightFiles | None = None) -
     if source.is_local:
         tensors: dict[str, TensorInfo] = {}
         for filename in weights.files:
-            tensors.update(_tensors_from_header(read_safetensors_header(source.fetch(filename)), filename))
+            header, data_size = read_safetensors_file(source.fetch(filename))
+            tensors.update(_tensors_from_header(header, filename, data_size))
         return tensors
     return _hub_tensor_infos(source, weights)
 
@@ -474,10 +671,12 @@ def _hub_list_files(source: ModelSource) -> list[str]:
         for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
             if index_name in files:
                 try:
-                    index = json.loads((snapshot / index_name).read_text())
-                    files.extend(set((index.get("weight_map") or {}).values()))
-                except (OSError, json.JSONDecodeError, AttributeError):
-                    pass
+                    index = json.loads((snapshot / index_name).read_text(encoding="utf-8"))
+                    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+                    if isinstance(weight_map, dict):
+                        files.extend({v for v in weight_map.values() if isinstance(v, str)})
+                except (OSError, ValueError, RecursionError):
+                    pass  # weight_files reads the index again and names what is wrong with it
         return sorted(set(files))
     HfApi = _hub_client().HfApi
 
@@ -505,7 +704,8 @@ def _hub_tensor_infos(source: ModelSource, weights: WeightFiles) -> dict[str, Te
                     f"{filename} of {source.repo_id} is not in the HF cache and HF_HUB_OFFLINE is set; "
                     "unset it to read headers from the Hub (no weights are downloaded)"
                 ) from None
-            tensors.update(_tensors_from_header(read_safetensors_header(path), filename))
+            header, data_size = read_safetensors_file(path)
+            tensors.update(_tensors_from_header(header, filename, data_size, f"{filename} of {source.repo_id}"))
         return tensors
     HfApi = _hub_client().HfApi
     from huggingface_hub import errors
@@ -522,10 +722,17 @@ def _hub_tensor_infos(source: ModelSource, weights: WeightFiles) -> dict[str, Te
                 f"{filename} of {source.repo_id}: safetensors header is truncated, oversized or not valid "
                 "JSON; the file is corrupt"
             ) from None
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
+            # The client builds its tensor records from the header without checking it.
+            raise ScriptError(f"{filename} of {source.repo_id}: malformed safetensors header; the file is corrupt") from None
         except Exception as exc:  # noqa: BLE001
             raise _hub_error(source, exc, f"the safetensors header of {filename}") from None
-        for name, info in file_meta.tensors.items():
-            tensors[name] = TensorInfo(name, str(info.dtype), tuple(int(d) for d in info.shape), filename)
+        # The same checks as a local header, except the file end (a ranged read does not know it).
+        header = {name: {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": list(info.data_offsets)}
+                  for name, info in file_meta.tensors.items()}
+        if file_meta.metadata is not None:
+            header["__metadata__"] = file_meta.metadata
+        tensors.update(_tensors_from_header(header, filename, None, f"{filename} of {source.repo_id}"))
     return tensors
 
 

@@ -21,12 +21,16 @@ from pathlib import Path
 
 import model_source
 from cli_support import ScriptError
+from input_files import describe_path_problem, parse_python, read_text
 
 # Files every scaffolded port has besides its graph module ``<slug>.py``.
-STANDARD_MODULES = ("__init__", "arch", "model_config", "model", "weight_adapters")
+STANDARD_MODULES = ("__init__", "arch", "model_config", "model", "weight_adapters", "computed_buffers")
 
 # Written by the scaffold into every port; the gates read it.
 MANIFEST_NAME = "scaffold_manifest.json"
+
+# How ``importable_origin`` names a namespace package (a folder without ``__init__.py``).
+NAMESPACE_ORIGIN = "a namespace package"
 
 # safetensors dtype -> the MAX encoding that serves it unchanged.
 FLOAT_ENCODINGS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -61,25 +65,65 @@ def slug_from_name(name: str) -> str:
 def slug_problem(slug: str, reserved: tuple[str, ...] = ()) -> str | None:
     """Why ``slug`` cannot name a port, or None when it can.
 
-    A slug must be a Python identifier, not a keyword, not one of the port's own
-    module names (``reserved``), and nothing importable may already have that
-    name: MAX imports the port as a top-level module, so a clash would import
-    the other module instead.
+    The one slug rule for scaffold, serve, audit and gates: a non-empty ASCII
+    Python identifier, not a dunder name (``__main__``), not a keyword, not one
+    of the port's own module names (``reserved``), and nothing importable may
+    already have that name: MAX imports the port as a top-level module, so a
+    clash would import the other module instead.
     """
+    problem = slug_form_problem(slug, reserved)
+    if problem:
+        return problem
+    origin = importable_origin(slug)
+    if origin is not None:
+        return f"slug {slug!r} is already importable ({origin}); MAX would import that instead"
+    return None
+
+
+def slug_form_problem(slug: str, reserved: tuple[str, ...] = ()) -> str | None:
+    """The parts of the slug rule that need no import search (see ``slug_problem``)."""
+    if not slug:
+        return "slug is empty"
+    if not slug.isascii():
+        return f"slug {slug!r} is not ASCII (use letters a-z, digits and _)"
     if not slug.isidentifier():
         return f"slug {slug!r} is not a valid Python identifier (use letters, digits and _)"
+    if slug.startswith("__") and slug.endswith("__"):
+        return f"slug {slug!r} is a dunder name, which Python reserves"
     if keyword.iskeyword(slug):
         return f"slug {slug!r} is a Python keyword"
     if slug in reserved or slug in STANDARD_MODULES:
         return f"slug {slug!r} clashes with a module name inside the port"
+    return None
+
+
+def importable_origin(slug: str) -> str | None:
+    """Where an importable module named ``slug`` comes from, or None when nothing has that name."""
     try:
         found = importlib.util.find_spec(slug)
     except (ImportError, ValueError):
-        found = None
-    if found is not None:
-        origin = found.origin or "a namespace package"
-        return f"slug {slug!r} is already importable ({origin}); MAX would import that instead"
-    return None
+        return None
+    if found is None:
+        return None
+    return found.origin or NAMESPACE_ORIGIN
+
+
+def port_slug_problem(port_path: Path) -> str | None:
+    """The slug rule applied to an existing port folder's name (the port itself may be importable)."""
+    slug = port_path.name
+    problem = slug_form_problem(slug)
+    if problem:
+        return problem
+    origin = importable_origin(slug)
+    if origin is None or origin == NAMESPACE_ORIGIN:
+        return None  # a regular package (the port) wins over a namespace portion of the same name
+    try:
+        inside = Path(origin).resolve().is_relative_to(port_path.resolve())
+    except (OSError, RuntimeError, ValueError):
+        inside = False
+    if inside:
+        return None
+    return f"slug {slug!r} is already importable ({origin}); MAX would import that instead"
 
 
 @dataclass(frozen=True)
@@ -101,26 +145,70 @@ class PortDir:
         return self.path / f"{module.replace('.', '/')}.py"
 
 
-def resolve_port_dir(value: str) -> PortDir:
+def resolve_port_dir(value: str, flag: str = "port folder") -> PortDir:
     """Normalize a port folder argument; exit 3 (ScriptError) when it is not a port.
 
     A trailing slash is accepted. A parent folder holding exactly one port is
-    refused with a message naming the port folder to pass instead.
+    refused with a message naming the port folder to pass instead. The folder
+    name must pass the slug rule, and ``__init__.py`` and ``arch.py`` must be
+    readable files.
     """
-    text = value.rstrip("/\\") or value
+    if not str(value).strip():
+        raise ScriptError(f"{flag} is empty; name the port folder DIR/<slug>")
+    text = str(value).rstrip("/\\") or str(value)
     path = Path(text).expanduser()
-    if not path.is_dir():
+    problem = describe_path_problem(path)
+    if problem == "does not exist":
         raise ScriptError(f"port folder not found: {value}")
-    if (path / "arch.py").is_file() and (path / "__init__.py").is_file():
-        return PortDir(path.resolve())
-    inner = sorted(p for p in path.iterdir() if p.is_dir() and (p / "arch.py").is_file()
-                   and (p / "__init__.py").is_file())
+    if problem != "is a folder, not a file":
+        raise ScriptError(f"{flag} {value} is a file, not a folder" if problem is None else f"{flag} {value} {problem}")
+    if _is_port(path):
+        try:
+            resolved = path.resolve()
+        except (OSError, RuntimeError) as exc:
+            raise ScriptError(f"{flag} {value} cannot be resolved ({exc})") from None
+        for name in ("__init__.py", "arch.py"):
+            file_problem = describe_path_problem(resolved / name)
+            if file_problem:
+                raise ScriptError(f"{resolved / name} {file_problem}")
+        slug_trouble = port_slug_problem(resolved)
+        if slug_trouble:
+            raise ScriptError(f"{flag} {resolved}: {slug_trouble}; rename the folder")
+        return PortDir(resolved)
+    try:
+        inner = sorted(p for p in path.iterdir() if _is_port(p) and p.is_dir())
+    except OSError as exc:
+        raise ScriptError(f"cannot list {flag} {value}: {exc.strerror or exc}") from None
     if len(inner) == 1:
         raise ScriptError(f"{value} is the parent folder, not a port; pass the port folder {inner[0]}")
     if inner:
         names = ", ".join(str(p) for p in inner)
         raise ScriptError(f"{value} is a parent folder holding several ports; pass one of: {names}")
     raise ScriptError(f"{value} is not a port folder (no arch.py and __init__.py in it)")
+
+
+def port_python_files(port_path: Path) -> list[Path]:
+    """Every ``.py`` entry below the port (links and folders so named included), ``__pycache__`` aside."""
+    try:
+        return sorted(p for p in port_path.rglob("*.py") if "__pycache__" not in p.relative_to(port_path).parts)
+    except OSError as exc:
+        raise ScriptError(f"cannot list the port folder {port_path}: {exc.strerror or exc}") from None
+
+
+def check_port_files(port: PortDir) -> list[Path]:
+    """Read every ``.py`` of the port as UTF-8 text; ScriptError naming the first one that cannot be read."""
+    paths = port_python_files(port.path)
+    for path in paths:
+        read_text(path, "port file")
+    return paths
+
+
+def _is_port(path: Path) -> bool:
+    """True when ``path`` holds entries named ``arch.py`` and ``__init__.py`` (of any kind, links included)."""
+    try:
+        return all((path / name).is_symlink() or (path / name).exists() for name in ("arch.py", "__init__.py"))
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -135,10 +223,7 @@ class ArchDeclaration:
 
 def read_arch_declaration(arch_file: Path) -> ArchDeclaration:
     """Parse ``arch.py`` without importing it; ScriptError when there is no SupportedArchitecture call."""
-    try:
-        tree = ast.parse(arch_file.read_text(encoding="utf-8"), filename=str(arch_file))
-    except (OSError, SyntaxError) as exc:
-        raise ScriptError(f"cannot parse {arch_file}: {exc}") from None
+    tree = parse_python(arch_file, "port file")
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and _call_name(node.func) == "SupportedArchitecture":
             fields = {kw.arg: kw.value for kw in node.keywords if kw.arg}

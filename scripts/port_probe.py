@@ -24,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import cli_support
+import input_files
 import model_source
 import port_layout
 from cli_support import ScriptError
@@ -49,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    port = port_layout.resolve_port_dir(args.port_dir)
+    port = port_layout.resolve_port_dir(args.port_dir, "--port-dir")
     source = model_source.resolve(args.model, args.revision)
     try:
         result = RUNNERS[args.check](port, source, args.encoding)
@@ -186,7 +187,7 @@ def graph_class_of(port: port_layout.PortDir) -> Any:
     for path in sorted(port.path.rglob("*.py")):
         if path.name == f"{port.slug}.py":
             continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(input_files.parse_python(path, "port file")):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) == 1:
                 called.append(node.func.id)
     for name in called:

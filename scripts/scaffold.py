@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import cli_support
+import input_files
 import model_source
 import port_layout
 from cli_support import ScriptError
@@ -126,11 +125,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    for flag, value in (("--slug", args.slug), ("--arch-name", args.arch_name)):
+        if value is not None and not value.strip():
+            raise ScriptError(f"{flag} is empty; give a name or leave the flag out")
+    output_dir = input_files.check_output_dir(args.output_dir, "--output-dir")
+    check_not_in_skill(output_dir)
     source = model_source.resolve(args.model, args.revision)
     config = model_source.read_config(source)
-    arch_name = args.arch_name or config["architectures"][0]
-    if not arch_name.isidentifier():
-        raise ScriptError(f"architecture name {arch_name!r} is not a valid identifier")
+    arch_name = args.arch_name if args.arch_name is not None else config["architectures"][0]
+    if not (arch_name.isascii() and arch_name.isidentifier()):
+        raise ScriptError(f"architecture name {arch_name!r} is not a valid identifier (ASCII letters, digits and _)")
     index = ModuleIndex(ARCH_PACKAGE, Path(cli_support.max_package_dir()) / "pipelines" / "architectures")
     cli_support.warn_if_untested_max()
     donor = args.start_from.strip().strip("/")
@@ -138,26 +142,43 @@ def main(args: argparse.Namespace) -> int:
     if donor_pkg is None or not donor_pkg.is_package or not (donor_pkg.path.parent / "arch.py").is_file():
         raise ScriptError(f"--start-from {args.start_from!r} is not a MAX architecture folder with an arch.py "
                           "(run list-archs for the native ones)")
-    slug = args.slug or port_layout.slug_from_name(source.name)
-    output_dir = Path(args.output_dir).expanduser()
+    slug = args.slug if args.slug is not None else port_layout.slug_from_name(source.name)
     port_dir = output_dir / slug
     mapping_preview = plan_mapping(index, donor, slug)
-    problem = port_layout.slug_problem(slug, reserved=tuple(v for v in mapping_preview.values() if v != slug))
+    problem = port_layout.slug_problem(slug, reserved=reserved_names(mapping_preview, slug))
     if problem:
         raise ScriptError(problem + " (choose another with --slug)")
-    if port_dir.exists() and not args.force:
+    if source.local_dir is not None:
+        input_files.check_not_inside(port_dir, Path(source.local_dir), "the port folder", "model folder")
+    if (port_dir.exists() or port_dir.is_symlink()) and not args.force:
         raise ScriptError(f"{port_dir} already exists; pass --force to move it to a timestamped backup")
     encoding = default_encoding(source, config)
     try:
         plan = build_plan(index, donor, slug, arch_name, encoding, source, mapping_preview)
     except ValueError as exc:
         return cli_support.report_error(f"cannot scaffold from {donor}: {exc}", args, 2)
-    plan.port_dir = str(port_dir.resolve())
+    plan.port_dir = str(port_dir)
     backup = None
     if not args.dry_run:
         backup = write_port(plan, port_dir)
     report(plan, args, backup)
     return 0
+
+
+# Folders of the skill itself that a port must not be written into: the scripts folder is first on every
+# script's sys.path (a port there would shadow modules), and the docs are the skill's own text.
+SKILL_ROOT = Path(__file__).resolve().parent.parent
+SKILL_FOLDERS = ("scripts", "references", "templates")
+
+
+def check_not_in_skill(output_dir: Path) -> None:
+    """Refuse ``--output-dir`` at the skill root itself or inside one of its own folders."""
+    if output_dir == SKILL_ROOT:
+        raise ScriptError(f"--output-dir {output_dir} is the skill's own root folder; choose another folder")
+    for name in SKILL_FOLDERS:
+        folder = SKILL_ROOT / name
+        if output_dir == folder or folder in output_dir.parents:
+            raise ScriptError(f"--output-dir {output_dir} lies in the skill's {name} folder; choose another folder")
 
 
 def plan_mapping(index: ModuleIndex, donor: str, slug: str) -> dict[str, str]:
@@ -193,6 +214,21 @@ def plan_mapping(index: ModuleIndex, donor: str, slug: str) -> dict[str, str]:
         taken.add(target)
         mapping[module.name] = target
     return mapping
+
+
+def reserved_names(mapping: dict[str, str], slug: str) -> tuple[str, ...]:
+    """Port module names the slug must not take: every copied module's name, and the slug itself when a module
+    other than one graph module (``<family>.<family>``) would be written to ``<slug>.py``."""
+    names = {port_name for port_name in mapping.values() if port_name and port_name != slug}
+    at_slug = [source_name for source_name, port_name in mapping.items() if port_name == slug]
+    if len(at_slug) > 1 or (at_slug and not _is_family_graph(at_slug[0])):
+        names.add(slug)
+    return tuple(sorted(names))
+
+
+def _is_family_graph(source_name: str) -> bool:
+    parts = source_name[len(ARCH_PACKAGE) + 1:].split(".")
+    return len(parts) == 2 and parts[0] == parts[1]
 
 
 def default_encoding(source: model_source.ModelSource, config: dict) -> str:
@@ -398,26 +434,29 @@ def builds_own_graph(text: str, slug: str) -> bool:
 
 
 def write_port(plan: PortPlan, port_dir: Path) -> str | None:
-    """Write into a temporary folder, then move it into place (backing up an existing port)."""
-    port_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = port_dir.parent / f".{plan.slug}.scaffold-tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    for rel_path, text in plan.texts.items():
-        target = staging / rel_path
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text, encoding="utf-8")
-    (staging / port_layout.MANIFEST_NAME).write_text(json.dumps(manifest(plan, None), indent=2) + "\n")
-    backup = None
-    if port_dir.exists():
-        backup = str(port_dir.parent / f"{plan.slug}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
-        suffix = 1
-        while Path(backup).exists():
-            backup = f"{backup}-{suffix}"
-            suffix += 1
-        port_dir.rename(backup)
-    staging.rename(port_dir)
-    return backup
+    """Write into a staging folder of this run's own, then move it into place (backing up an existing port).
+
+    The staging folder is a fresh ``tempfile.mkdtemp`` in the output folder, so nothing another run (or the
+    user) left there is touched; on any failure this run removes its staging folder and the output folders it
+    created, and nothing else.
+    """
+    staging, created = input_files.make_staging_dir(port_dir, f".{plan.slug}.scaffold-", "--output-dir")
+    try:
+        for rel_path, text in plan.texts.items():
+            target = staging / rel_path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+        (staging / port_layout.MANIFEST_NAME).write_text(json.dumps(manifest(plan, None), indent=2) + "\n",
+                                                        encoding="utf-8")
+        replace = port_dir.exists() or port_dir.is_symlink()
+        backup = input_files.move_into_place(staging, port_dir, replace)
+    except OSError as exc:
+        input_files.discard_staging(staging, created)
+        raise ScriptError(f"cannot write the port {port_dir}: {exc.strerror or exc}") from None
+    except BaseException:
+        input_files.discard_staging(staging, created)
+        raise
+    return None if backup is None else str(backup)
 
 
 def manifest(plan: PortPlan, backup: str | None, dry_run: bool = False) -> dict:

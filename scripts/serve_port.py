@@ -2,12 +2,18 @@
 
 Starts the server in the background on 127.0.0.1 with echo enabled, shows
 compile progress (elapsed time and the phase read from the log) on stderr,
-keeps the full log in a file, and prints the base URL and the served model
-name once /v1/models answers. With --port-dir the port package is passed as
---custom-architectures and its folder name (the slug) is the served name.
-`--stop` stops servers this script started (whole process group, no orphaned
-workers). A server that dies while loading gives exit 3 with the cause
-classified and the log's error lines.
+keeps the full log in a file, and prints the base URL, the served model name
+and the server's pid once it is ready. With --port-dir the port package is
+passed as --custom-architectures and its folder name (the slug) is the served
+name. `--stop` stops servers this script started (whole process group, no
+orphaned workers). A server that dies while loading gives exit 3 with the
+cause classified and the log's error lines.
+
+Safe on a shared machine: MODEL, the port folder, --log-file, --timeout and the
+port (a bind test) are checked before `max serve` starts. "Ready" means the
+own child is alive, the socket listening on the port belongs to the child's
+process group (read from /proc) and /v1/models lists the served name; another
+process on the port is exit 3, never "ready".
 
 Public API (for compare, the gates, the demo and tests)::
 
@@ -17,7 +23,7 @@ Public API (for compare, the gates, the demo and tests)::
                                  timeout=1800.0, progress=True) as server:
         server.base_url      # "http://127.0.0.1:PORT"
         server.served_name   # the port's slug with port_dir, else model_path
-        server.port, server.log_path, server.command, server.startup_seconds
+        server.port, server.pid, server.log_path, server.command, server.startup_seconds
     # leaving the block stops the whole process group
 
     serve_port.build_serve_command(model_path, port=..., port_dir=None, devices="cpu",
@@ -28,26 +34,36 @@ Public API (for compare, the gates, the demo and tests)::
     serve_port.normalize_port_dir(path) -> port_layout.PortDir (.path, .slug)
     serve_port.serve_hint(model, port_dir=None, port=None) -> str
         The serve command to suggest in error messages.
+    serve_port.models_endpoint(base_url) -> dict | None   (GET /v1/models as a JSON object)
     serve_port.classify_failure(log_text) -> (cause, error_lines)
     serve_port.ServeFailure(ScriptError): .cause, .error_lines, .log_path
-        cause is one of port-import-error, weight-name-mismatch, shape-mismatch,
-        unsupported-encoding, kernel-constraint, device, timeout, unknown.
+        cause is one of port-in-use, port-taken, port-import-error, weight-name-mismatch,
+        shape-mismatch, unsupported-encoding, kernel-constraint, device, timeout, unknown.
 
 Servers started from the command line are recorded in
-~/.cache/import-model/servers/<port>.json (override the folder with the
-IMPORT_MODEL_SERVER_DIR environment variable) so that `--stop` can find them.
+~/.cache/import-model/servers/<port>-<pid>.json (override the folder with the
+IMPORT_MODEL_SERVER_DIR environment variable) with the pid, process group and
+process start time, so that `--stop` stops only the process it recorded and
+reports a record whose process is gone (or whose pid was reused) as stale.
+IMPORT_MODEL_MAX names the `max` executable to run instead of the environment's
+own (tests point it at a stand-in).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import http.client
+import ipaddress
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -56,9 +72,12 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import cli_support
+import input_files
+import model_source
+import port_layout
 from cli_support import ScriptError
 from port_layout import PortDir
 
@@ -66,7 +85,32 @@ EXIT_CODES = {1: "not used", 2: "not used"}
 
 HOST = "127.0.0.1"
 DEFAULT_TIMEOUT = 1800.0
+# Longer than any compile (a cold real model on a GPU takes under an hour); a larger value is a typo.
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
 STOP_GRACE_SECONDS = 20.0
+# How often the readiness loop looks at the child, the port and /v1/models: a compile takes
+# minutes, so a second of latency costs nothing and keeps the /proc scans cheap.
+POLL_SECONDS = 1.0
+# One /v1/models request; a local server answers in milliseconds once it is up.
+MODELS_REQUEST_SECONDS = 2.0
+# A /v1/models answer larger than this is not MAX's (it lists a handful of models).
+MODELS_BODY_LIMIT = 1024 * 1024
+# Non-interactive progress: print the phase at least this often.
+PROGRESS_EVERY_SECONDS = 15.0
+# A listening socket whose holder cannot be found (another user's process) for this many
+# polls in a row is treated as foreign; one miss may be a process that is just exiting.
+UNKNOWN_OWNER_POLLS = 3
+
+SERVER_DIR_ENV = "IMPORT_MODEL_SERVER_DIR"
+MAX_EXECUTABLE_ENV = "IMPORT_MODEL_MAX"
+RECORD_FORMAT = 2
+RECORD_NAME = re.compile(r"^(\d+)(?:-(\d+))?\.json$")  # <port>-<pid>.json, or a legacy <port>.json
+
+# /proc/net/tcp state of a listening socket.
+TCP_LISTEN = "0A"
+# Local addresses whose listener receives connections to HOST.
+LOOPBACK_REACHING = {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("0.0.0.0"),
+                     ipaddress.ip_address("::"), ipaddress.ip_address("::ffff:127.0.0.1")}
 
 # Log substrings that mark a loading phase, in the order MAX logs them.
 PHASES = (
@@ -81,6 +125,10 @@ PHASES = (
 
 # Failure causes: (cause, patterns on the log, what to tell the user).
 FAILURE_CAUSES = (
+    ("port-in-use",
+     (r"address already in use", r"\[Errno 98\]", r"network port \d+ is already in use"),
+     "another process took the port before max serve could bind it; run serve again without --port "
+     "(it picks a free port) or choose another --port"),
     ("port-import-error",
      (r"Failed to import custom model", r"did not expose an `ARCHITECTURES` list", r"ModuleNotFoundError",
       r"ImportError", r"SyntaxError", r"IndentationError"),
@@ -120,75 +168,137 @@ class RunningServer:
     command: list[str]
     model: str
     startup_seconds: float = 0.0
+    pgid: int = 0
+    start_time: int | None = None
     _process: subprocess.Popen | None = field(default=None, repr=False)
 
     def stop(self) -> bool:
         """Stop the whole process group; True when it was running."""
-        return stop_process_group(self.pid, self._process)
+        return stop_process_group(self.pgid or self.pid, self._process)
 
     def record(self) -> dict:
         return {
-            "base_url": self.base_url, "served_name": self.served_name, "port": self.port, "pid": self.pid,
-            "log_path": str(self.log_path), "command": self.command, "model": self.model,
+            "format": RECORD_FORMAT, "base_url": self.base_url, "served_name": self.served_name, "port": self.port,
+            "pid": self.pid, "pgid": self.pgid or self.pid, "start_time": self.start_time, "boot_id": boot_id(),
+            "uid": os.getuid(), "log_path": str(self.log_path), "command": self.command, "model": self.model,
             "startup_seconds": round(self.startup_seconds, 1),
         }
 
 
 class ServeFailure(ScriptError):
-    """The server died or timed out while loading; carries the classified cause."""
+    """The server died, timed out or lost its port while loading; carries the classified cause."""
 
     def __init__(self, cause: str, hint: str, error_lines: list[str], log_path: Path | None):
         self.cause = cause
         self.error_lines = error_lines
         self.log_path = log_path
-        last = error_lines[-1] if error_lines else "no error line in the log"
-        super().__init__(f"max serve failed ({cause}: {hint}): {last} [full log: {log_path}]")
+        last = f": {error_lines[-1]}" if error_lines else ""
+        super().__init__(f"max serve failed ({cause}: {hint}){last} [full log: {log_path}]")
 
 
-# --- command line ------------------------------------------------------------
+# --- checks before anything starts ---------------------------------------------------
 
 
 def normalize_port_dir(path: str | os.PathLike) -> PortDir:
     """Strip trailing slashes and check the folder is a port package exposing ARCHITECTURES.
 
-    Refuses a parent folder (one that holds a port rather than being one) and
-    a slug that an installed module of the same name would shadow.
+    Refuses a parent folder (one that holds a port rather than being one), an
+    unreadable ``__init__.py``, and a folder name that breaks the one slug rule
+    (``port_layout.port_slug_problem``: ASCII identifier, not shadowed by an
+    installed module).
     """
-    text = str(path).rstrip("/\\") or str(path)
-    folder = Path(text).expanduser().resolve()
-    if not folder.is_dir():
-        raise ScriptError(f"--port-dir {path} is not a folder")
+    text = str(path)
+    if not text.strip():
+        raise ScriptError("--port-dir is empty; name the port folder DIR/<slug>")
+    text = text.rstrip("/\\") or text
+    folder = Path(text).expanduser()
+    problem = input_files.describe_path_problem(folder)
+    if problem != "is a folder, not a file":
+        raise ScriptError(f"--port-dir {path} is not a folder ({problem or 'it is a file'})")
+    try:
+        folder = folder.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise ScriptError(f"--port-dir {path} cannot be resolved ({exc})") from None
     init = folder / "__init__.py"
-    if not init.is_file() or "ARCHITECTURES" not in init.read_text(encoding="utf-8", errors="replace"):
-        children = sorted(p.name for p in folder.iterdir() if (p / "__init__.py").is_file())
+    init_problem = input_files.describe_path_problem(init)
+    if init_problem == "does not exist":
+        try:
+            children = sorted(p.name for p in folder.iterdir() if (p / "__init__.py").is_file())
+        except OSError as exc:
+            raise ScriptError(f"cannot list --port-dir {path}: {exc.strerror or exc}") from None
         hint = f"; did you mean {folder / children[0]}?" if len(children) == 1 else ""
         raise ScriptError(f"--port-dir {path} has no __init__.py defining ARCHITECTURES{hint}")
-    slug = folder.name
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", slug):
-        raise ScriptError(f"--port-dir folder name {slug!r} is not a valid Python module name")
-    _refuse_shadowed_slug(slug, folder)
+    if init_problem:
+        raise ScriptError(f"--port-dir {path}: {init} {init_problem}")
+    if "ARCHITECTURES" not in input_files.read_text(init, "port file"):
+        raise ScriptError(f"--port-dir {path} has no __init__.py defining ARCHITECTURES")
+    slug_trouble = port_layout.port_slug_problem(folder)
+    if slug_trouble:
+        raise ScriptError(f"--port-dir {folder}: {slug_trouble}; rename the folder")
     return PortDir(folder)
 
 
-def _refuse_shadowed_slug(slug: str, folder: Path) -> None:
-    # MAX appends the port's parent to sys.path, so an installed module with the same name wins.
-    import importlib.util
+def check_model(model: str) -> None:
+    """Refuse a MODEL `max serve` could not load before anything starts (missing folder, uncached Hub ID)."""
+    path = Path(str(model)).expanduser()
+    if path.is_file():
+        raise ScriptError(f"MODEL {model} is a file; serve needs the model folder ({path.parent})")
+    source = model_source.resolve(str(model))
+    source.read_json("config.json")
 
+
+def check_timeout(timeout: float) -> float:
+    """A finite, positive number of seconds (nan, inf, 0 and negatives are refused)."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) \
+            or timeout <= 0:
+        raise ScriptError(f"--timeout {timeout} is not a positive number of seconds")
+    if timeout > MAX_TIMEOUT_SECONDS:
+        raise ScriptError(f"--timeout {timeout:g} is more than {MAX_TIMEOUT_SECONDS:.0f} seconds (a week)")
+    return float(timeout)
+
+
+def check_port_number(port: Any, flag: str = "--port") -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ScriptError(f"{flag} {port} is not a TCP port number (1-65535)")
+    return port
+
+
+def check_log_file(value: str | os.PathLike) -> Path:
+    """The --log-file path, refused when it is a folder, a link loop, a dangling link or below a file."""
+    text = str(value)
+    if not text.strip():
+        raise ScriptError("--log-file is empty; name a file")
+    path = Path(text).expanduser()
+    problem = input_files.describe_path_problem(path)
+    if problem == "does not exist":
+        input_files.check_output_dir(path.parent, "--log-file's folder")
+    elif problem:
+        raise ScriptError(f"--log-file {value} {problem}")
     try:
-        spec = importlib.util.find_spec(slug)
-    except (ImportError, ValueError):
-        return
-    if spec is None or not spec.origin:
-        return
-    found = Path(spec.origin).resolve()
-    if folder not in found.parents:
-        raise ScriptError(
-            f"an installed module named {slug!r} ({found}) would shadow the port at {folder}; rename the port folder"
-        )
+        return path.resolve()
+    except (OSError, RuntimeError) as exc:
+        raise ScriptError(f"--log-file {value} cannot be resolved ({exc})") from None
+
+
+def check_option_text(value: str, flag: str) -> str:
+    if not str(value).strip() or any(ch.isspace() for ch in str(value)):
+        raise ScriptError(f"{flag} {value!r} is empty or holds spaces")
+    return value
 
 
 def max_executable() -> str:
-    """The `max` command of the Python environment running this script."""
+    """The `max` command: $IMPORT_MODEL_MAX, else the one beside this Python, else the one on PATH."""
+    override = os.environ.get(MAX_EXECUTABLE_ENV)
+    if override is not None:
+        if not override.strip():
+            raise ScriptError(f"{MAX_EXECUTABLE_ENV} is set but empty; unset it or name the max executable")
+        path = Path(override).expanduser()
+        problem = input_files.describe_path_problem(path)
+        if problem:
+            raise ScriptError(f"{MAX_EXECUTABLE_ENV} {override} {problem}")
+        if not os.access(path, os.X_OK):
+            raise ScriptError(f"{MAX_EXECUTABLE_ENV} {override} is not executable")
+        return str(path)
     beside = Path(sys.executable).parent / "max"
     if beside.is_file():
         return str(beside)
@@ -236,10 +346,166 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_problem(port: int) -> str | None:
+    """Why `max serve` could not bind ``port`` now, or None when it could.
+
+    Binds the way MAX does (SO_REUSEADDR): first on HOST (where its HTTP server
+    listens), then on all interfaces (MAX's own start-up check). Nothing listens.
+    """
+    for address in (HOST, ""):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((address, port))
+            except OSError as exc:
+                where = address or "all interfaces"
+                if exc.errno == errno.EADDRINUSE:
+                    owner = listen_check(port, None)
+                    holder = f" (by {owner.detail})" if owner.state == "foreign" else ""
+                    return f"is already in use on {where}{holder}"
+                return f"cannot be bound on {where} ({exc.strerror or exc})"
+    return None
+
+
 def port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((HOST, port)) == 0
+    return port_problem(port) is not None
+
+
+# --- who listens on a port (Linux /proc) -------------------------------------------------
+
+
+def _decode_address(hex_address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A /proc/net/tcp{,6} local address (32-bit words in host byte order)."""
+    try:
+        raw = bytes.fromhex(hex_address)
+        words = [raw[i:i + 4] for i in range(0, len(raw), 4)]
+        packed = b"".join(struct.pack("=I", int.from_bytes(word, "big")) for word in words)
+        return ipaddress.ip_address(packed)
+    except ValueError:
+        return None
+
+
+def parse_listen_table(text: str, port: int) -> set[int]:
+    """Inodes of the LISTEN sockets on ``port`` in one /proc/net/tcp{,6} table that reach HOST."""
+    inodes = set()
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) < 10 or parts[3] != TCP_LISTEN or ":" not in parts[1]:
+            continue
+        hex_address, _, hex_port = parts[1].partition(":")
+        try:
+            if int(hex_port, 16) != port or not parts[9].isdigit() or int(parts[9]) == 0:
+                continue
+        except ValueError:
+            continue
+        if _decode_address(hex_address) in LOOPBACK_REACHING:
+            inodes.add(int(parts[9]))
+    return inodes
+
+
+def listening_inodes(port: int) -> set[int] | None:
+    """Inodes of every socket listening on ``port`` (reaching HOST), or None without /proc/net/tcp."""
+    found, readable = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            text = Path(table).read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue
+        readable = True
+        found |= parse_listen_table(text, port)
+    return found if readable else None
+
+
+def socket_holders(inodes: set[int]) -> dict[int, set[int]]:
+    """inode -> pids whose open files include that socket (processes this user may inspect)."""
+    wanted = {f"socket:[{inode}]": inode for inode in inodes}
+    holders: dict[int, set[int]] = {inode: set() for inode in inodes}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fds = os.scandir(f"/proc/{entry.name}/fd")
+        except OSError:
+            continue
+        with fds:
+            for fd in fds:
+                try:
+                    target = os.readlink(fd.path)
+                except OSError:
+                    continue
+                if target in wanted:
+                    holders[wanted[target]].add(int(entry.name))
+    return holders
+
+
+@dataclass
+class ProcessIdentity:
+    """What /proc/<pid>/stat says about a process: its group, session and start time (clock ticks)."""
+
+    pid: int
+    state: str
+    pgid: int
+    sid: int
+    start_time: int
+
+
+def process_identity(pid: int) -> ProcessIdentity | None:
+    """The identity of a live process, or None when there is none (zombies count as gone)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        fields = text.rsplit(")", 1)[1].split()
+        identity = ProcessIdentity(pid, fields[0], int(fields[2]), int(fields[3]), int(fields[19]))
+    except (OSError, IndexError, ValueError):
+        return None
+    return None if identity.state in ("Z", "X") else identity
+
+
+def boot_id() -> str | None:
+    """This boot's id (start times count from boot, so a record from an earlier boot is stale)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip() or None
+    except OSError:
+        return None
+
+
+def describe_process(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return f"pid {pid}"
+    command = " ".join(part.decode("utf-8", "replace") for part in raw.split(b"\0") if part)
+    return f"pid {pid} ({command[:80]})" if command else f"pid {pid}"
+
+
+@dataclass
+class ListenCheck:
+    """Who listens on a port: none, ours, foreign, unknown (holder not found) or unchecked (no /proc)."""
+
+    state: str
+    detail: str = ""
+
+
+def listen_check(port: int, pgid: int | None) -> ListenCheck:
+    """Whether every socket listening on ``port`` belongs to process group ``pgid``."""
+    inodes = listening_inodes(port)
+    if inodes is None:
+        return ListenCheck("unchecked", "no /proc/net/tcp to read")
+    if not inodes:
+        return ListenCheck("none")
+    holders = socket_holders(inodes)
+    foreign, unknown = [], []
+    for inode, pids in sorted(holders.items()):
+        if not pids:
+            unknown.append(inode)
+        for pid in sorted(pids):
+            identity = process_identity(pid)
+            if identity is None or pgid is None or identity.pgid != pgid:
+                foreign.append(pid)
+    if foreign:
+        return ListenCheck("foreign", ", ".join(describe_process(pid) for pid in foreign[:3]))
+    if unknown:
+        return ListenCheck("unknown", "a process this user cannot inspect")
+    return ListenCheck("ours")
 
 
 # --- log reading ---------------------------------------------------------------
@@ -280,16 +546,55 @@ def _read(path: Path) -> str:
         return ""
 
 
-# --- process lifetime --------------------------------------------------------
+# --- /v1/models ------------------------------------------------------------------------
 
 
-def models_endpoint(base_url: str, timeout: float = 2.0) -> dict | None:
-    """The JSON of GET /v1/models, or None when the server does not answer."""
+@dataclass
+class ModelsAnswer:
+    """One GET /v1/models: whether anything answered, the model names listed, and what was wrong."""
+
+    answered: bool
+    names: list[str] | None = None
+    problem: str = ""
+
+
+def probe_models(base_url: str, timeout: float = MODELS_REQUEST_SECONDS) -> ModelsAnswer:
+    """GET /v1/models; never raises for a bad answer (HTTP error, HTML, non-JSON, a JSON list)."""
     try:
         with urllib.request.urlopen(f"{base_url}/v1/models", timeout=timeout) as response:
-            return json.loads(response.read().decode("utf-8"))
-    except (urllib.error.URLError, OSError, ValueError):
+            body = response.read(MODELS_BODY_LIMIT + 1)
+    except urllib.error.HTTPError as exc:
+        return ModelsAnswer(True, None, f"/v1/models answered HTTP {exc.code}")
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
+        return ModelsAnswer(False, None, "nothing answered /v1/models")
+    if len(body) > MODELS_BODY_LIMIT:
+        return ModelsAnswer(True, None, "/v1/models answered more than 1 MiB")
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        kind = "an HTML page" if body.lstrip()[:1] == b"<" else "text that is not JSON"
+        return ModelsAnswer(True, None, f"/v1/models answered {kind}")
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, list):
+        what = input_files.json_type_name(document) if not isinstance(document, dict) else "an object without a data list"
+        return ModelsAnswer(True, None, f"/v1/models answered {what}")
+    names = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
+    return ModelsAnswer(True, names, "" if names else "/v1/models lists no model")
+
+
+def models_endpoint(base_url: str, timeout: float = MODELS_REQUEST_SECONDS) -> dict | None:
+    """The JSON object of GET /v1/models (its ``data`` a list), or None when nothing like it answers."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/v1/models", timeout=timeout) as response:
+            document = json.loads(response.read(MODELS_BODY_LIMIT).decode("utf-8"))
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, RecursionError):
         return None
+    if not isinstance(document, dict) or not isinstance(document.get("data", []), list):
+        return None
+    return document
+
+
+# --- process lifetime --------------------------------------------------------
 
 
 def start_server(
@@ -304,32 +609,41 @@ def start_server(
     progress: bool = True,
     served_name: str | None = None,
 ) -> RunningServer:
-    """Start `max serve` in its own process group and wait until /v1/models answers.
+    """Start `max serve` in its own process group and wait until it is ready and its own.
 
-    Raises ServeFailure (exit 3) when the server dies or does not answer in
-    ``timeout`` seconds; the process group is stopped in both cases.
+    Everything that can be checked before the compile is (MODEL, port folder,
+    log file, timeout, a bind test on the port). Raises ServeFailure (exit 3)
+    when the server dies, another process holds the port, or it is not ready
+    in ``timeout`` seconds; the process group is stopped in each case.
     """
+    timeout = check_timeout(timeout)
+    check_model(model_path)
+    log_file = check_log_file(log_path) if log_path is not None else None
     if port is None:
         port = free_port()
-    elif port_in_use(port):
-        raise ScriptError(f"port {port} is already in use on {HOST}; pick another --port or stop that server")
+    check_port_number(port)
     command = build_serve_command(model_path, port=port, port_dir=port_dir, devices=devices, encoding=encoding,
                                   served_name=served_name)
+    problem = port_problem(port)
+    if problem:
+        raise ScriptError(f"port {port} {problem}; pick another --port, or leave --port out to get a free one")
     served = command[command.index("--served-model-name") + 1] if "--served-model-name" in command else str(model_path)
-    if log_path is None:
+    if log_file is None:
         handle, name = tempfile.mkstemp(prefix=f"max-serve-{port}-", suffix=".log")
         os.close(handle)
-        log_path = name
-    log_path = Path(log_path).resolve()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = Path(name)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env.setdefault("MAX_SERVE_DISABLE_TELEMETRY", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with open(log_path, "wb") as log:
+    with open(log_file, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    env=env, start_new_session=True)
-    server = RunningServer(f"http://{HOST}:{port}", served, port, process.pid, log_path, command, str(model_path),
-                           _process=process)
+    identity = process_identity(process.pid)
+    server = RunningServer(f"http://{HOST}:{port}", served, port, process.pid, log_file, command, str(model_path),
+                           pgid=process.pid, start_time=identity.start_time if identity else None, _process=process)
+    if progress:
+        print(f"serve: started max serve (pid {process.pid}) on port {port}; log: {log_file}", file=sys.stderr)
     try:
         _wait_until_ready(server, process, timeout, progress)
     except BaseException:
@@ -338,34 +652,64 @@ def start_server(
     return server
 
 
+def _port_taken(server: RunningServer, holder: str) -> ServeFailure:
+    hint = (f"port {server.port} is held by {holder}, not by this serve's max serve (pid {server.pid}); "
+            "run serve again without --port (it picks a free port) or choose another --port")
+    return ServeFailure("port-taken", hint, [], server.log_path)
+
+
 def _wait_until_ready(server: RunningServer, process: subprocess.Popen, timeout: float, progress: bool) -> None:
     started = time.monotonic()
     shown_phase, shown_at = "", 0.0
     interactive = progress and sys.stderr.isatty()
+    unknown_polls = 0
+    last_answer = "nothing answered /v1/models"
     while True:
         elapsed = time.monotonic() - started
         if process.poll() is not None:
             _clear_line(interactive)
             cause, lines = classify_failure(_read(server.log_path))
             raise ServeFailure(cause, cause_hint(cause), lines, server.log_path)
-        if models_endpoint(server.base_url) is not None:
-            server.startup_seconds = elapsed
+        owner = listen_check(server.port, server.pgid)
+        if owner.state == "foreign" or (owner.state == "unknown" and unknown_polls + 1 >= UNKNOWN_OWNER_POLLS):
             _clear_line(interactive)
-            if progress:
-                print(f"serve: ready after {elapsed:.0f}s at {server.base_url}", file=sys.stderr)
-            return
+            raise _port_taken(server, owner.detail)
+        unknown_polls = unknown_polls + 1 if owner.state == "unknown" else 0
+        if owner.state in ("ours", "unchecked"):
+            answer = probe_models(server.base_url)
+            if answer.names is not None and server.served_name not in answer.names:
+                last_answer = f"/v1/models lists {answer.names}, not {server.served_name!r}"
+            elif answer.names is None:
+                last_answer = answer.problem
+            else:
+                # The answer came from whoever listens now: look again, and at the child.
+                again = listen_check(server.port, server.pgid)
+                if again.state == "foreign":
+                    _clear_line(interactive)
+                    raise _port_taken(server, again.detail)
+                if again.state in ("ours", "unchecked") and process.poll() is None:
+                    server.startup_seconds = elapsed
+                    _clear_line(interactive)
+                    if again.state == "unchecked":
+                        print(f"serve: warning: {again.detail}; cannot confirm that port {server.port} is "
+                              "held by this serve's max serve", file=sys.stderr)
+                    if progress:
+                        print(f"serve: ready after {elapsed:.0f}s at {server.base_url} (pid {server.pid})",
+                              file=sys.stderr)
+                    return
         if elapsed > timeout:
             _clear_line(interactive)
             _cause, lines = classify_failure(_read(server.log_path))
-            raise ServeFailure("timeout", cause_hint("timeout") + f" ({timeout:.0f}s)", lines, server.log_path)
+            hint = f"{cause_hint('timeout')} ({timeout:.0f}s; last: {last_answer})"
+            raise ServeFailure("timeout", hint, lines, server.log_path)
         if progress:
             phase = current_phase(_read(server.log_path))
             if interactive:
                 print(f"\rserve: {elapsed:5.0f}s  {phase:<24}", end="", file=sys.stderr, flush=True)
-            elif phase != shown_phase or elapsed - shown_at >= 15:
+            elif phase != shown_phase or elapsed - shown_at >= PROGRESS_EVERY_SECONDS:
                 print(f"serve: {elapsed:.0f}s {phase}", file=sys.stderr, flush=True)
                 shown_phase, shown_at = phase, elapsed
-        time.sleep(1.0)
+        time.sleep(POLL_SECONDS)
 
 
 def _clear_line(interactive: bool) -> None:
@@ -374,7 +718,10 @@ def _clear_line(interactive: bool) -> None:
 
 
 def stop_process_group(pid: int, process: subprocess.Popen | None = None) -> bool:
-    """SIGTERM the process group led by ``pid``, then SIGKILL what is left; True when it was running."""
+    """SIGTERM the process group led by ``pid``, then SIGKILL what is left; True when it was running.
+
+    PermissionError propagates (the group belongs to another user).
+    """
     if process is not None:
         process.poll()
     if not _group_alive(pid):
@@ -432,47 +779,137 @@ def served_model(model_path: str, **kwargs) -> Iterator[RunningServer]:
 
 
 def server_dir() -> Path:
-    return Path(os.environ.get("IMPORT_MODEL_SERVER_DIR") or Path.home() / ".cache" / "import-model" / "servers")
+    return Path(os.environ.get(SERVER_DIR_ENV) or Path.home() / ".cache" / "import-model" / "servers")
+
+
+def check_server_dir() -> Path:
+    """The record folder, refused (before any compile) when it cannot hold records."""
+    return input_files.check_output_dir(server_dir(), f"server record folder ({SERVER_DIR_ENV})")
 
 
 def write_record(server: RunningServer) -> Path:
-    folder = server_dir()
+    """Write ``<port>-<pid>.json``; never replaces an existing file (the record appears whole or not at all)."""
+    folder = check_server_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{server.port}.json"
-    path.write_text(json.dumps(server.record(), indent=2) + "\n")
+    path = folder / f"{server.port}-{server.pid}.json"
+    handle, staging = tempfile.mkstemp(prefix=f".{server.port}-{server.pid}-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(json.dumps(server.record(), indent=2) + "\n")
+        try:
+            os.link(staging, path)
+        except FileExistsError:
+            # Only a stale record (its process gone, the pid now ours) may be replaced.
+            state, _reason = record_state(parse_record(path))
+            if state != "stale":
+                raise ScriptError(f"server record {path} already exists for a live process; not replacing it") \
+                    from None
+            path.unlink()
+            os.link(staging, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
     return path
 
 
-def read_records(port: int | None = None) -> list[tuple[Path, dict]]:
+def record_paths(port: int | None) -> list[Path]:
+    """Record files for ``port`` (all ports when None), sorted."""
     folder = server_dir()
-    paths = [folder / f"{port}.json"] if port is not None else sorted(folder.glob("*.json"))
-    records = []
-    for path in paths:
-        try:
-            records.append((path, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
-    return records
-
-
-def _is_max_serve(pid: int) -> bool:
-    # Guard against a recycled pid: the recorded process must still be `max serve`.
+    problem = input_files.describe_path_problem(folder)
+    if problem == "does not exist":
+        return []
+    if problem != "is a folder, not a file":
+        raise ScriptError(f"server record folder {folder} ({SERVER_DIR_ENV}) "
+                          f"{problem or 'is a file, not a folder'}")
     try:
-        cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"serve" in cmdline and any(part.endswith(b"max") for part in cmdline)
+        names = sorted(os.listdir(folder))
+    except OSError as exc:
+        raise ScriptError(f"cannot list server record folder {folder}: {exc.strerror or exc}") from None
+    found = []
+    for name in names:
+        match = RECORD_NAME.match(name)
+        if match and (port is None or int(match.group(1)) == port):
+            found.append(folder / name)
+    return found
 
 
-def stop_recorded(port: int | None) -> list[dict]:
-    """Stop the servers recorded by this script (one port, or all); return what was stopped."""
-    stopped = []
-    for path, record in read_records(port):
-        pid = int(record.get("pid", 0))
-        running = pid > 0 and _is_max_serve(pid) and stop_process_group(pid)
-        stopped.append({"port": record.get("port"), "pid": pid, "was_running": bool(running)})
+_RECORD_INTEGERS = {"port": "a TCP port number", "pid": "a positive integer", "pgid": "a positive integer",
+                    "start_time": "a non-negative integer"}
+
+
+def parse_record(path: Path) -> dict:
+    """A server record, checked; ScriptError naming the file when it is malformed (it is left in place)."""
+    record = input_files.load_json(path, "server record")
+    keep = "; check it and remove it by hand"
+    for key, expected in _RECORD_INTEGERS.items():
+        if key not in record:
+            older = " (written by an older serve, without process identity)" if key in ("pgid", "start_time") else ""
+            raise ScriptError(f"server record {path} has no {key!r}{older}{keep}")
+        value = record[key]
+        low = 0 if key == "start_time" else 1
+        high = 65535 if key == "port" else None
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
+            raise ScriptError(f"server record {path}: {key!r} is {input_files.json_type_name(value)} "
+                              f"({str(value)[:40]}), expected {expected}{keep}")
+    if record.get("boot_id") is not None and not isinstance(record["boot_id"], str):
+        raise ScriptError(f"server record {path}: 'boot_id' is {input_files.json_type_name(record['boot_id'])}, "
+                          f"expected a string{keep}")
+    match = RECORD_NAME.match(path.name)
+    if match and (int(match.group(1)) != record["port"] or (match.group(2) and int(match.group(2)) != record["pid"])):
+        raise ScriptError(f"server record {path} names port {record['port']} and pid {record['pid']}, "
+                          f"which its file name contradicts{keep}")
+    return record
+
+
+def record_state(record: dict) -> tuple[str, str]:
+    """("live" | "orphaned" | "stale", reason) for a parsed record; nothing is signalled."""
+    pid, pgid = record["pid"], record["pgid"]
+    same_boot = record.get("boot_id") is None or boot_id() is None or record["boot_id"] == boot_id()
+    if not same_boot:
+        return "stale", "it was written before the last reboot"
+    identity = process_identity(pid)
+    if identity is None:
+        # A pid is not reused while its process group lives on, so a live group is still the recorded one.
+        if pgid == pid and _group_alive(pgid):
+            return "orphaned", f"pid {pid} is gone but workers of its process group {pgid} still run"
+        return "stale", f"process {pid} is gone"
+    if identity.start_time != record["start_time"]:
+        return "stale", f"pid {pid} now belongs to another process (started at tick {identity.start_time}, " \
+                        f"not {record['start_time']})"
+    if identity.pgid != pgid:
+        return "moved", f"pid {pid} left process group {pgid} (now in {identity.pgid}); not stopping it"
+    return "live", ""
+
+
+def stop_recorded(port: int | None) -> dict[str, list[dict]]:
+    """Stop the servers recorded by this script (one port, or all).
+
+    Every record is parsed first (a malformed one is an error naming the file
+    and nothing is stopped). A record is removed only when its server was
+    stopped or it is stale; a live process that does not match its record, or
+    that this user may not signal, is left running with its record.
+    """
+    records = [(path, parse_record(path)) for path in record_paths(port)]
+    result: dict[str, list[dict]] = {"stopped": [], "stale": [], "not_stopped": []}
+    for path, record in records:
+        entry = {"port": record["port"], "pid": record["pid"]}
+        state, reason = record_state(record)
+        if state == "stale":
+            result["stale"].append({**entry, "record": str(path), "reason": reason})
+            path.unlink(missing_ok=True)
+            continue
+        if state == "moved":
+            result["not_stopped"].append({**entry, "record": str(path), "reason": reason})
+            continue
+        try:
+            was_running = stop_process_group(record["pgid"])
+        except PermissionError:
+            result["not_stopped"].append({**entry, "record": str(path),
+                                          "reason": f"process group {record['pgid']} belongs to another user"})
+            continue
+        result["stopped"].append({**entry, "was_running": bool(was_running)})
         path.unlink(missing_ok=True)
-    return stopped
+    return result
 
 
 # --- command line ------------------------------------------------------------------
@@ -480,20 +917,22 @@ def stop_recorded(port: int | None) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", nargs="?",
-                        help="Hub ID or local model directory to serve (not needed with --stop)")
+                        help="Hub ID or local model directory to serve (not with --stop)")
     parser.add_argument("--port-dir", default=None,
                         help="port package folder (holds __init__.py with ARCHITECTURES); its name is the served name")
     parser.add_argument("--devices", default="cpu", help="cpu, gpu, gpu:0,1 ... (default: cpu)")
     parser.add_argument("--encoding", default="float32",
                         help="MAX --quantization-encoding: float32, bfloat16, float16 ... (default: float32)")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port (default: a free port)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="HTTP port (default: a free port); it must be free before the compile starts")
     parser.add_argument("--log-file", default=None, help="where to keep the full server log (default: a temp file)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help=f"seconds to wait for the server to answer (default: {DEFAULT_TIMEOUT:.0f})")
+                        help=f"seconds to wait for the server to be ready (default: {DEFAULT_TIMEOUT:.0f})")
     parser.add_argument("--foreground", action="store_true",
                         help="stay attached and stop the server on Ctrl-C (default: leave it running in the background)")
     parser.add_argument("--stop", action="store_true",
-                        help="stop the server this script started on --port (all of them without --port)")
+                        help="stop the server this script started on --port (every recorded one with --all)")
+    parser.add_argument("--all", action="store_true", help="with --stop: stop every recorded server")
     cli_support.add_json_flag(parser)
 
 
@@ -502,23 +941,63 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.stop:
-        stopped = stop_recorded(args.port)
-        if args.json:
-            cli_support.print_json({"stopped": stopped})
-        elif not stopped:
+def _main_stop(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in (("MODEL", args.model), ("--port-dir", args.port_dir),
+                                      ("--log-file", args.log_file), ("--foreground", args.foreground)) if value]
+    if given:
+        raise ScriptError(f"--stop takes only --port or --all, not {given[0]}")
+    if args.port is None and not args.all:
+        raise ScriptError(f"--stop needs --port PORT (the port serve printed) or --all (every server recorded "
+                          f"in {server_dir()})")
+    if args.port is not None and args.all:
+        raise ScriptError("--stop takes --port or --all, not both")
+    if args.port is not None:
+        check_port_number(args.port)
+    result = stop_recorded(args.port)
+    if not args.json:
+        if not any(result.values()):
             print("no recorded server to stop" + (f" on port {args.port}" if args.port else ""))
-        for item in stopped if not args.json else []:
+        for item in result["stopped"]:
             state = "stopped" if item["was_running"] else "was not running"
             print(f"port {item['port']} (pid {item['pid']}): {state}")
-        return cli_support.EXIT_OK
-    if not args.model:
+        for item in result["stale"]:
+            print(f"port {item['port']} (pid {item['pid']}): stale record ({item['reason']}); removed {item['record']}")
+        for item in result["not_stopped"]:
+            print(f"port {item['port']} (pid {item['pid']}): not stopped ({item['reason']}); kept {item['record']}")
+    if result["not_stopped"]:
+        first = result["not_stopped"][0]
+        message = (f"{len(result['not_stopped'])} recorded server(s) not stopped; port {first['port']} "
+                   f"(pid {first['pid']}): {first['reason']}")
+        if args.json:
+            cli_support.print_json({**result, "error": message, "exit_code": int(cli_support.EXIT_CANNOT_RUN)})
+        prog = getattr(args, "_prog", None) or os.path.basename(sys.argv[0])
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return cli_support.EXIT_CANNOT_RUN
+    if args.json:
+        cli_support.print_json(result)
+    return cli_support.EXIT_OK
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.stop:
+        return _main_stop(args)
+    if args.all:
+        raise ScriptError("--all goes with --stop")
+    if args.model is None:
         raise ScriptError("MODEL is required unless --stop is given")
-    if args.port is not None and not 0 < args.port < 65536:
-        raise ScriptError(f"--port {args.port} is not a TCP port number")
-    port_dir = normalize_port_dir(args.port_dir).path if args.port_dir else None
-    cli_support.warn_if_untested_max()
+    if args.port is not None:
+        check_port_number(args.port)
+    check_timeout(args.timeout)
+    check_option_text(args.devices, "--devices")
+    check_option_text(args.encoding, "--encoding")
+    if args.log_file is not None:
+        check_log_file(args.log_file)
+    port_dir = normalize_port_dir(args.port_dir).path if args.port_dir is not None else None
+    check_model(args.model)
+    if not args.foreground:
+        check_server_dir()
+    if MAX_EXECUTABLE_ENV not in os.environ:
+        cli_support.warn_if_untested_max()
     # A SIGTERM/SIGHUP while MAX compiles must still stop the server's process group.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
@@ -526,13 +1005,18 @@ def main(args: argparse.Namespace) -> int:
                           port=args.port, log_path=args.log_file, timeout=args.timeout, progress=True)
     record = server.record()
     if not args.foreground:
-        write_record(server)
+        try:
+            record["record_path"] = str(write_record(server))
+        except BaseException:
+            server.stop()  # a server --stop cannot find would be orphaned
+            raise
         record["stop_command"] = f"python scripts/import_model.py serve --stop --port {server.port}"
     if args.json:
         cli_support.print_json(record)
     else:
         print(f"base_url: {server.base_url}")
         print(f"served_name: {server.served_name}")
+        print(f"pid: {server.pid}")
         print(f"log: {server.log_path}")
         if not args.foreground:
             print(f"stop with: {record['stop_command']}")
@@ -540,7 +1024,7 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         try:
             while server._process is not None and server._process.poll() is None:
-                time.sleep(1.0)
+                time.sleep(POLL_SECONDS)
         except KeyboardInterrupt:
             pass
         finally:

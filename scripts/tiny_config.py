@@ -12,8 +12,11 @@ Pure dict manipulation: imports neither torch nor transformers.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from cli_support import ScriptError
 
 # Why each kind of field changed; the manifest quotes these.
 RULES = {
@@ -321,3 +324,171 @@ def _shrink_max_positions(config, options, set_field) -> None:
     floor = max([options.max_positions] + [v for v in pretraining if isinstance(v, int)])
     if floor < value:
         set_field("max_position_embeddings", floor, "max_position_embeddings")
+
+
+# --- input checks (run before torch is imported) ------------------------------------------
+#
+# The shrink rules walk per-layer lists and size the replica from the source's head counts, so a
+# source size that is not a sane positive integer either crashes deep inside transformers or, for a
+# huge layer count, loops and allocates for minutes. Each bound is far above any published model.
+
+# Largest published decoder stacks have a few hundred layers; signatures are built per layer.
+MAX_SOURCE_LAYERS = 4096
+# Largest published models have 128 query heads; the replica's query heads grow with the GQA ratio.
+MAX_SOURCE_HEADS = 4096
+# Published GQA ratios are at most 16; the replica keeps 2 x ratio query heads, so this caps its width.
+MAX_GQA_RATIO = 64
+# Largest published hidden/intermediate sizes are a few tens of thousands (only read, then replaced).
+MAX_SOURCE_WIDTH = 1 << 20
+# Largest published vocabularies are ~262k; a kept real vocab sizes the replica's embedding.
+MAX_VOCAB = 1 << 21
+# Longest published context windows are ~10M tokens; kept RoPE (yarn, longrope) reads this value.
+MAX_POSITIONS = 1 << 26
+# A replica is for a CPU compile loop: beyond these it is no longer tiny (minutes per compile, GBs).
+MAX_REPLICA_LAYERS = 64
+MAX_REPLICA_HIDDEN = 8192
+MAX_REPLICA_HEAD_DIM = 512
+
+# Source size fields: name -> (smallest allowed, largest allowed). null means "not set".
+SOURCE_INT_FIELDS: dict[str, tuple[int, int]] = {
+    **{key: (1, MAX_SOURCE_LAYERS) for key in LAYER_COUNT_KEYS},
+    "num_attention_heads": (1, MAX_SOURCE_HEADS),
+    "num_key_value_heads": (1, MAX_SOURCE_HEADS),
+    "hidden_size": (1, MAX_SOURCE_WIDTH),
+    "intermediate_size": (1, MAX_SOURCE_WIDTH),
+    "head_dim": (1, MAX_SOURCE_WIDTH),
+    "vocab_size": (1, MAX_VOCAB),
+    "max_position_embeddings": (1, MAX_POSITIONS),
+    "sliding_window": (1, MAX_POSITIONS),
+    "max_window_layers": (0, MAX_SOURCE_LAYERS),
+    "decoder_sparse_step": (0, MAX_SOURCE_LAYERS),
+    "first_k_dense_replace": (0, MAX_SOURCE_LAYERS),
+    **{key: (0, MAX_SOURCE_WIDTH) for key in EXPERT_COUNT_KEYS + EXPERT_SIZE_KEYS},
+}
+# Real-valued fields: name -> the range they must lie in.
+SOURCE_NUMBER_FIELDS = {
+    "rope_theta": "positive", "rope_local_base_freq": "positive", "partial_rotary_factor": "fraction",
+    "rms_norm_eps": "non_negative", "layer_norm_eps": "non_negative", "layer_norm_epsilon": "non_negative",
+    "query_pre_attn_scalar": "positive",
+}
+SOURCE_STRING_FIELDS = ("model_type", "hidden_act", "hidden_activation", "dtype", "torch_dtype")
+SOURCE_OBJECT_FIELDS = ("text_config", "rope_scaling", "rope_parameters", "auto_map")
+SOURCE_INT_LIST_FIELDS = INDEX_LIST_KEYS
+_RANGES = {"positive": "a finite number above 0", "fraction": "a number in (0, 1]",
+           "non_negative": "a finite number at least 0"}
+
+
+def _show(value: Any) -> str:
+    """A config value for an error message, kept short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer (not a bool, not a float such as 1e9)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A finite JSON number (not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_int(value: Any, name: str, low: int, high: int, label: str) -> None:
+    """Refuse a value that is not an integer in [low, high], naming ``name``."""
+    if not is_int(value):
+        raise ScriptError(f"{label}: {name} is {_show(value)}, expected a whole number (no decimal point)")
+    if not low <= value <= high:
+        raise ScriptError(f"{label}: {name} is {value}, expected {low} to {high}")
+
+
+def check_real(value: Any, name: str, kind: str, label: str) -> None:
+    """Refuse a value outside ``kind`` (positive, fraction, non_negative), naming ``name``."""
+    ok = is_real(value) and (value > 0 if kind == "positive" else 0 < value <= 1 if kind == "fraction"
+                             else value >= 0)
+    if not ok:
+        raise ScriptError(f"{label}: {name} is {_show(value)}, expected {_RANGES[kind]}")
+
+
+def check_source_config(config: Any, label: str = "config") -> None:
+    """Refuse a source config whose fields tiny reads have the wrong JSON type or an absurd size.
+
+    Checks the top level and ``text_config``, naming the field; pure, no torch.
+    """
+    if not isinstance(config, dict):
+        raise ScriptError(f"{label} is not a JSON object")
+    archs = config.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) and a for a in archs)):
+        raise ScriptError(f"{label}: architectures is {_show(archs)}, expected a list of class names")
+    parts = [("", config)]
+    if isinstance(config.get("text_config"), dict):
+        parts.append(("text_config.", config["text_config"]))
+    for prefix, part in parts:
+        for key in SOURCE_OBJECT_FIELDS:
+            if part.get(key) is not None and not isinstance(part[key], dict):
+                raise ScriptError(f"{label}: {prefix}{key} is {_show(part[key])}, expected a JSON object")
+        for key in SOURCE_STRING_FIELDS:
+            if part.get(key) is not None and not isinstance(part[key], str):
+                raise ScriptError(f"{label}: {prefix}{key} is {_show(part[key])}, expected a string")
+        for key, (low, high) in SOURCE_INT_FIELDS.items():
+            if part.get(key) is not None:
+                check_int(part[key], prefix + key, low, high, label)
+        for key, kind in SOURCE_NUMBER_FIELDS.items():
+            if part.get(key) is not None:
+                check_real(part[key], prefix + key, kind, label)
+        for key in SOURCE_INT_LIST_FIELDS:
+            value = part.get(key)
+            if value is not None and not (isinstance(value, list) and all(is_int(v) for v in value)):
+                raise ScriptError(f"{label}: {prefix}{key} is {_show(value)}, expected a list of layer indices")
+        for key in TOKEN_ID_ROLES:
+            value = part.get(key)
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and not all(is_int(v) and v >= 0 for v in ids):
+                raise ScriptError(f"{label}: {prefix}{key} is {_show(value)}, expected a token id or a list of them")
+        for key in TOPK_KEYS:
+            value = part.get(key)
+            if value is not None and is_int(value) and value < 0:
+                raise ScriptError(f"{label}: {prefix}{key} is {value}, expected at least 0")
+        if part.get("layer_types") is not None and not isinstance(part["layer_types"], list):
+            raise ScriptError(f"{label}: {prefix}layer_types is {_show(part['layer_types'])}, expected a list")
+        for key in ("rope_scaling", "rope_parameters"):
+            if isinstance(part.get(key), dict):
+                _check_rope_section(part[key], prefix + key, label)
+        heads, kv_heads = part.get("num_attention_heads"), part.get("num_key_value_heads")
+        if heads and kv_heads and kv_heads > 1 and heads // kv_heads > MAX_GQA_RATIO:
+            raise ScriptError(f"{label}: {prefix}num_attention_heads / num_key_value_heads is {heads // kv_heads}, "
+                              f"more than {MAX_GQA_RATIO} query heads per KV head")
+
+
+def _check_rope_section(value: dict[str, Any], where: str, label: str) -> None:
+    """RoPE dicts (one, or one per layer type): string type names, positive theta and factors."""
+    sections = value.items() if value and all(isinstance(v, dict) for v in value.values()) else [(None, value)]
+    for section, params in sections:
+        name = f"{where}.{section}" if section else where
+        for key in ("rope_type", "type"):
+            if params.get(key) is not None and not isinstance(params[key], str):
+                raise ScriptError(f"{label}: {name}.{key} is {_show(params[key])}, expected a string")
+        for key in ("rope_theta", "factor"):
+            if params.get(key) is not None:
+                check_real(params[key], f"{name}.{key}", "positive", label)
+        if params.get("partial_rotary_factor") is not None:
+            check_real(params["partial_rotary_factor"], f"{name}.partial_rotary_factor", "fraction", label)
+        if params.get("original_max_position_embeddings") is not None:
+            check_int(params["original_max_position_embeddings"], f"{name}.original_max_position_embeddings",
+                      1, MAX_POSITIONS, label)
+        for key in ("long_factor", "short_factor"):
+            factors = params.get(key)
+            if factors is not None and not (isinstance(factors, list) and factors and all(map(is_real, factors))):
+                raise ScriptError(f"{label}: {name}.{key} is {_show(factors)}, expected a list of numbers")
+
+
+def check_replica_sizes(config: dict[str, Any], label: str = "the replica") -> None:
+    """Refuse a shrunk config that is not tiny (too many layers or too wide for a CPU loop)."""
+    layers = _layer_count(config)
+    if layers > MAX_REPLICA_LAYERS:
+        raise ScriptError(f"{label} would keep {layers} layers (more than {MAX_REPLICA_LAYERS}): the source has "
+                          "too many distinct layer types, or --layers is too large")
+    hidden = config.get("hidden_size")
+    if is_int(hidden) and hidden > MAX_REPLICA_HIDDEN:
+        raise ScriptError(f"{label} would have hidden_size {hidden} (more than {MAX_REPLICA_HIDDEN}); "
+                          "lower --head-dim or --hidden-size")

@@ -43,6 +43,7 @@ def tree_hash(root: Path) -> str:
 def _walk(root: Path) -> Iterable[Path]:
     """Every path below ``root`` without following links (a link loop is listed, not entered)."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames[:] = [name for name in dirnames if name != "__pycache__"]  # bytecode caches are not content
         base = Path(dirpath)
         yield base
         for name in dirnames + filenames:
@@ -86,8 +87,9 @@ def check_bad_case(case: BadCase) -> None:
     before = {path: tree_hash(path) for path in protected}
     runs = [list(case.args)] + ([[*case.args, "--json"]] if case.json else [])
     prog_hint = case.script if case.script != "import_model" else "import_model.py"
+    env = {"PYTHONDONTWRITEBYTECODE": "1", **(case.env or {})}
     for args in runs:
-        result = run_script(case.script, *args, env=case.env, timeout=case.timeout)
+        result = run_script(case.script, *args, env=env, timeout=case.timeout)
         label = f"{case.id} {' '.join(map(str, args[-1:]))}"
         assert result.returncode == case.exit_code, (
             f"{label}: exit {result.returncode}, wanted {case.exit_code}\nstdout:{result.stdout[-2000:]}\n"

@@ -196,7 +196,7 @@ def test_malformed_config_json(tmp_path: Path) -> None:
                       "(line 2, column 3: Expecting property name enclosed in double quotes)"):
         model_source.read_config(model_source.resolve(str(model)))
     (model / "config.json").write_text('["LlamaForCausalLM"]')
-    with expect_error(f"config.json of {model} is not a JSON object"):
+    with expect_error(f"config.json of {model} is not a JSON object (it is a JSON array)"):
         model_source.read_config(model_source.resolve(str(model)))
 
 

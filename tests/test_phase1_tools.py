@@ -426,17 +426,23 @@ def test_check_walls_text_and_scan_function(models):
     assert [f.code for f in findings] == ["remote_code"] and check_walls.exit_code_for(findings) == 1
 
 
-def test_check_walls_large_model_from_header_metadata(tmp_path):
-    """A 40B-parameter checkpoint is recognised from its safetensors header alone."""
+def test_check_walls_large_model_from_header_metadata(hub, tmp_path):
+    """A 40B-parameter checkpoint is recognised from its safetensors header alone (on the Hub: a ranged
+    read of the header; a local file this short would be refused as truncated)."""
     import struct
 
-    header = {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [200000, 200000], "data_offsets": [0, 0]}}
+    size = 200000 * 200000 * 2  # BF16
+    header = {"model.embed_tokens.weight": {"dtype": "BF16", "shape": [200000, 200000], "data_offsets": [0, size]}}
     raw = json.dumps(header).encode()
     (tmp_path / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["AcmeForCausalLM"], "model_type": "llama"}))
-    returncode, found, result = walls(tmp_path)
-    assert returncode == 1 and ("large_model", "warn") in found
+    hub.add_repo("org/huge", tmp_path)
+    result = run_script("check_walls", "org/huge", "--json", env=hub.env())
+    found = [(f["code"], f["level"]) for f in result.json()["findings"]]
+    assert result.returncode == 1 and ("large_model", "warn") in found, result.stderr
     assert "references/distributed-transformer.md" in result.stdout
+    local = run_script("check_walls", str(tmp_path), "--json")
+    assert local.returncode == 3 and "past the end" in local.json()["error"]
 
 
 # ------------------------------------------------------------------ Hub path

@@ -148,9 +148,38 @@ def test_slug_from_name(name, slug):
 
 
 @pytest.mark.parametrize("slug, words", [("bad-name", "identifier"), ("class", "keyword"), ("json", "importable"),
-                                         ("model", "clashes"), ("llama3_model", "clashes")])
+                                         ("model", "clashes"), ("llama3_model", "clashes"), ("", "empty"),
+                                         ("modèle", "not ASCII"), ("__main__", "dunder"), ("__init__", "dunder"),
+                                         ("computed_buffers", "clashes"), ("scaffold", "importable")])
 def test_slug_problems(slug, words):
     assert words in port_layout.slug_problem(slug, reserved=("llama3_model",))
+
+
+def test_modele_is_an_identifier_but_not_a_slug():
+    assert "modèle".isidentifier() and "ASCII" in port_layout.slug_problem("modèle")
+
+
+@pytest.mark.parametrize("donor, slug, clashes", [("llama3", "distributed_llama", True), ("olmo2", "llama3_graph", True),
+                                                  ("olmo2", "layers", True), ("llama3", "zz_free", False),
+                                                  ("phi3", "zz_free", False)])
+def test_reserved_names_keep_two_modules_off_one_file(donor, slug, clashes):
+    mapping = scaffold.plan_mapping(INDEX, donor, slug)
+    assert (slug in scaffold.reserved_names(mapping, slug)) is clashes
+
+
+def test_port_folder_names_follow_the_slug_rule(tmp_path):
+    for name, words in [("my-port", "identifier"), ("modèle", "ASCII"), ("__main__", "dunder"), ("model", "clashes")]:
+        port = tmp_path / name
+        port.mkdir()
+        (port / "__init__.py").write_text("")
+        (port / "arch.py").write_text("")
+        with pytest.raises(cli_support.ScriptError, match=words):
+            port_layout.resolve_port_dir(str(port))
+    fine = tmp_path / "zz_fine_port"
+    fine.mkdir()
+    (fine / "__init__.py").write_text("")
+    (fine / "arch.py").write_text("")
+    assert port_layout.resolve_port_dir(str(fine) + "/").slug == "zz_fine_port"
 
 
 def test_free_slug_has_no_problem():

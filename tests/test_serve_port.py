@@ -18,6 +18,9 @@ from cli_support import ScriptError
 from conftest import SCRIPTS_DIR, run_script
 
 
+TINY_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+
+
 def make_port(parent: Path, slug: str = "tiny_port", body: str = "ARCHITECTURES = []\n") -> Path:
     folder = parent / slug
     folder.mkdir(parents=True)
@@ -53,7 +56,7 @@ def test_port_without_architectures_and_missing_folder_are_refused(tmp_path):
 
 def test_slug_shadowed_by_an_installed_module_is_refused(tmp_path):
     folder = make_port(tmp_path, "json")
-    with pytest.raises(ScriptError, match="would shadow the port"):
+    with pytest.raises(ScriptError, match=r"'json' is already importable .*rename the folder"):
         serve_port.normalize_port_dir(folder)
 
 
@@ -140,9 +143,11 @@ def test_stop_process_group_leaves_no_children():
 
 
 def test_stop_without_records_is_a_no_op(tmp_path):
-    result = run_script("serve_port", "--stop", "--json", env={"IMPORT_MODEL_SERVER_DIR": str(tmp_path)})
+    result = run_script("serve_port", "--stop", "--all", "--json", env={"IMPORT_MODEL_SERVER_DIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr
-    assert result.json() == {"stopped": []}
+    assert result.json() == {"stopped": [], "stale": [], "not_stopped": []}
+    result = run_script("serve_port", "--stop", "--port", "8123", env={"IMPORT_MODEL_SERVER_DIR": str(tmp_path)})
+    assert result.returncode == 0 and "no recorded server to stop on port 8123" in result.stdout
 
 
 def test_serve_bad_input_exits_3_with_one_line(tmp_path):
@@ -275,6 +280,7 @@ def test_sigterm_while_waiting_stops_the_server_group(tmp_path):
     fake_max.chmod(0o755)
     model = tmp_path / "model"
     model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_CONFIG))
     driver = (
         "import sys; sys.path.insert(0, sys.argv[1]); import cli_support, serve_port\n"
         "serve_port.max_executable = lambda: sys.argv[2]\n"
@@ -298,3 +304,371 @@ def test_sigterm_while_waiting_stops_the_server_group(tmp_path):
     while serve_port._group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not serve_port._group_alive(group)
+
+
+# --- a shared machine: ports, ownership and records, against a stand-in `max` -----------------
+#
+# These run scripts/serve_port.py for real with IMPORT_MODEL_MAX pointing at tests/fake_max.py
+# (no MAX compile), on 127.0.0.1 ports the OS chose free. Every wait is bounded.
+
+from fake_max import fake_max_command  # noqa: E402
+
+# The race: the loser's "compile" is longer, so the winner binds first; both start within
+# this margin of each other even on a loaded machine.
+RACE_WINNER_COMPILE = 5.0
+RACE_LOSER_COMPILE = 8.0
+# A stand-in that failed to bind stays alive this long, as MAX does while it tears down; without
+# the ownership check, serve would take the other server's answer for its own in this window.
+LINGER_SECONDS = 5.0
+# Long enough for the test to bind the port while the stand-in "compiles".
+FOREIGN_COMPILE = 10.0
+QUICK_COMPILE = 0.3
+# Upper bound for one serve run (python start, checks, fake compile, readiness polls).
+SERVE_RUN_LIMIT = 60.0
+STARTED_LIMIT = 30.0
+
+
+def _models_handler(name: str) -> type[BaseHTTPRequestHandler]:
+    class Handler(_Models):
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({"object": "list", "data": [{"id": name, "object": "model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+class FakeServe:
+    """serve_port.py runs against the stand-in `max`, and cleanup of every group they started."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.model = root / "model"
+        self.model.mkdir()
+        (self.model / "config.json").write_text(json.dumps(TINY_CONFIG))
+        self.records = root / "records"
+        self.pids = root / "pids"
+        self.pids.mkdir()
+        self.env = {"IMPORT_MODEL_MAX": str(fake_max_command(root)), "IMPORT_MODEL_SERVER_DIR": str(self.records),
+                    "FAKE_MAX_PID_DIR": str(self.pids), "HF_HUB_OFFLINE": "1"}
+        self.processes: list[subprocess.Popen] = []
+
+    def start(self, *args: str, compile_seconds: float = QUICK_COMPILE, linger: float = 0.0,
+              body: str | None = None) -> subprocess.Popen:
+        import os
+
+        env = dict(os.environ, **self.env, FAKE_MAX_COMPILE_SECONDS=str(compile_seconds),
+                   FAKE_MAX_LINGER_SECONDS=str(linger))
+        if body is not None:
+            env["FAKE_MAX_MODELS_BODY"] = body
+        log = self.root / f"serve-{len(self.processes)}.log"  # not a temp file in /tmp per run
+        process = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / "serve_port.py"), str(self.model), "--json",
+                                    "--log-file", str(log), *args],
+                                   env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process.started_at = time.monotonic()
+        self.processes.append(process)
+        return process
+
+    def finish(self, process: subprocess.Popen, limit: float = SERVE_RUN_LIMIT) -> subprocess.CompletedProcess:
+        stdout, stderr = process.communicate(timeout=limit)
+        done = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+        done.seconds = time.monotonic() - process.started_at
+        return done
+
+    def started(self, port: int) -> list[int]:
+        """Process groups of the stand-ins started for ``port``."""
+        return sorted(int(p.read_text()) for p in self.pids.glob(f"{port}-*.started"))
+
+    def wait_started(self, port: int, count: int) -> list[int]:
+        deadline = time.monotonic() + STARTED_LIMIT
+        while len(self.started(port)) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        groups = self.started(port)
+        assert len(groups) >= count, f"only {len(groups)} stand-in max serve started for port {port}"
+        return groups
+
+    def record_names(self) -> set[str]:
+        return {p.name for p in self.records.glob("*.json")} if self.records.is_dir() else set()
+
+    def cleanup(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate(timeout=30)
+        for path in self.pids.glob("*.started"):
+            group = int(path.read_text())
+            if serve_port._group_alive(group):
+                serve_port.stop_process_group(group)
+
+
+@pytest.fixture
+def fake(tmp_path):
+    helper = FakeServe(tmp_path)
+    try:
+        yield helper
+    finally:
+        helper.cleanup()
+
+
+def _one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if ": error: " in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def test_two_serves_racing_for_one_port_exactly_one_wins(fake):
+    port = serve_port.free_port()
+    first = fake.start("--port", str(port), compile_seconds=RACE_WINNER_COMPILE, linger=LINGER_SECONDS)
+    second = fake.start("--port", str(port), compile_seconds=RACE_LOSER_COMPILE, linger=LINGER_SECONDS)
+    groups = fake.wait_started(port, 2)  # both passed the free-port check: this is the race after it
+    results = [fake.finish(first), fake.finish(second)]
+    assert sorted(r.returncode for r in results) == [0, 3], [(r.returncode, r.stderr) for r in results]
+    winner, loser = sorted(results, key=lambda r: r.returncode)
+    line = _one_error_line(loser.stderr)
+    assert f"port {port}" in line and ("port-taken" in line or "port-in-use" in line), line
+    assert "serve: ready" not in loser.stderr
+    assert json.loads(loser.stdout)["exit_code"] == 3
+    record = json.loads(winner.stdout)
+    assert record["pid"] in groups and record["port"] == port
+    assert fake.record_names() == {f"{port}-{record['pid']}.json"}
+    stop = run_script("serve_port", "--stop", "--port", str(port), "--json", env=fake.env)
+    assert stop.returncode == 0, stop.stderr
+    assert stop.json()["stopped"] == [{"port": port, "pid": record["pid"], "was_running": True}]
+    assert not any(serve_port._group_alive(group) for group in groups)
+    assert fake.record_names() == set()
+
+
+@pytest.mark.parametrize("holder", ["http-server", "bound-socket"])
+def test_a_busy_port_is_refused_before_max_serve_starts(fake, holder):
+    import os
+    import socket
+
+    if holder == "http-server":
+        server = ThreadingHTTPServer(("127.0.0.1", 0), _models_handler(str(fake.model)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port, close = server.server_address[1], lambda: (server.shutdown(), server.server_close())
+    else:  # bound but not listening: nothing answers, yet max serve could not bind it
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        port, close = sock.getsockname()[1], sock.close
+    try:
+        result = fake.finish(fake.start("--port", str(port)))
+    finally:
+        close()
+    assert result.returncode == 3, result.stderr
+    line = _one_error_line(result.stderr)
+    assert f"port {port} is already in use" in line
+    if holder == "http-server":
+        assert f"pid {os.getpid()}" in line  # the holder is named
+    assert "serve: ready" not in result.stderr
+    assert fake.started(port) == [] and fake.record_names() == set()
+
+
+def test_a_foreign_server_binding_during_the_compile_is_never_taken_for_ours(fake):
+    import os
+
+    port = serve_port.free_port()
+    process = fake.start("--port", str(port), compile_seconds=FOREIGN_COMPILE, linger=LINGER_SECONDS)
+    [group] = fake.wait_started(port, 1)
+    # Same served name as ours: only the socket's owner tells them apart.
+    server = ThreadingHTTPServer(("127.0.0.1", port), _models_handler(str(fake.model)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = fake.finish(process)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 3, result.stderr
+    line = _one_error_line(result.stderr)
+    assert "port-taken" in line and f"pid {os.getpid()}" in line and f"port {port}" in line, line
+    assert "serve: ready" not in result.stderr
+    assert result.seconds < FOREIGN_COMPILE, "refused only after the compile; should be at the next poll"
+    assert not serve_port._group_alive(group)
+    assert fake.record_names() == set()
+
+
+def test_max_dying_with_address_in_use_is_classified(fake):
+    import socket
+
+    port = serve_port.free_port()
+    process = fake.start("--port", str(port), compile_seconds=3.0)
+    [group] = fake.wait_started(port, 1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))  # not listening, so only MAX's own bind notices
+        result = fake.finish(process)
+    assert result.returncode == 3
+    line = _one_error_line(result.stderr)
+    assert "port-in-use" in line and "address already in use" in line, line
+    assert not serve_port._group_alive(group)
+
+
+def test_stop_stops_exactly_its_own_server_and_leaves_another_running(fake):
+    first, second = fake.start(), fake.start()
+    results = [fake.finish(first), fake.finish(second)]
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    mine, other = (json.loads(r.stdout) for r in results)
+    for record in (mine, other):
+        assert record["pgid"] == record["pid"] and isinstance(record["start_time"], int)
+        assert serve_port._group_alive(record["pid"])
+    assert fake.record_names() == {f"{r['port']}-{r['pid']}.json" for r in (mine, other)}
+    stop = run_script("serve_port", "--stop", "--port", str(mine["port"]), "--json", env=fake.env)
+    assert stop.returncode == 0, stop.stderr
+    assert stop.json() == {"stopped": [{"port": mine["port"], "pid": mine["pid"], "was_running": True}],
+                           "stale": [], "not_stopped": []}
+    assert not serve_port._group_alive(mine["pid"])
+    assert serve_port._group_alive(other["pid"])
+    assert fake.record_names() == {f"{other['port']}-{other['pid']}.json"}
+    assert serve_port.probe_models(other["base_url"]).names == [str(fake.model)]
+    text = run_script("serve_port", "--stop", "--port", str(other["port"]), env=fake.env)
+    assert text.returncode == 0 and f"port {other['port']} (pid {other['pid']}): stopped" in text.stdout
+    assert not serve_port._group_alive(other["pid"])
+
+
+def _write_record(folder: Path, name: str, port: int, pid: int, start_time: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(json.dumps({"format": 2, "port": port, "pid": pid, "pgid": pid, "start_time": start_time,
+                                "base_url": f"http://127.0.0.1:{port}", "served_name": "x"}))
+    return path
+
+
+def test_a_record_whose_process_is_gone_is_reported_stale_and_removed(tmp_path):
+    env = {"IMPORT_MODEL_SERVER_DIR": str(tmp_path)}
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = _write_record(tmp_path, "8101.json", 8101, gone.pid, 12345)
+    kept = _write_record(tmp_path, f"8109-{gone.pid}.json", 8109, gone.pid, 12345)  # another port: untouched
+    result = run_script("serve_port", "--stop", "--port", "8101", env=env)
+    assert result.returncode == 0, result.stderr
+    assert f"port 8101 (pid {gone.pid}): stale record (process {gone.pid} is gone); removed {stale}" in result.stdout
+    assert not stale.exists() and kept.exists()
+
+
+def test_a_recycled_pid_is_reported_stale_and_never_signalled(tmp_path):
+    env = {"IMPORT_MODEL_SERVER_DIR": str(tmp_path)}
+    # A live process whose pid a record names, but started at another time (a recycled pid).
+    # Its command line looks like `max serve`, which the old cmdline guard accepted.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "max", "serve"],
+                                 start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while serve_port.process_identity(bystander.pid) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        identity = serve_port.process_identity(bystander.pid)
+        recycled = _write_record(tmp_path, "8102.json", 8102, bystander.pid, identity.start_time + 1)
+        result = run_script("serve_port", "--stop", "--port", "8102", "--json", env=env)
+        assert bystander.poll() is None, "--stop killed a process it did not start"
+        assert result.returncode == 0, result.stderr
+        document = result.json()
+        assert document["stopped"] == [] and [s["pid"] for s in document["stale"]] == [bystander.pid]
+        assert "now belongs to another process" in document["stale"][0]["reason"]
+        assert not recycled.exists()
+    finally:
+        bystander.kill()
+        bystander.wait(timeout=30)
+
+
+@pytest.mark.parametrize("body, said", [
+    ('[{"id": "x"}]', "a JSON array"),
+    ("<html><body>not MAX</body></html>", "an HTML page"),
+    ("plain words", "text that is not JSON"),
+    ('{"data": "x"}', "an object without a data list"),
+    ('{"data": [{"id": "other"}]}', "lists ['other']"),
+])
+def test_a_bad_models_answer_from_our_own_child_is_a_timeout_not_ready(fake, body, said):
+    result = fake.finish(fake.start("--timeout", "2", body=body))
+    assert result.returncode == 3, result.stderr
+    line = _one_error_line(result.stderr)
+    assert "timeout" in line and said in line, line
+    assert "serve: ready" not in result.stderr
+    assert fake.record_names() == set()
+
+
+# --- the pieces, without processes ----------------------------------------------------------------
+
+TCP_TABLE = (
+    "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
+    "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 111 1\n"
+    "   1: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 222 1\n"
+    "   2: 0200007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 333 1\n"
+    "   3: 0100007F:1F90 0100007F:D431 01 00000000:00000000 00:00000000 00000000     0        0 444 1\n"
+    "   4: 0100007F:1F91 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 555 1\n"
+    "   5: garbage\n"
+)
+
+
+def test_listen_table_keeps_listeners_that_reach_loopback_on_the_port():
+    import socket
+    import struct
+
+    if struct.pack("=I", 1) != b"\x01\x00\x00\x00":
+        pytest.skip("the sample table is written for a little-endian machine")
+    assert serve_port.parse_listen_table(TCP_TABLE, 0x1F90) == {111, 222}
+    assert socket.inet_ntoa(serve_port._decode_address("0100007F").packed) == "127.0.0.1"
+    v6_any = "00000000000000000000000000000000"
+    v6_mapped = "0000000000000000FFFF00000100007F"
+    table6 = TCP_TABLE.splitlines()[0] + "\n" + "\n".join(
+        f"   {i}: {addr}:1F90 {'0' * 32}:0000 0A 00000000:00000000 00:00000000 00000000 0 0 {inode} 1"
+        for i, (addr, inode) in enumerate([(v6_any, 7), (v6_mapped, 8), ("0" * 31 + "1", 9)]))
+    assert serve_port.parse_listen_table(table6, 0x1F90) == {7, 8}
+
+
+def test_listen_check_names_the_holder_and_its_group():
+    import os
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    port = server.server_address[1]
+    try:
+        assert serve_port.listen_check(port, os.getpgrp()).state == "ours"
+        foreign = serve_port.listen_check(port, os.getpgrp() + 100000)
+        assert foreign.state == "foreign" and f"pid {os.getpid()}" in foreign.detail
+        assert "already in use" in serve_port.port_problem(port)
+    finally:
+        server.server_close()
+    assert serve_port.listen_check(port, os.getpgrp()).state == "none"
+    assert serve_port.port_problem(port) is None
+
+
+def test_process_identity_reads_group_and_start_time():
+    import os
+
+    me = serve_port.process_identity(os.getpid())
+    assert me.pgid == os.getpgrp() and me.start_time > 0
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    assert serve_port.process_identity(gone.pid) is None
+
+
+def test_probe_models_reads_names_and_models_endpoint_refuses_non_objects(models_only_server):
+    assert serve_port.probe_models(models_only_server).names == ["served_slug"]
+    assert serve_port.models_endpoint(models_only_server)["data"][0]["id"] == "served_slug"
+    port = serve_port.free_port()
+    assert serve_port.probe_models(f"http://127.0.0.1:{port}").answered is False
+    assert serve_port.models_endpoint(f"http://127.0.0.1:{port}") is None
+
+
+def test_address_in_use_is_classified_as_port_in_use():
+    log = LOG_HEAD + ("ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 8000): "
+                      "address already in use\n")
+    cause, lines = serve_port.classify_failure(log)
+    assert cause == "port-in-use" and "address already in use" in lines[-1]
+
+
+def test_write_record_never_replaces_a_live_record_but_replaces_a_stale_one(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("IMPORT_MODEL_SERVER_DIR", str(tmp_path))
+    me = serve_port.process_identity(os.getpid())
+    server = serve_port.RunningServer("http://127.0.0.1:8111", "x", 8111, os.getpid(), tmp_path / "l.log", [], "m",
+                                      pgid=me.pgid, start_time=me.start_time)
+    path = serve_port.write_record(server)
+    assert path.name == f"8111-{os.getpid()}.json" and json.loads(path.read_text())["start_time"] == me.start_time
+    with pytest.raises(ScriptError, match="already exists for a live process"):
+        serve_port.write_record(server)
+    _write_record(tmp_path, path.name, 8111, os.getpid(), me.start_time + 1)  # same pid, another process: stale
+    assert serve_port.write_record(server) == path
+    assert json.loads(path.read_text())["start_time"] == me.start_time
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
