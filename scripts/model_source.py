@@ -241,11 +241,12 @@ INTEGER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_
 NUMBER_FIELDS = {
     "rope_theta": "positive", "rope_local_base_freq": "positive", "partial_rotary_factor": "fraction",
     "rms_norm_eps": "non_negative", "layer_norm_eps": "non_negative", "layer_norm_epsilon": "non_negative",
+    "query_pre_attn_scalar": "positive",
 }
 # Fields that name something and must be strings when present.
-STRING_FIELDS = ("model_type", "dtype", "torch_dtype")
+STRING_FIELDS = ("model_type", "dtype", "torch_dtype", "hidden_act", "hidden_activation")
 # Fields that must be JSON objects when present.
-OBJECT_FIELDS = ("text_config", "rope_scaling", "rope_parameters", "quantization_config")
+OBJECT_FIELDS = ("text_config", "rope_scaling", "rope_parameters", "quantization_config", "auto_map")
 _RANGE_TEXT = {"positive": "a finite number above 0", "fraction": "a number in (0, 1]",
                "non_negative": "a finite number at least 0"}
 

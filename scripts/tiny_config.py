@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import model_source
 from cli_support import ScriptError
 
 # Why each kind of field changed; the manifest quotes these.
@@ -365,17 +366,9 @@ SOURCE_INT_FIELDS: dict[str, tuple[int, int]] = {
     "first_k_dense_replace": (0, MAX_SOURCE_LAYERS),
     **{key: (0, MAX_SOURCE_WIDTH) for key in EXPERT_COUNT_KEYS + EXPERT_SIZE_KEYS},
 }
-# Real-valued fields: name -> the range they must lie in.
-SOURCE_NUMBER_FIELDS = {
-    "rope_theta": "positive", "rope_local_base_freq": "positive", "partial_rotary_factor": "fraction",
-    "rms_norm_eps": "non_negative", "layer_norm_eps": "non_negative", "layer_norm_epsilon": "non_negative",
-    "query_pre_attn_scalar": "positive",
-}
-SOURCE_STRING_FIELDS = ("model_type", "hidden_act", "hidden_activation", "dtype", "torch_dtype")
-SOURCE_OBJECT_FIELDS = ("text_config", "rope_scaling", "rope_parameters", "auto_map")
+# Field types (strings, objects, numbers and their ranges) are model_source's one config vocabulary;
+# tiny adds only the size bounds above and the list/token-id shapes it reads.
 SOURCE_INT_LIST_FIELDS = INDEX_LIST_KEYS
-_RANGES = {"positive": "a finite number above 0", "fraction": "a number in (0, 1]",
-           "non_negative": "a finite number at least 0"}
 
 
 def _show(value: Any) -> str:
@@ -402,14 +395,6 @@ def check_int(value: Any, name: str, low: int, high: int, label: str) -> None:
         raise ScriptError(f"{label}: {name} is {value}, expected {low} to {high}")
 
 
-def check_real(value: Any, name: str, kind: str, label: str) -> None:
-    """Refuse a value outside ``kind`` (positive, fraction, non_negative), naming ``name``."""
-    ok = is_real(value) and (value > 0 if kind == "positive" else 0 < value <= 1 if kind == "fraction"
-                             else value >= 0)
-    if not ok:
-        raise ScriptError(f"{label}: {name} is {_show(value)}, expected {_RANGES[kind]}")
-
-
 def check_source_config(config: Any, label: str = "config") -> None:
     """Refuse a source config whose fields tiny reads have the wrong JSON type or an absurd size.
 
@@ -417,6 +402,7 @@ def check_source_config(config: Any, label: str = "config") -> None:
     """
     if not isinstance(config, dict):
         raise ScriptError(f"{label} is not a JSON object")
+    model_source.check_config_fields(config, label)
     archs = config.get("architectures")
     if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) and a for a in archs)):
         raise ScriptError(f"{label}: architectures is {_show(archs)}, expected a list of class names")
@@ -424,18 +410,9 @@ def check_source_config(config: Any, label: str = "config") -> None:
     if isinstance(config.get("text_config"), dict):
         parts.append(("text_config.", config["text_config"]))
     for prefix, part in parts:
-        for key in SOURCE_OBJECT_FIELDS:
-            if part.get(key) is not None and not isinstance(part[key], dict):
-                raise ScriptError(f"{label}: {prefix}{key} is {_show(part[key])}, expected a JSON object")
-        for key in SOURCE_STRING_FIELDS:
-            if part.get(key) is not None and not isinstance(part[key], str):
-                raise ScriptError(f"{label}: {prefix}{key} is {_show(part[key])}, expected a string")
         for key, (low, high) in SOURCE_INT_FIELDS.items():
             if part.get(key) is not None:
                 check_int(part[key], prefix + key, low, high, label)
-        for key, kind in SOURCE_NUMBER_FIELDS.items():
-            if part.get(key) is not None:
-                check_real(part[key], prefix + key, kind, label)
         for key in SOURCE_INT_LIST_FIELDS:
             value = part.get(key)
             if value is not None and not (isinstance(value, list) and all(is_int(v) for v in value)):
@@ -461,18 +438,13 @@ def check_source_config(config: Any, label: str = "config") -> None:
 
 
 def _check_rope_section(value: dict[str, Any], where: str, label: str) -> None:
-    """RoPE dicts (one, or one per layer type): string type names, positive theta and factors."""
+    """RoPE dicts (one, or one per layer type): the position bound and factor lists tiny keeps.
+
+    Types, theta and factors are checked by ``model_source.check_config_fields``.
+    """
     sections = value.items() if value and all(isinstance(v, dict) for v in value.values()) else [(None, value)]
     for section, params in sections:
         name = f"{where}.{section}" if section else where
-        for key in ("rope_type", "type"):
-            if params.get(key) is not None and not isinstance(params[key], str):
-                raise ScriptError(f"{label}: {name}.{key} is {_show(params[key])}, expected a string")
-        for key in ("rope_theta", "factor"):
-            if params.get(key) is not None:
-                check_real(params[key], f"{name}.{key}", "positive", label)
-        if params.get("partial_rotary_factor") is not None:
-            check_real(params["partial_rotary_factor"], f"{name}.partial_rotary_factor", "fraction", label)
         if params.get("original_max_position_embeddings") is not None:
             check_int(params["original_max_position_embeddings"], f"{name}.original_max_position_embeddings",
                       1, MAX_POSITIONS, label)
