@@ -33,6 +33,7 @@ SUBCOMMANDS = {
     "serve": "serve_port",
     "compare": "compare_layers",
     "layer-diff": "layer_diff",
+    "eval": "run_evals",
     "demo": "demo",
 }
 

@@ -1,0 +1,94 @@
+"""End-to-end: the eval tier on a natively served Llama replica against transformers, offline.
+
+One MAX server for the module: the same replica config as tests/test_verify_e2e.py (so MAX's compile cache
+serves it), started and stopped through the `serve` command line. The planted bug is a weight-only change
+on the reference side (a replica with other weights as --reference), so no second graph compiles, and the
+control is the same native replica served by that server, checked against its own reference.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import serve_port
+import tolerances
+from conftest import run_script
+from test_verify_e2e import LLAMA_SOURCE, build  # noqa: F401 - the shared replica config
+
+pytestmark = pytest.mark.e2e
+
+FP32_ATOL = tolerances.logprob_atol("float32")
+EVAL_TIMEOUT = 1800  # one eval run loads torch, lm-eval and the reference twice; minutes on a loaded 2-core CPU
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    return {"base": build(root / "base"), "other": build(root / "other_weights", seed=1)}
+
+
+@pytest.fixture(scope="module")
+def server(replicas, tmp_path_factory):
+    state = tmp_path_factory.mktemp("servers")
+    env = {"IMPORT_MODEL_SERVER_DIR": str(state)}
+    result = run_script("serve_port", str(replicas["base"]), "--log-file", str(state / "serve.log"), "--json",
+                        env=env, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = result.json()
+    try:
+        yield record
+    finally:
+        stop = run_script("serve_port", "--stop", "--port", str(record["port"]), "--json", env=env)
+        if stop.returncode != 0 or serve_port._group_alive(record["pid"]):
+            serve_port.stop_process_group(record["pid"])
+        assert stop.returncode == 0, stop.stderr
+
+
+def run_eval(replicas, server, *flags):
+    started = time.monotonic()
+    result = run_script("run_evals", str(replicas["base"]), "--base-url", server["base_url"], "--slug",
+                        server["served_name"], *flags, "--json", timeout=EVAL_TIMEOUT)
+    print(f"\neval {' '.join(flags) or '(shipped tasks)'}: exit {result.returncode} in "
+          f"{time.monotonic() - started:.0f}s")
+    return result
+
+
+def test_shipped_tasks_match_transformers_sample_by_sample(server, replicas):
+    result = run_eval(replicas, server)
+    assert result.returncode == 0, result.stderr[-3000:] or result.stdout[-3000:]
+    report = result.json()
+    assert (report["verdict"], report["rule"]) == ("MATCH", "replica-per-sample")
+    assert report["tasks"] == {"import_model_mc": "multiple_choice", "import_model_gen": "generate_until"}
+    assert report["max_abs_diff"] < FP32_ATOL
+    print(f"per-sample max |Δ loglikelihood| {report['max_abs_diff']:.3g}; timings {report['timings']}")
+    loglikelihood = [s for s in report["samples"] if s["kind"] == "loglikelihood"]
+    generation = [s for s in report["samples"] if s["kind"] == "generation"]
+    assert len(loglikelihood) == 12 and len(generation) == 6
+    assert all(s["ok"] and s["served_choice"] == s["reference_choice"] for s in loglikelihood)
+    assert all(len(s["served"]) == 4 and len(s["deltas"]) == 4 for s in loglikelihood)  # one per choice
+    assert all(s["ids_returned"] and s["served"] == s["reference"] and s["served"] for s in generation)
+    for row in report["metrics"]:  # meaningless on a replica, but identical on both sides
+        assert row["served"] == row["reference"] and row["diff"] == 0.0, row
+    assert {row["metric"] for row in report["metrics"]} == {"acc", "acc_norm", "exact_match"}
+
+
+def test_planted_bug_is_exit_1_and_the_control_puts_it_on_the_port(server, replicas):
+    # The port's reference has other weights (the planted bug); the control is the native replica on the same
+    # server against its own reference, so the control matches and the isolation says "port-side".
+    result = run_eval(replicas, server, "--reference", str(replicas["other"]), "--limit", "6",
+                      "--control", str(replicas["base"]), "--control-base-url", server["base_url"],
+                      "--control-slug", server["served_name"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    report = result.json()
+    assert report["verdict"] == "MISMATCH"
+    assert report["max_abs_diff"] > tolerances.sensitivity_threshold("float32")
+    assert report["mismatched_samples"] > 0
+    assert any(s["kind"] == "generation" and s["first_changed_token"] == 0 for s in report["samples"])
+    control = report["control"]
+    assert (control["verdict"], control["mismatched_samples"]) == ("MATCH", 0)
+    assert control["max_abs_diff"] < FP32_ATOL
+    assert report["isolation"] == "port-side"
+    for row in report["metrics"]:  # the control column: the same server, so the port's served values
+        assert row["control"] == row["served"] and row["control_reference"] is not None
