@@ -6,6 +6,10 @@ from one forward pass with ``output_hidden_states=True``. Hooks are needed
 because transformers 5 replaces the last entry of ``hidden_states`` with the
 final norm's output, so the last block's own output is not in that tuple.
 
+The model comes from ``hf_reference.load`` (eager attention unless asked
+otherwise), like every other reference in the skill; layer-diff checks its
+logits for flatness before the MAX capture graph is built.
+
 Imports torch and transformers (only when called).
 """
 

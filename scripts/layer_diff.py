@@ -14,6 +14,10 @@ internals). The relative error of a stage is ||MAX - HF|| / ||HF|| over all
 its values; the first divergent position is the first token whose own
 relative error exceeds the tolerance. Use compare for the logit-level verdict
 once every stage is within tolerance.
+
+The HF side is loaded by scripts/hf_reference.py (eager attention unless
+--attn-implementation says otherwise) and runs first: a flat reference exits 3
+before the capture graph is built or compiled.
 """
 
 from __future__ import annotations
@@ -22,9 +26,12 @@ import argparse
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import cli_support
+import hf_reference
+import input_files
 import model_source
 import tolerances
 from cli_support import ScriptError
@@ -74,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-ids", default=None, help="comma-separated token ids to run instead of --prompt")
     parser.add_argument("--dtype", default="float32", help="dtype of both sides; sets the tolerance (default: float32)")
     parser.add_argument("--sublayer", action="store_true", help="also compare each block's attention and MLP output")
+    hf_reference.add_attn_argument(parser)
     cli_support.add_json_flag(parser)
 
 
@@ -84,23 +92,31 @@ def main(args: argparse.Namespace) -> int:
         raise ScriptError(str(exc)) from None
     tolerance = tolerances.hidden_rtol(dtype)
     source = model_source.resolve(args.model, args.revision)
-    model_source.read_config(source)
+    config = model_source.read_config(source)
     reference = args.reference or args.model
-    model_source.resolve(reference, args.revision)
+    if args.reference is not None:
+        model_source.read_config(model_source.resolve(reference, args.revision))
+    explicit_ids = parse_token_ids(args.token_ids) if args.token_ids is not None else None
+    if explicit_ids is not None:
+        check_token_ids(explicit_ids, model_source.text_config(config), args.model)
+    elif not args.prompt.strip():
+        raise ScriptError("--prompt is empty")
+    check_port_dir_path(args.port_dir)
     import max_hidden_states
 
     max_hidden_states.normalized_port_dir(args.port_dir)
-    explicit_ids = parse_token_ids(args.token_ids) if args.token_ids is not None else None
 
     import compare_layers
     import hf_hidden_states
 
     token_ids = explicit_ids or encode(compare_layers, args, args.prompt)
     start = time.perf_counter()
-    hf = compare_layers.load_hf_model(reference, args.revision, dtype, "cpu", args.trust_remote_code)
+    hf = compare_layers.load_hf_model(reference, args.revision, dtype, "cpu", args.trust_remote_code,
+                                      args.attn_implementation)
     hf_capture = hf_hidden_states.capture_reference(hf, token_ids, args.sublayer)
     hf_seconds = time.perf_counter() - start
     del hf
+    spread = hf_reference.check_not_flat(hf_capture.logits)  # before the capture graph is built
     port = max_hidden_states.capture_port(str(source.local_dir or source.repo_id), args.port_dir, token_ids, encoding=dtype,
                                           revision=args.revision, trust_remote_code=args.trust_remote_code)
     if port.num_blocks != hf_capture.num_blocks:
@@ -118,6 +134,8 @@ def main(args: argparse.Namespace) -> int:
         "reference": reference,
         "port_dir": str(max_hidden_states.normalized_port_dir(args.port_dir)),
         "dtype": dtype,
+        "attn_implementation": args.attn_implementation,
+        "reference_spread": spread,
         "tolerance": tolerance,
         "token_ids": token_ids,
         "sublayer": args.sublayer,
@@ -142,6 +160,30 @@ def parse_token_ids(text: str) -> list[int]:
     if not ids or any(i < 0 for i in ids):
         raise ScriptError("--token-ids needs at least one non-negative token id")
     return ids
+
+
+def check_token_ids(ids: list[int], text_config: dict[str, Any], model: str) -> None:
+    """Refuse ids beyond the config's vocabulary and sequences longer than its positions."""
+    vocab = text_config.get("vocab_size")
+    if isinstance(vocab, int) and vocab > 0:
+        beyond = [i for i in ids if i >= vocab]
+        if beyond:
+            raise ScriptError(f"--token-ids {beyond[0]} is beyond the vocab_size {vocab} of {model}")
+    positions = text_config.get("max_position_embeddings")
+    if isinstance(positions, int) and positions > 0 and len(ids) > positions:
+        raise ScriptError(f"--token-ids holds {len(ids)} ids, more than max_position_embeddings {positions} "
+                          f"of {model}")
+
+
+def check_port_dir_path(port_dir: str) -> None:
+    """Refuse a --port-dir that is empty, a file, a dangling link or a link loop, naming it."""
+    if not str(port_dir).strip():
+        raise ScriptError("--port-dir is empty; give the port package folder DIR/<slug>")
+    problem = input_files.describe_path_problem(Path(port_dir).expanduser())
+    if problem == "is a folder, not a file":
+        return
+    raise ScriptError(f"--port-dir {port_dir} is not a folder (it {problem or 'is a file'}); give the port "
+                      "package folder DIR/<slug>")
 
 
 def encode(compare_layers: Any, args: argparse.Namespace, prompt: str) -> list[int]:
@@ -213,6 +255,8 @@ def format_report(document: dict[str, Any]) -> str:
     """The per-stage table and the verdict, as text."""
     lines = [f"layer-diff {document['model']} (port {document['port_dir']}, {document['dtype']}, "
              f"{len(document['token_ids'])} tokens, tolerance rel {document['tolerance']:g})",
+             f"HF reference: {document['reference']} ({document['dtype']}, attention {document['attn_implementation']}, "
+             f"spread {document['reference_spread']:.3g})",
              f"{'stage':<22} {'max|diff|':>11} {'rel err':>11} {'cosine':>10}  status"]
     for stage in document["stages"]:
         if stage["max_abs_diff"] is None:

@@ -23,12 +23,19 @@ What is compared at every scored position:
   gives MAX's best known id a logprob within twice the tolerance of its own
   top-1 (each side may be off by the tolerance).
 
-At greedy positions the token is MAX's choice. While HF's argmax equals it,
-both sides saw the same prefix and everything above is compared. At the first
-greedy position where they differ (the prefix is still shared, so logprobs are
-still compared there) the tie-tolerant rule replaces the top-1 check: each
-side's token must be in the other side's top-k. The comparison stops after
-that position, since HF would continue from a different prefix.
+At greedy positions the token is MAX's choice, and HF scores MAX's own
+sequence (one forward pass over the prompt and MAX's tokens), so every
+position is compared on the same prefix. Where MAX's greedy token differs from
+HF's argmax, the tie rule (``greedy_tie``) replaces the top-1 check. It works
+with what MAX returns (at most 7 top entries, keyed by decoded text) and stays
+strict: MAX's logprob of its token must equal HF's logprob of that token
+within the tolerance, that token must be within the tolerance of HF's
+maximum, and where HF's argmax is among MAX's entries their logprobs must
+agree too. With a final logit soft-cap dozens of tokens can score exactly the
+cap, so neither side's top-k need hold the other side's choice; the rule does
+not ask for that. An accepted tie is counted (``PositionResult.tie``) and the
+comparison goes on; a refused one is the divergence and the comparison stops.
+Any logprob outside the tolerance is DIVERGED whatever the ties.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class PositionResult:
     topk_overlap: int  # ids in both top-k lists (known ids only)
     ok: bool
     reason: str  # "" when ok; else "logprob", "top1" or "greedy"
+    tie: bool = False  # accepted only as a tie: the two sides' top-1 (or greedy token) differ
 
 
 @dataclass
@@ -76,7 +84,12 @@ class SequenceComparison:
     prompt_length: int
     positions: list[PositionResult] = field(default_factory=list)
     greedy_compared: int = 0  # greedy tokens compared before the comparison stopped
-    greedy_tie_at: int | None = None  # position of an accepted greedy tie, if any
+    greedy_tie_at: int | None = None  # position of the first accepted greedy tie, if any
+
+    @property
+    def ties(self) -> list[int]:
+        """Positions accepted only as ties (top-1 or greedy token differs, logprobs within tolerance)."""
+        return [p.position for p in self.positions if p.tie]
 
     @property
     def first_divergence(self) -> PositionResult | None:
@@ -99,6 +112,8 @@ class SequenceComparison:
             "first_divergence": asdict(first) if first else None,
             "greedy_compared": self.greedy_compared,
             "greedy_tie_at": self.greedy_tie_at,
+            "ties": self.ties,
+            "tie_count": len(self.ties),
             "positions": [asdict(p) for p in self.positions],
         }
 
@@ -171,18 +186,34 @@ def compare_sequence(
                                  decoded)
         split = phase == "greedy" and int(hf_order[0]) != token
         if split and scored.reason in ("", "top1"):
-            # Tie-tolerant rule: each side's choice must be in the other side's top-k.
-            hf_top1_listed = _where_in_max_top(int(hf_order[0]), top, decoded) != "absent"
-            tie = token in {int(i) for i in hf_order} and hf_top1_listed
+            tie = greedy_tie(token, row, top, float(max_logprobs[position - 1]), atol)
             scored.reason = "" if tie else "greedy"
-            scored.ok = tie
-            result.greedy_tie_at = position if tie else None
+            scored.ok = scored.tie = tie
+            if tie and result.greedy_tie_at is None:
+                result.greedy_tie_at = position
         result.positions.append(scored)
         if phase == "greedy":
             result.greedy_compared += 1
-        if split:
-            break
+        if split and not scored.ok:
+            break  # past a refused split HF's next tokens are not a greedy continuation of this prefix
     return result
+
+
+def greedy_tie(token: int, row: np.ndarray, top: Sequence[MaxTopEntry], max_logprob: float, atol: float) -> bool:
+    """Whether MAX's greedy ``token`` is an exact-within-tolerance tie with HF's argmax.
+
+    Accepted only when (1) MAX's logprob of ``token`` equals HF's within ``atol``,
+    (2) HF gives ``token`` a logprob within ``atol`` of its maximum, and (3) if
+    HF's argmax is among MAX's entries with a known id, their logprobs agree
+    within ``atol``. Neither side's top-k has to hold the other's choice.
+    """
+    hf_best = int(np.argmax(row))
+    if abs(float(row[token]) - max_logprob) > atol:
+        return False
+    if float(row[token]) < float(row[hf_best]) - atol:
+        return False
+    listed = [e for e in top if e.token_id == hf_best]
+    return all(abs(e.logprob - float(row[hf_best])) <= atol for e in listed)
 
 
 def _score_position(
@@ -217,6 +248,7 @@ def _score_position(
         reason = "logprob"
     elif top1_agree is False and not tie:
         reason = "top1"
+    accepted_tie = not reason and top1_agree is False
     return PositionResult(
         position=position,
         phase=phase,
@@ -230,6 +262,7 @@ def _score_position(
         topk_overlap=len({e.token_id for e in known} & {int(i) for i in hf_order}),
         ok=not reason,
         reason=reason,
+        tie=accepted_tie,
     )
 
 
@@ -245,6 +278,11 @@ def _where_in_max_top(token: int, top: list[MaxTopEntry], decoded: Sequence[str]
     if decoded is not None:
         shared = [e for e in shared if e.text == decoded[token]]
     return "ambiguous" if shared else "absent"
+
+
+def tie_count(comparisons: Sequence[SequenceComparison]) -> int:
+    """Positions accepted only as ties, over all sequences."""
+    return sum(len(c.ties) for c in comparisons)
 
 
 def summarize(comparisons: Sequence[SequenceComparison]) -> tuple[str, int | None, float]:

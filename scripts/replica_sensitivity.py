@@ -6,8 +6,10 @@ mathematically the same as the bug. For every applicable mutation the report
 measures max |delta logprob| over a fixed prompt (at each position, on the
 unmutated model's top-k tokens, the tokens a comparison sees). The replica
 passes when every applicable mutation moves logprobs by at least
-``tolerances.sensitivity_threshold(dtype)`` and a fresh re-run of the
-unmutated model moves them by exactly 0.
+``tolerances.sensitivity_threshold(dtype)``, a fresh re-run of the
+unmutated model moves them by exactly 0, and the unmutated reference is not
+flat (``hf_reference.check_not_flat``'s rule). Models load through
+``hf_reference`` (float32, eager attention), like compare and layer-diff.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import hf_reference
 import tolerances
 from cli_support import ScriptError
 from tiny_config import resample_factors
@@ -50,19 +53,29 @@ class SensitivityReport:
     rerun_delta: float
     prompt_tokens: int
     mutations: list[MutationResult] = field(default_factory=list)
+    reference_spread: float | None = None  # mean (top - mean) logprob of the unmutated replica
+
+    @property
+    def flat(self) -> bool:
+        return self.reference_spread is not None and hf_reference.is_flat(self.reference_spread)
 
     @property
     def passed(self) -> bool:
-        return self.rerun_delta == 0.0 and all(m.passed for m in self.mutations if m.applicable)
+        return (self.rerun_delta == 0.0 and not self.flat
+                and all(m.passed for m in self.mutations if m.applicable))
 
     def failures(self) -> list[str]:
         failed = [m.name for m in self.mutations if m.applicable and not m.passed]
         if self.rerun_delta != 0.0:
             failed.insert(0, "rerun")
+        if self.flat:
+            failed.insert(0, "flat reference")
         return failed
 
     def to_dict(self) -> dict[str, Any]:
         return {"replica": self.replica, "dtype": self.dtype, "threshold": self.threshold,
+                "reference_spread": self.reference_spread, "flat_reference_threshold": tolerances.FLAT_REFERENCE_SPREAD,
+                "flat": self.flat,
                 "rerun_delta": self.rerun_delta, "prompt_tokens": self.prompt_tokens, "passed": self.passed,
                 "failures": self.failures(), "mutations": [asdict(m) for m in self.mutations]}
 
@@ -72,6 +85,10 @@ class SensitivityReport:
                 f"{'mutation':<26} {'kind':<12} {'max|dlogprob|':>14}  result  how"]
         rows.append(f"{'rerun (unmutated)':<26} {'-':<12} {self.rerun_delta:>14.3g}  "
                     f"{'PASS' if self.rerun_delta == 0.0 else 'FAIL'}    must be exactly 0")
+        if self.reference_spread is not None:
+            rows.append(f"{'reference spread':<26} {'-':<12} {self.reference_spread:>14.3g}  "
+                        f"{'FAIL' if self.flat else 'PASS'}    mean top-minus-mean logprob, at least "
+                        f"{tolerances.FLAT_REFERENCE_SPREAD:g} (flat: {hf_reference.FLAT_MESSAGE})")
         for m in self.mutations:
             delta = f"{m.delta:14.3g}" if m.delta is not None else f"{'-':>14}"
             verdict = ("PASS" if m.passed else "FAIL") if m.applicable else "n/a "
@@ -413,10 +430,7 @@ def sensitivity_report(replica_dir: str | Path, *, dtype: str | None = None, tru
     ids = torch.tensor([tokenizer(manifest.get("prompt", PROMPT))["input_ids"]])
 
     def load(config: Any = None) -> Any:
-        kwargs = {"config": config} if config is not None else {}
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            replica, dtype=torch.float32, trust_remote_code=trust_remote_code, attn_implementation="eager", **kwargs)
-        return model.eval()
+        return hf_reference.load(str(replica), dtype="float32", trust_remote_code=trust_remote_code, config=config)
 
     def logprobs(model: Any) -> Any:
         with torch.no_grad():
@@ -432,7 +446,8 @@ def sensitivity_report(replica_dir: str | Path, *, dtype: str | None = None, tru
     def delta(other: Any) -> float:
         return float((other.gather(-1, watched) - base.gather(-1, watched)).abs().max())
 
-    report = SensitivityReport(str(replica), dtype, threshold, delta(logprobs(load())), int(ids.shape[1]))
+    report = SensitivityReport(str(replica), dtype, threshold, delta(logprobs(load())), int(ids.shape[1]),
+                               reference_spread=hf_reference.reference_spread(base))
     for mutation in MUTATIONS:
         config = fresh_config()
         reason = mutation.applies(config)

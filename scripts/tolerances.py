@@ -12,6 +12,10 @@ tiny-replica report mean the same thing:
   mutation moves some logprob by at least this many times the tolerance.
 * ``HIDDEN_ATOL`` / ``HIDDEN_RTOL``: per-block hidden-state tolerances for
   layer-by-layer comparison (relative to the block's activation scale).
+* ``FLAT_REFERENCE_SPREAD``: the smallest reference spread (mean over the
+  probed positions of top logprob minus the vocabulary's mean logprob) on
+  which compare, layer-diff, tiny, the gates and the sensitivity report give
+  any verdict. See its comment.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ HIDDEN_RTOL = {
     "bfloat16": 3e-2,
     "float16": 1e-2,
 }
+
+# A reference whose logprobs are (nearly) the same for every token gives every port the same answer:
+# zeroed embeddings make every logprob exactly -ln(vocab) on both sides, so any graph "matches".
+# The floor is the float32 sensitivity threshold (SENSITIVITY_FACTOR x the float32 tolerance, 0.1
+# nats): below it the top token stands out from the average token by less than the smallest move
+# the sensitivity report asks a port bug to cause. Measured on 2-layer replicas of transformers'
+# default configs: zeroed embeddings 1.8e-15, default init 0.48, peaked init 11.9 (Llama) and 28.7
+# (Gemma-2).
+FLAT_REFERENCE_SPREAD = SENSITIVITY_FACTOR * LOGPROB_ATOL["float32"]
 
 TOP_K = 5  # how many top tokens each side reports for tie-tolerant checks (MAX caps k at 7)
 

@@ -170,19 +170,39 @@ def test_top1_disagreement_beyond_a_tie_diverges_but_a_near_tie_does_not():
     assert result2.verdict == lc.MATCH
 
 
-def test_greedy_split_inside_both_topk_is_an_accepted_tie():
+def test_greedy_split_on_a_clear_runner_up_is_not_a_tie():
+    """The old rule (both picks in the other's top-k) accepted this; a runner-up far below HF's max is a bug."""
     rows = make_rows(8, vocab=30, seed=3)
     prompt = [4, 5, 6, 7, 8]
     position = 5
     row = rows[position - 1]
-    runner_up = int(np.argsort(-row)[1])
-    tokens = prompt + [runner_up, 1, 2]  # MAX picked HF's runner-up at the first greedy step
+    order = np.argsort(-row)
+    assert row[order[0]] - row[order[1]] > ATOL
+    tokens = prompt + [int(order[1]), 1, 2]  # MAX picked HF's runner-up at the first greedy step
+    logprobs, tops = max_side(rows, tokens)
+    result = lc.compare_sequence(tokens, 5, rows, logprobs, tops, ATOL, K)
+    assert result.verdict == lc.DIVERGED
+    assert (result.first_divergence.position, result.first_divergence.reason) == (position, "greedy")
+    assert result.positions[-1].position == position  # a refused split stops the comparison
+    assert result.ties == [] and result.greedy_tie_at is None
+
+
+def test_greedy_split_on_an_exact_tie_is_accepted_and_the_comparison_goes_on():
+    rows = make_rows(8, vocab=30, seed=3)
+    prompt = [4, 5, 6, 7, 8]
+    position = 5
+    best = int(np.argmax(rows[position - 1]))
+    other = (best + 1) % 30
+    rows[position - 1, other] = rows[position - 1, best]
+    rows = lc.log_softmax(rows)
+    tokens = greedy_tokens(rows, prompt + [other], 2)  # after the tie MAX follows HF's argmax again
     logprobs, tops = max_side(rows, tokens)
     result = lc.compare_sequence(tokens, 5, rows, logprobs, tops, ATOL, K)
     assert result.verdict == lc.MATCH
-    assert result.greedy_tie_at == position
-    assert result.positions[-1].position == position  # compared up to the split, not past it
-    assert result.greedy_compared == 1
+    assert result.positions[-1].position == 7 and result.greedy_compared == 3  # compared past the tie
+    tie = result.positions[position - 1]
+    assert (tie.position, tie.ok, tie.tie, tie.reason) == (position, True, True, "")
+    assert result.greedy_tie_at == position and position in result.ties
 
 
 def test_greedy_split_outside_topk_diverges():
@@ -225,3 +245,118 @@ def test_summarize_reports_first_diverged_sequence_and_max():
     assert lc.summarize([good]) == (lc.MATCH, None, pytest.approx(0.0, abs=1e-12))
     document = bad.to_dict()
     assert document["verdict"] == "DIVERGED" and document["first_divergence"]["position"] == 3
+
+
+# --- exact ties under a final logit soft-cap ---------------------------------------------------------------
+
+CAP = 30.0
+MAX_ENTRIES = 7  # MAX 26.7 returns at most 7 top entries
+
+
+def capped_rows(length: int, vocab: int = 64, cap: float = CAP, seed: int = 5, saturated: int = 24) -> np.ndarray:
+    """Log-softmax rows of cap * tanh(x / cap) in float32 where ``saturated`` ids per row reach exactly the cap."""
+    rng = np.random.default_rng(seed)
+    raw = rng.normal(0, 10, size=(length - 1, vocab))
+    for row in raw:
+        row[rng.choice(vocab, saturated, replace=False)] = 20 * CAP  # tanh(20) is exactly 1.0 in float32
+    capped = (cap * np.tanh(raw.astype(np.float32) / np.float32(cap))).astype(np.float32)
+    return lc.log_softmax(capped)
+
+
+def max_side_high_ids_first(rows: np.ndarray, tokens: list[int], texts: list[str] | None = None):
+    """A correct port that breaks exact ties towards the highest id: its top-k lists the 7 highest tied ids."""
+    vocab = rows.shape[1]
+    texts = texts or [f"t{i}" for i in range(vocab)]
+    index = lc.text_index(texts)
+    logprobs, tops = [], []
+    for position in range(1, len(tokens)):
+        row = rows[position - 1]
+        order = sorted(range(vocab), key=lambda i: (-row[i], -i))[:MAX_ENTRIES]
+        top = {texts[i]: float(row[i]) for i in order}
+        logprobs.append(float(row[tokens[position]]))
+        tops.append(lc.resolve_top(top, index))
+    return logprobs, tops
+
+
+def high_id_greedy(rows: np.ndarray, prompt: list[int], generated: int) -> list[int]:
+    tokens = list(prompt)
+    for position in range(len(prompt), len(prompt) + generated):
+        row = rows[position - 1]
+        tokens.append(max(range(row.shape[0]), key=lambda i: (row[i], i)))
+    return tokens
+
+
+def capped_case(generated: int = 10, max_cap: float = CAP, **kwargs):
+    rows = capped_rows(6 + generated, **kwargs)
+    tokens = high_id_greedy(rows, [1, 2, 3, 4, 5, 6], generated)
+    served = rows if max_cap == CAP else capped_rows(6 + generated, cap=max_cap, **kwargs)
+    logprobs, tops = max_side_high_ids_first(served, tokens)
+    return rows, tokens, logprobs, tops
+
+
+def test_capped_rows_really_tie_beyond_what_max_lists():
+    rows = capped_rows(12)
+    for row in rows:
+        assert int(np.sum(row == row.max())) >= 20 > MAX_ENTRIES
+
+
+def test_correct_port_with_20_plus_exact_ties_matches_and_counts_them():
+    rows, tokens, logprobs, tops = capped_case()
+    result = lc.compare_sequence(tokens, 6, rows, logprobs, tops, ATOL, K)
+    assert result.verdict == lc.MATCH, result.first_divergence
+    greedy = [p for p in result.positions if p.phase == "greedy"]
+    assert len(greedy) == 10 and all(p.tie and p.token_id != p.hf_top1 for p in greedy)
+    # Prompt positions: MAX's best listed id is a tied id other than HF's first: a top-1 tie, counted too.
+    assert result.ties == [p.position for p in result.positions if p.tie]
+    assert len(result.ties) == len(result.positions) == 15
+    assert result.greedy_tie_at == 6 and result.to_dict()["tie_count"] == 15
+    assert lc.tie_count([result, result]) == 30
+
+
+def test_old_rule_would_have_refused_these_ties():
+    """Neither side's top-k holds the other's choice: HF lists low ids, MAX the 7 highest tied ids."""
+    rows, tokens, _, tops = capped_case()
+    position = 6
+    hf_top = set(np.argsort(-rows[position - 1], kind="stable")[:K].tolist())
+    assert tokens[position] not in hf_top
+    assert int(np.argmax(rows[position - 1])) not in {e.token_id for e in tops[position - 1]}
+
+
+def test_changed_final_cap_diverges_even_with_ties():
+    rows, tokens, logprobs, tops = capped_case(max_cap=25.0)
+    result = lc.compare_sequence(tokens, 6, rows, logprobs, tops, ATOL, K)
+    assert result.verdict == lc.DIVERGED
+    assert result.first_divergence.reason == "logprob" and result.first_divergence.abs_diff > 1.0
+
+
+def test_tie_token_with_its_own_logprob_off_is_diverged():
+    rows, tokens, logprobs, tops = capped_case()
+    logprobs = list(logprobs)
+    logprobs[6] += 3 * ATOL  # the greedy tie position 7
+    result = lc.compare_sequence(tokens, 6, rows, logprobs, tops, ATOL, K)
+    assert result.verdict == lc.DIVERGED and result.first_divergence.position == 7
+    assert result.first_divergence.reason == "logprob"
+
+
+def test_greedy_tie_rule_pure_cases():
+    row = lc.log_softmax(np.array([[5.0, 5.0, 5.0 - 0.5 * ATOL, 5.0 - 1.5 * ATOL, 0.0]]))[0]
+    entry = lambda i, delta=0.0: lc.MaxTopEntry(f"t{i}", i, float(row[i]) + delta)  # noqa: E731
+    assert lc.greedy_tie(1, row, [entry(1)], float(row[1]), ATOL)  # exact tie, HF's argmax not listed
+    assert lc.greedy_tie(1, row, [entry(1), entry(0)], float(row[1]), ATOL)  # listed and agreeing
+    assert lc.greedy_tie(2, row, [entry(2)], float(row[2]), ATOL)  # half a tolerance below the max
+    assert not lc.greedy_tie(3, row, [entry(3)], float(row[3]), ATOL)  # 1.5 tolerances below: not a tie
+    assert not lc.greedy_tie(1, row, [entry(1)], float(row[1]) + 2 * ATOL, ATOL)  # MAX's own logprob off
+    assert not lc.greedy_tie(1, row, [entry(1), entry(0, 2 * ATOL)], float(row[1]), ATOL)  # HF's argmax off
+    assert not lc.greedy_tie(4, row, [entry(4)], float(row[4]), ATOL)  # far below
+
+
+def test_ties_under_shared_text_keys_still_match():
+    """Some tied ids decode alike and collapse into one MAX key: those are skipped, the rest still decide."""
+    rows, tokens, logprobs, _ = capped_case(generated=4)
+    texts = [f"t{i}" for i in range(rows.shape[1])]
+    for i in range(0, rows.shape[1], 8):
+        texts[i] = texts[i + 1] = f"pair{i}"
+    _, tops = max_side_high_ids_first(rows, tokens, texts)
+    result = lc.compare_sequence(tokens, 6, rows, logprobs, tops, ATOL, K, decoded=texts)
+    assert result.verdict == lc.MATCH, result.first_divergence
+    assert all(p.tie for p in result.positions if p.phase == "greedy")

@@ -1,0 +1,163 @@
+"""The one way to load and run the Hugging Face reference that every port is checked against.
+
+compare, layer-diff, tiny, the sensitivity report and the gates all load
+transformers through this module, so they all compare against the same math:
+
+* **eager attention by default.** transformers' default attention in 5.12 is
+  ``sdpa``, and its sdpa path drops attention-score soft-capping
+  (``attn_logit_softcapping``) without a word: on a Gemma-2 replica the logits
+  moved by 37.6, so a correct port looked DIVERGED and a port without the cap
+  looked right. The eager path runs the modeling file's own formula. Another
+  implementation can be asked for (``--attn-implementation``); a model that
+  cannot run the one asked for is a one-line exit 3, never a silent switch.
+* **float32 math unless the caller asks otherwise** (``--dtype`` picks the
+  reference dtype and the tolerance; the attention implementation is separate).
+* **a flatness check** (``reference_spread`` / ``check_not_flat``): a reference
+  whose logprobs are nearly the same for every token (zeroed embeddings give
+  exactly -ln(vocab) everywhere) cannot tell a correct port from a wrong one,
+  so no verdict is given on it.
+
+torch and transformers are imported only inside the functions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import tolerances
+from cli_support import ScriptError
+
+DEFAULT_ATTN_IMPLEMENTATION = "eager"
+# The implementations transformers 5.12 accepts by name; the flash ones need a GPU and their package.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3")
+REPLICA_DOCS = "references/tiny-replica-cpu-loop.md#a-flat-reference"
+FLAT_MESSAGE = "the reference is flat: the replica cannot tell a correct port from a wrong one"
+
+
+def add_attn_argument(parser: Any) -> None:
+    """--attn-implementation for the scripts that load the reference (compare, layer-diff)."""
+    parser.add_argument("--attn-implementation", default=DEFAULT_ATTN_IMPLEMENTATION, choices=ATTN_IMPLEMENTATIONS,
+                        help="transformers attention implementation of the HF reference (default: eager; sdpa "
+                             "drops attention soft-capping); a model that cannot run it exits 3")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split())[:300] if text else type(exc).__name__
+
+
+def check_attn_implementation(name: str) -> str:
+    """``name`` when transformers knows it; ScriptError naming the choices otherwise."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ScriptError(f"--attn-implementation {name!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    return name
+
+
+def _confirm(model: Any, wanted: str, label: str) -> Any:
+    """Refuse a model whose config reports another attention implementation than ``wanted``."""
+    got = getattr(model.config, "_attn_implementation", None)
+    if got != wanted:
+        raise ScriptError(f"transformers loaded {label} with attention {got!r}, not {wanted!r}; refusing to compare "
+                          f"against other math (pass --attn-implementation {got} to accept it)")
+    return model
+
+
+def _quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def load(location: str, *, dtype: str = "float32", device: str = "cpu",
+         attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION, revision: str | None = None,
+         trust_remote_code: bool = False, config: Any = None, label: str | None = None) -> Any:
+    """The reference causal LM at ``location`` in eval mode, with the attention implementation asked for.
+
+    ``config`` replaces the checkpoint's config (the sensitivity report's mutants).
+    Exit 3 (ScriptError) when transformers cannot load it with that implementation.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _quiet()
+    check_attn_implementation(attn_implementation)
+    label = label or location
+    dtype = tolerances.canonical_dtype(dtype)
+    kwargs = {"config": config} if config is not None else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code,
+                                                     attn_implementation=attn_implementation, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a one-line exit 3
+        raise ScriptError(f"cannot load the HF reference {label} with attn_implementation={attn_implementation!r}: "
+                          f"{_first_line(exc)}") from None
+    return _confirm(model, attn_implementation, label).to(device).eval()
+
+
+def from_config(config: Any, *, attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION,
+                trust_remote_code: bool = False) -> Any:
+    """A freshly initialized float32 reference model for ``config`` (tiny builds its replica this way)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _quiet()
+    check_attn_implementation(attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 attn_implementation=attn_implementation)
+    except Exception as exc:  # noqa: BLE001
+        raise ScriptError(f"transformers cannot build {type(config).__name__} with "
+                          f"attn_implementation={attn_implementation!r}: {_first_line(exc)}") from None
+    return _confirm(model, attn_implementation, type(config).__name__).eval()
+
+
+def logprob_rows(model: Any, token_ids: Sequence[int], device: str = "cpu") -> Any:
+    """float64 log-softmax rows (numpy, [T, vocab]) of one forward pass over ``token_ids``."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(token_ids)], device=device)).logits[0]
+        return torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
+
+
+def reference_spread(rows: Any) -> float:
+    """Mean over rows of (top logprob - mean logprob over the vocabulary); 0 for a uniform reference.
+
+    ``rows`` are log-softmax rows (numpy or torch, [positions, vocab]); logits
+    work too, since the gap does not change when a row is shifted.
+    """
+    import numpy as np
+
+    values = _as_rows(rows)
+    return float(np.mean(values.max(axis=-1) - values.mean(axis=-1)))
+
+
+def _as_rows(rows: Any) -> Any:
+    import numpy as np
+
+    values = np.asarray(rows.detach().cpu().double().numpy() if hasattr(rows, "detach") else rows, dtype=np.float64)
+    values = values.reshape(-1, values.shape[-1])
+    if not values.size:
+        raise ValueError("no positions to measure the reference spread on")
+    return values
+
+
+def is_flat(spread: float) -> bool:
+    """True when ``spread`` is below ``tolerances.FLAT_REFERENCE_SPREAD`` (or not a number)."""
+    return not spread >= tolerances.FLAT_REFERENCE_SPREAD
+
+
+def flat_reason(spread: float, positions: int) -> str:
+    """The one-line flat-reference message, with the measured spread and where to read."""
+    return (f"{FLAT_MESSAGE} (mean gap between the top and the mean logprob {spread:.3g} nats over {positions} "
+            f"position(s), below {tolerances.FLAT_REFERENCE_SPREAD:g}; see {REPLICA_DOCS})")
+
+
+def check_not_flat(rows: Any, what: str = "") -> float:
+    """The spread of ``rows``; ScriptError (exit 3) with the flat-reference message when it is flat."""
+    spread = reference_spread(rows)
+    if is_flat(spread):
+        positions = int(_as_rows(rows).shape[0])
+        raise ScriptError((f"{what}: " if what else "") + flat_reason(spread, positions))
+    return spread
