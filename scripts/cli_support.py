@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import enum
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, Mapping
@@ -135,6 +136,53 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, trust_remote_code: b
             action="store_true",
             help="allow running the model repo's own Python code (off by default)",
         )
+
+
+HIGHEST_PORT = 65535  # TCP port numbers are 16-bit; 0 means "any" and is never a server's port
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 1..65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= HIGHEST_PORT:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1..{HIGHEST_PORT}")
+    return port
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds above 0 (nan, inf, 0 and negatives are refused)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} seconds: must be a finite number above 0")
+    return seconds
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (nan, inf, 0 and negatives are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
+    return value
 
 
 def run_main(main: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -44,7 +44,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import cli_support
@@ -65,7 +64,6 @@ MODELS_TIMEOUT = 5.0  # seconds for /v1/models, which a running MAX server answe
 # completion with top-7 logprobs is about 1 KB per token.
 MAX_MODELS_RESPONSE_BYTES = 1024 * 1024
 MAX_COMPLETION_RESPONSE_BYTES = 256 * 1024 * 1024
-HIGHEST_PORT = 65535
 
 # A small coherence battery: short, varied prompts (facts, counting, code, story).
 COHERENCE_BATTERY = (
@@ -575,7 +573,7 @@ def format_report(report: CompareReport, tokenizer_decode: Any = None, all_posit
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_support.add_model_arguments(parser, trust_remote_code=True)
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--port", type=port_number, help="port of a MAX server on 127.0.0.1")
+    where.add_argument("--port", type=cli_support.port_number, help="port of a MAX server on 127.0.0.1")
     where.add_argument("--base-url", help="base URL of a MAX server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--slug", default=None,
                         help="served model name to query (the port's slug); default: the only model served")
@@ -594,31 +592,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="encode prompts as plain text even when the tokenizer has a chat template")
     parser.add_argument("--layer-stats", action="store_true",
                         help="also report HF per-layer hidden-state stats (norms, NaN/Inf counts)")
-    parser.add_argument("--timeout", type=positive_seconds, default=REQUEST_TIMEOUT, metavar="SECONDS",
+    parser.add_argument("--timeout", type=cli_support.positive_seconds, default=REQUEST_TIMEOUT, metavar="SECONDS",
                         help=f"seconds to wait for each MAX completion (default: {REQUEST_TIMEOUT:g})")
     cli_support.add_json_flag(parser)
-
-
-def port_number(text: str) -> int:
-    """argparse type: a TCP port, 1..65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= port <= HIGHEST_PORT:
-        raise argparse.ArgumentTypeError(f"port {port} is outside 1..{HIGHEST_PORT}")
-    return port
-
-
-def positive_seconds(text: str) -> float:
-    """argparse type: a finite number of seconds above 0."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} seconds: must be a finite number above 0")
-    return seconds
 
 
 def check_base_url(url: str) -> str:

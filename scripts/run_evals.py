@@ -94,28 +94,6 @@ class Isolation(str, enum.Enum):
 # --- inputs (checked before any heavy import) ----------------------------------------------------
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not 1 or more")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number above 0 (nan, inf, 0 and negatives are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
-    return value
-
-
 def parse_task_specs(values: Sequence[str] | None) -> list[str]:
     """Task names or YAML paths from repeated or comma-separated --tasks (default: the shipped tasks)."""
     specs = [part.strip() for value in (values or []) for part in value.split(",")]
@@ -854,15 +832,15 @@ def format_report(report: dict) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_support.add_model_arguments(parser, trust_remote_code=True)
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--port", type=compare_layers.port_number, help="port of the port's MAX server on 127.0.0.1")
+    where.add_argument("--port", type=cli_support.port_number, help="port of the port's MAX server on 127.0.0.1")
     where.add_argument("--base-url", help="base URL of the port's MAX server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--slug", default=None, help="served model name (the port's slug); default: the only one")
     parser.add_argument("--tasks", action="append", default=None, metavar="TASK[,TASK]",
                         help="lm-eval task names or task YAML paths, comma-separated or repeated (default: the "
                              f"shipped offline tasks {','.join(SHIPPED_TASKS)})")
-    parser.add_argument("--limit", type=positive_int, default=None, metavar="N",
+    parser.add_argument("--limit", type=cli_support.positive_int, default=None, metavar="N",
                         help="run only the first N documents of each task")
-    parser.add_argument("--k", type=positive_float, default=DEFAULT_K,
+    parser.add_argument("--k", type=cli_support.positive_float, default=DEFAULT_K,
                         help=f"real checkpoints: a metric may differ by k paired standard errors (default: {DEFAULT_K:g})")
     parser.add_argument("--reference", default=None,
                         help="use this checkpoint as the HF side instead of MODEL (tokenizer still from MODEL)")
@@ -872,10 +850,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control", default=None, metavar="MODEL",
                         help="a native MAX model served with the same flags, run the same way (adds a column)")
     control = parser.add_mutually_exclusive_group()
-    control.add_argument("--control-port", type=compare_layers.port_number, help="port of the control's MAX server")
+    control.add_argument("--control-port", type=cli_support.port_number, help="port of the control's MAX server")
     control.add_argument("--control-base-url", help="base URL of the control's MAX server")
     parser.add_argument("--control-slug", default=None, help="served name of the control (default: the only one)")
-    parser.add_argument("--timeout", type=compare_layers.positive_seconds, default=compare_layers.REQUEST_TIMEOUT,
+    parser.add_argument("--timeout", type=cli_support.positive_seconds, default=compare_layers.REQUEST_TIMEOUT,
                         metavar="SECONDS", help=f"seconds per request (default: {compare_layers.REQUEST_TIMEOUT:g})")
     cli_support.add_json_flag(parser)
 

@@ -64,7 +64,7 @@ class BadCase:
     protect: list[Path] = field(default_factory=list)  # folders that must not change
     env: dict[str, str | None] | None = None
     timeout: float = 120
-    json: bool = True  # also run with --json and check the one JSON document
+    json: bool = True  # run with --json and check the one JSON document too
 
 
 # Folders every case protects besides its own: the skill root (nothing is written into it).
@@ -82,10 +82,14 @@ def check_error_output(stderr: str, prog_hint: str, case_id: str) -> str:
 
 
 def check_bad_case(case: BadCase) -> None:
-    """Run ``case`` (plain, then with ``--json``) and assert the failure contract."""
+    """Run ``case`` once and assert the failure contract.
+
+    With ``case.json`` the run adds ``--json``, which checks the error line on stderr and the one JSON
+    document on stdout in a single process (the error line is printed in both modes, by one function).
+    """
     protected = [*case.protect, *default_protected()]
     before = {path: tree_hash(path) for path in protected}
-    runs = [list(case.args)] + ([[*case.args, "--json"]] if case.json else [])
+    runs = [[*case.args, "--json"]] if case.json else [list(case.args)]
     prog_hint = case.script if case.script != "import_model" else "import_model.py"
     env = {"PYTHONDONTWRITEBYTECODE": "1", **(case.env or {})}
     for args in runs:
