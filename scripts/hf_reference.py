@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import model_source
 import tolerances
 from cli_support import ScriptError
 
@@ -161,3 +162,36 @@ def check_not_flat(rows: Any, what: str = "") -> float:
         positions = int(_as_rows(rows).shape[0])
         raise ScriptError((f"{what}: " if what else "") + flat_reason(spread, positions))
     return spread
+
+
+# --- loading by model name (what the scripts call) ------------------------------------------
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> list[int]:
+    """Token ids for one prompt, through the chat template when the tokenizer has one."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)
+        if isinstance(encoded, dict) or hasattr(encoded, "keys"):
+            encoded = encoded["input_ids"]
+        return [int(i) for i in encoded]
+    return [int(i) for i in tokenizer.encode(prompt)]
+
+
+def load_tokenizer(model: str, revision: str | None, trust_remote_code: bool) -> Any:
+    """The tokenizer of MODEL; a loader failure is a one-line ScriptError."""
+    from transformers import AutoTokenizer
+
+    location = model_source.resolve(model, revision).location
+    try:
+        return AutoTokenizer.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is a one-line exit 3
+        raise ScriptError(f"cannot load the tokenizer of {model}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
+
+
+def load_model(model: str, revision: str | None, dtype: str, device: str, trust_remote_code: bool,
+               attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION) -> Any:
+    """The HF reference for MODEL (a Hub ID or a local folder), eager attention unless asked otherwise."""
+    location = model_source.resolve(model, revision).location
+    return load(location, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                revision=revision, trust_remote_code=trust_remote_code, label=model)

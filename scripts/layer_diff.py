@@ -106,13 +106,12 @@ def main(args: argparse.Namespace) -> int:
 
     max_hidden_states.normalized_port_dir(args.port_dir)
 
-    import compare_layers
     import hf_hidden_states
 
-    token_ids = explicit_ids or encode(compare_layers, args, args.prompt)
+    token_ids = explicit_ids or encode(args, args.prompt)
     start = time.perf_counter()
-    hf = compare_layers.load_hf_model(reference, args.revision, dtype, "cpu", args.trust_remote_code,
-                                      args.attn_implementation)
+    hf = hf_reference.load_model(reference, args.revision, dtype, "cpu", args.trust_remote_code,
+                                 args.attn_implementation)
     hf_capture = hf_hidden_states.capture_reference(hf, token_ids, args.sublayer)
     hf_seconds = time.perf_counter() - start
     del hf
@@ -186,11 +185,12 @@ def check_port_dir_path(port_dir: str) -> None:
                       "package folder DIR/<slug>")
 
 
-def encode(compare_layers: Any, args: argparse.Namespace, prompt: str) -> list[int]:
+def encode(args: argparse.Namespace, prompt: str) -> list[int]:
+    """The prompt's token ids, by the model's tokenizer (no chat template)."""
     if not prompt.strip():
         raise ScriptError("--prompt is empty")
-    tokenizer = compare_layers.load_tokenizer(args.model, args.revision, args.trust_remote_code)
-    ids = compare_layers.encode_prompt(tokenizer, prompt, chat_template=False)
+    tokenizer = hf_reference.load_tokenizer(args.model, args.revision, args.trust_remote_code)
+    ids = hf_reference.encode_prompt(tokenizer, prompt, chat_template=False)
     if not ids:
         raise ScriptError(f"the tokenizer of {args.model} encodes {prompt!r} to no tokens")
     return ids

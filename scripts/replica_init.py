@@ -25,6 +25,10 @@ from typing import Any
 
 NORM_EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 
+# The probe text the replica is built, calibrated and checked with (tiny records it in the manifest).
+PROMPT = ("The capital of France is Paris. Once upon a time there was a little robot who wanted to learn "
+          "how to read and write.")
+
 
 @dataclass
 class InitOptions:

@@ -425,7 +425,7 @@ def sensitivity_report(replica_dir: str | Path, *, dtype: str | None = None, tru
     threshold = tolerances.sensitivity_threshold(dtype)
     top_k = top_k or tolerances.TOP_K
     tokenizer = transformers.AutoTokenizer.from_pretrained(replica, trust_remote_code=trust_remote_code)
-    from make_tiny_model import PROMPT
+    from replica_init import PROMPT
 
     ids = torch.tensor([tokenizer(manifest.get("prompt", PROMPT))["input_ids"]])
 

@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import cli_support
-import compare_layers
+import hf_reference
 import model_source
-import serve_port
+import openai_server
 import tolerances
 from cli_support import ScriptError
 
@@ -130,7 +130,7 @@ class Endpoint:
 
 
 def endpoint_from(port: int | None, base_url: str | None, slug: str | None) -> Endpoint:
-    url = compare_layers.check_base_url(base_url) if base_url is not None else f"http://{serve_port.HOST}:{port}"
+    url = openai_server.check_base_url(base_url) if base_url is not None else f"http://{openai_server.HOST}:{port}"
     return Endpoint(url, slug)
 
 
@@ -343,7 +343,7 @@ def evaluate(lm: Any, tasks: dict[str, Any], limit: int | None) -> dict:
 
 def check_server(endpoint: Endpoint, hint: str) -> Endpoint:
     """The server answers /v1/models and serves the name asked for (exit 3 otherwise, within seconds)."""
-    check = compare_layers.check_server(endpoint.base_url, endpoint.served_name, hint)
+    check = openai_server.check_server(endpoint.base_url, endpoint.served_name, hint)
     return Endpoint(endpoint.base_url, check.served_name, check.max_model_len)
 
 
@@ -360,7 +360,7 @@ def echo_layout(endpoint: Endpoint, prompt_ids: list[int], timeout: float) -> tu
     body = {"model": endpoint.served_name, "prompt": prompt_ids, "echo": True, "logprobs": 1, "max_tokens": 1,
             "temperature": 0}
     try:
-        answer = compare_layers._post_json(url, body, timeout)
+        answer = openai_server.post_json(url, body, timeout)
     except ScriptError as exc:
         return None, f"it refused an echo request ({exc})"
     try:
@@ -680,7 +680,7 @@ def run_side(side: Side, tasks_for: Any, limit: int | None, dtype: str, device: 
 
 def load_reference(model: str, dtype: str, device: str, trust_remote_code: bool) -> Any:
     """The HF reference through scripts/hf_reference.py (eager attention, float32 unless --dtype)."""
-    return compare_layers.load_hf_model(model, None, dtype, device, trust_remote_code)
+    return hf_reference.load_model(model, None, dtype, device, trust_remote_code)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -698,7 +698,7 @@ def main(args: argparse.Namespace) -> int:
     reference_location = check_model(reference, None, "--reference") if args.reference else location
     port = Side(args.model, location, reference, reference_location,
                 endpoint_from(args.port, args.base_url, args.slug),
-                serve_port.serve_hint(args.model, None, args.port) + (" --port-dir <port folder>" if args.slug else ""))
+                openai_server.serve_hint(args.model, None, args.port) + (" --port-dir <port folder>" if args.slug else ""))
     control = None
     if args.control is not None:
         if args.control_port is None and args.control_base_url is None:
@@ -706,7 +706,7 @@ def main(args: argparse.Namespace) -> int:
         control_location = check_model(args.control, None, "--control")
         control = Side(args.control, control_location, args.control, control_location,
                        endpoint_from(args.control_port, args.control_base_url, args.control_slug),
-                       serve_port.serve_hint(args.control, None, args.control_port))
+                       openai_server.serve_hint(args.control, None, args.control_port))
     elif args.control_port is not None or args.control_base_url is not None or args.control_slug is not None:
         raise ScriptError("--control-port, --control-base-url and --control-slug need --control MODEL")
 
@@ -853,8 +853,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     control.add_argument("--control-port", type=cli_support.port_number, help="port of the control's MAX server")
     control.add_argument("--control-base-url", help="base URL of the control's MAX server")
     parser.add_argument("--control-slug", default=None, help="served name of the control (default: the only one)")
-    parser.add_argument("--timeout", type=cli_support.positive_seconds, default=compare_layers.REQUEST_TIMEOUT,
-                        metavar="SECONDS", help=f"seconds per request (default: {compare_layers.REQUEST_TIMEOUT:g})")
+    parser.add_argument("--timeout", type=cli_support.positive_seconds, default=openai_server.REQUEST_TIMEOUT,
+                        metavar="SECONDS", help=f"seconds per request (default: {openai_server.REQUEST_TIMEOUT:g})")
     cli_support.add_json_flag(parser)
 
 

@@ -66,9 +66,9 @@ def server(replica):
 @pytest.mark.e2e
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_port_matches_hf(replica, server, prompt):
-    import compare_layers
+    import port_compare
 
-    report = compare_layers.run_compare(str(replica), server.base_url, server.served_name, prompts=[prompt])
+    report = port_compare.run_compare(str(replica), server.base_url, server.served_name, prompts=[prompt])
     assert report.verdict == "MATCH", report.first_divergence
     assert report.first_divergence is None
 
@@ -78,7 +78,7 @@ def test_comparison_catches_a_different_model(replica, server, tmp_path):
     """Negative control: a reference with other weights must be reported as DIVERGED."""
     import subprocess
 
-    import compare_layers
+    import port_compare
 
     other = tmp_path / "other"
     done = subprocess.run(
@@ -87,6 +87,6 @@ def test_comparison_catches_a_different_model(replica, server, tmp_path):
         capture_output=True, text=True,
     )
     assert done.returncode == 0, done.stderr
-    report = compare_layers.run_compare(str(replica), server.base_url, server.served_name,
+    report = port_compare.run_compare(str(replica), server.base_url, server.served_name,
                                         prompts=[PROMPTS[0]], reference=str(other))
     assert report.verdict == "DIVERGED"

@@ -1,7 +1,7 @@
 """A loopback stand-in for an OpenAI-compatible ``max serve``, for tests of compare's reference handling.
 
 It is NOT MAX. It answers the two endpoints compare uses, in the shape MAX
-26.7 answers them (see ``compare_layers.parse_completion``):
+26.7 answers them (see ``openai_server.parse_completion``):
 
 - ``GET /v1/models``: ``{"data": [{"id": <served name>, "max_model_len": N}]}``;
 - ``POST /v1/completions`` with token ids, ``echo``, ``logprobs: k`` (at most

@@ -681,15 +681,15 @@ def test_references_that_state_max_facts_name_the_checked_version():
 
 
 def test_every_wall_code_is_explained_in_recognize_walls():
-    """Every finding code check_walls.py emits has a row with the same level, and no row is invented."""
-    source = (SCRIPTS_DIR / "check_walls.py").read_text(encoding="utf-8")
+    """Every finding code the wall catalogue (wall_scan.py) emits has a row with the same level, none invented."""
+    source = (SCRIPTS_DIR / "wall_scan.py").read_text(encoding="utf-8")
     emitted = set(re.findall(r'_finding\(\s*"(\w+)",\s*([A-Z]+)', source))
-    assert emitted, "no finding codes found in scripts/check_walls.py"
+    assert emitted, "no finding codes found in scripts/wall_scan.py"
     walls_doc = (REPO_ROOT / "references" / "recognize-walls.md").read_text(encoding="utf-8")
     documented = set(re.findall(r"^\| `(\w+)` \| (\w+) \|", walls_doc, re.M))
     documented = {(code, level.upper()) for code, level in documented}
     assert sorted(emitted - documented) == [], "wall codes or levels missing from references/recognize-walls.md"
-    assert sorted(documented - emitted) == [], "recognize-walls.md documents codes check_walls.py never emits"
+    assert sorted(documented - emitted) == [], "recognize-walls.md documents codes wall_scan.py never emits"
 
 
 def test_every_delta_signal_code_is_in_the_delta_signal_table():

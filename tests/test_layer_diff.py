@@ -110,8 +110,10 @@ def test_format_report_lists_stages_and_verdict():
     stages = [diff("embedding", None, "embedding", True), diff("block.0", 0, "block", False, position=2)]
     first = layer_diff.describe_divergence(stages[1], stages)
     document = {"model": "m", "port_dir": "p", "dtype": "float32", "token_ids": [1, 2, 3], "tolerance": TOL,
+                "reference": "m", "attn_implementation": "eager", "reference_spread": 11.9,
                 "stages": [vars(s) for s in stages], "first_divergence": first}
     text = layer_diff.format_report(document)
+    assert "HF reference: m (float32, attention eager, spread 11.9)" in text
     assert "embedding" in text and "DIVERGED (from position 2)" in text
     assert "first divergence at block 0, stage block.0, token position 2" in text
     document["first_divergence"] = None

@@ -419,11 +419,11 @@ def test_check_walls_text_and_scan_function(models):
     assert result.returncode == 2 and result.stdout.startswith("STOP  alibi: ")
     assert "references/recognize-walls.md" in result.stdout
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import check_walls
+    import wall_scan
     import model_source
 
-    findings = check_walls.scan_walls(model_source.resolve(str(models["remote_code"])))
-    assert [f.code for f in findings] == ["remote_code"] and check_walls.exit_code_for(findings) == 1
+    findings = wall_scan.scan_walls(model_source.resolve(str(models["remote_code"])))
+    assert [f.code for f in findings] == ["remote_code"] and wall_scan.exit_code_for(findings) == 1
 
 
 def test_check_walls_large_model_from_header_metadata(hub, tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import compare_layers
+import port_compare
 import hf_reference
 import tolerances
 from cli_support import ScriptError
@@ -96,7 +96,7 @@ def compare_cli(replica: Path, standin: OpenAIStandin, *extra: str):
 
 
 def compare_lib(replica: Path, standin: OpenAIStandin, **kwargs):
-    return compare_layers.run_compare(str(replica), standin.base_url, "port", [PROMPT], max_new_tokens=6, **kwargs)
+    return port_compare.run_compare(str(replica), standin.base_url, "port", [PROMPT], max_new_tokens=6, **kwargs)
 
 
 # --- the loader ----------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def test_sdpa_reference_shows_the_old_bug(replicas):
         eager = compare_lib(replicas["base"], standin)
     assert report.verdict == "DIVERGED" and report.attn_implementation == "sdpa"
     assert eager.verdict == "MATCH" and eager.max_abs_diff < tolerances.logprob_atol("float32")
-    assert "attention sdpa" in compare_layers.format_report(report)
+    assert "attention sdpa" in port_compare.format_report(report)
 
 
 # --- Done when (b): a flat reference is refused ---------------------------------------------

@@ -151,7 +151,7 @@ def test_plant_refuses_a_port_without_the_rope_line(tmp_path):
 @pytest.fixture(scope="module")
 def compare_reports(replicas, planted_port):
     """{"off", "on", "planted"}: compare reports, each from its own short-lived server."""
-    import compare_layers
+    import port_compare
     import serve_port
 
     runs = {"off": (replicas["off"], PORT_DIR), "on": (replicas["on"], PORT_DIR),
@@ -160,7 +160,7 @@ def compare_reports(replicas, planted_port):
     for name, (replica, port_dir) in runs.items():
         with serve_port.served_model(str(replica), port_dir=str(port_dir), devices="cpu",
                                      encoding="float32", progress=False, timeout=SERVE_TIMEOUT) as server:
-            reports[name] = compare_layers.run_compare(
+            reports[name] = port_compare.run_compare(
                 str(replica), server.base_url, server.served_name, prompts=PROMPTS, chat_template=False)
     return reports
 

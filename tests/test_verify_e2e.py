@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import compare_layers
+import port_compare
 import serve_port
 import tolerances
 from conftest import run_script
@@ -95,7 +95,7 @@ def server(replicas, tmp_path_factory):
 
 def compare_against(reference: Path, server: dict, replicas: dict):
     """compare's library entry point (one torch import for all variants), HF side = ``reference``."""
-    report = compare_layers.run_compare(str(replicas["base"]), server["base_url"], server["served_name"], [PROMPT],
+    report = port_compare.run_compare(str(replicas["base"]), server["base_url"], server["served_name"], [PROMPT],
                                         reference=str(reference))
     return report, report.to_dict()
 
