@@ -152,26 +152,24 @@ def port_number(text: str) -> int:
     return port
 
 
+def _finite_positive(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite {what} above 0")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     """argparse type: a finite number of seconds above 0 (nan, inf, 0 and negatives are refused)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} seconds: must be a finite number above 0")
-    return seconds
+    return _finite_positive(text, "number of seconds")
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number above 0 (nan, inf, 0 and negatives are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
-    return value
+    return _finite_positive(text, "number")
 
 
 def positive_int(text: str) -> int:

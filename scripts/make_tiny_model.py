@@ -1,7 +1,9 @@
 """Build a tiny random replica of a Hugging Face causal LM that still catches port bugs.
 
 The replica keeps the architecture and every semantic config field, shrinks
-the sizes (layers, hidden size, heads with the same GQA ratio, experts, vocab),
+the sizes (layers, hidden size, heads with the same GQA ratio, experts, vocab)
+unless the source is already small (then its shapes are kept, so the source
+reuses the replica's compiled graph; the manifest's ``shapes`` says which),
 draws peaked position-sensitive weights, and saves safetensors, a working
 tokenizer and a tiny_replica.json manifest listing every changed field. With
 --sensitivity it then checks that known port bugs (mutations) move the
@@ -26,20 +28,30 @@ from pathlib import Path
 from typing import Any
 
 import cli_support
+import hf_reference
+import input_files
 import model_source
+import tiny_config
 from cli_support import ScriptError
-from replica_init import InitOptions
+from replica_init import PROMPT, InitOptions
 from tiny_config import ShrinkOptions, shrink_config
 
 EXIT_CODES = {1: "the replica failed the sensitivity report (--sensitivity)", 2: "not used"}
 
 MANIFEST = "tiny_replica.json"
 # A fixed prompt: long enough to exceed the shrunk sliding window many times over.
-PROMPT = ("The capital of France is Paris. Once upon a time there was a little robot who wanted to learn "
-          "how to read and write.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 TRAINED_VOCAB = 512
 DTYPES = ("float32", "bfloat16", "float16")
+# The peaked init draws with std 0.3; far above 10 the activations overflow float16/bfloat16 within a
+# few layers and the calibration no longer means anything.
+MAX_STD = 10.0
+# torch.manual_seed takes up to 2**64 - 1; the 32-bit range keeps a seed usable by numpy-style RNGs too.
+MAX_SEED = 2**32 - 1
+# A config dict handed to build_replica is walked recursively (deepcopy); real configs nest 3-4 levels.
+MAX_CONFIG_DEPTH = 32
+# Prefix of the staging folder made beside --output for one run (hidden, removed on failure).
+STAGING_PREFIX = ".tiny-staging-"
 
 
 @dataclass
@@ -72,23 +84,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hidden size when it is not heads x head_dim (default: 64)")
     parser.add_argument("--head-dim", type=int, default=16, help="head dimension (default: 16)")
     parser.add_argument("--sliding-window", type=int, default=4, help="sliding window of the replica (default: 4)")
+    parser.add_argument("--always-shrink", action="store_true",
+                        help="shrink even a source small enough to keep its shapes (default: keep them)")
     parser.add_argument("--sensitivity", action="store_true",
                         help="after building, run the mutation sensitivity report; exit 1 when it fails")
     cli_support.add_json_flag(parser)
 
 
 def options_from_args(args: argparse.Namespace) -> ReplicaOptions:
-    for name in ("layers", "hidden_size", "head_dim", "sliding_window"):
-        if getattr(args, name) < 1:
-            raise ScriptError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.head_dim % 2:
-        raise ScriptError("--head-dim must be even (RoPE rotates pairs of dimensions)")
-    for name in ("init_std", "norm_std", "bias_std"):
-        if getattr(args, name) < 0:
-            raise ScriptError(f"--{name.replace('_', '-')} must not be negative")
-    return ReplicaOptions(
+    """The replica options the flags ask for (checked by ``check_options``)."""
+    options = ReplicaOptions(
         shrink=ShrinkOptions(hidden_size=args.hidden_size, head_dim=args.head_dim, min_layers=args.layers,
-                             sliding_window=args.sliding_window),
+                             sliding_window=args.sliding_window, keep_small_source=not args.always_shrink),
         init=InitOptions(mode=args.init, std=args.init_std, norm_std=args.norm_std, bias_std=args.bias_std),
         dtype=args.dtype,
         seed=args.seed,
@@ -96,11 +103,50 @@ def options_from_args(args: argparse.Namespace) -> ReplicaOptions:
         trust_remote_code=args.trust_remote_code,
         force=args.force,
     )
+    check_options(options)
+    return options
+
+
+def check_options(options: ReplicaOptions) -> None:
+    """Refuse sizes and numbers that are not sane, naming the flag; runs before torch is imported."""
+    shrink = options.shrink
+    bounds = {
+        "--layers": (shrink.min_layers, 1, tiny_config.MAX_REPLICA_LAYERS),
+        "--hidden-size": (shrink.hidden_size, 1, tiny_config.MAX_REPLICA_HIDDEN),
+        "--head-dim": (shrink.head_dim, 2, tiny_config.MAX_REPLICA_HEAD_DIM),
+        "--sliding-window": (shrink.sliding_window, 1, tiny_config.MAX_POSITIONS),
+        "--seed": (options.seed, 0, MAX_SEED),
+        "max_positions": (shrink.max_positions, 1, tiny_config.MAX_POSITIONS),
+        "experts": (shrink.experts, 1, tiny_config.MAX_SOURCE_WIDTH),
+        "experts_per_tok": (shrink.experts_per_tok, 1, tiny_config.MAX_SOURCE_WIDTH),
+    }
+    for flag, (value, low, high) in bounds.items():
+        if not tiny_config.is_int(value):
+            raise ScriptError(f"{flag} is {value!r}, expected a whole number")
+        if not low <= value <= high:
+            raise ScriptError(f"{flag} is {value}, expected {low} to {high}")
+    if shrink.head_dim % 2:
+        raise ScriptError("--head-dim must be even (RoPE rotates pairs of dimensions)")
+    init = options.init
+    for flag, value, low_ok in (("--init-std", init.std, False), ("--norm-std", init.norm_std, True),
+                                ("--bias-std", init.bias_std, True)):
+        finite = tiny_config.is_real(value)
+        if not finite or value < 0 or (value == 0 and not low_ok) or value > MAX_STD:
+            low = "at least 0" if low_ok else "above 0"
+            raise ScriptError(f"{flag} is {value!r}, expected a finite number {low} and at most {MAX_STD:g}")
+    for name in ("eps_headroom", "logit_std"):
+        value = getattr(init, name)
+        if not tiny_config.is_real(value) or value <= 0:
+            raise ScriptError(f"init option {name} is {value!r}, expected a finite number above 0")
+    if options.dtype not in DTYPES:
+        raise ScriptError(f"unknown dtype {options.dtype!r}; choose from {', '.join(DTYPES)}")
+    if init.mode not in ("peaked", "default"):
+        raise ScriptError(f"unknown init mode {init.mode!r}")
 
 
 def main(args: argparse.Namespace) -> int:
     options = options_from_args(args)
-    manifest = build_replica(args.model, args.output, options)
+    manifest, backup = build_replica_with_backup(args.model, args.output, options)
     report = None
     if args.sensitivity:
         from replica_sensitivity import sensitivity_report
@@ -112,9 +158,12 @@ def main(args: argparse.Namespace) -> int:
             "manifest": manifest,
             "sensitivity": report.to_dict() if report else None,
             "passed": report.passed if report else None,
+            "backup": backup,
         })
     else:
         print(describe_manifest(manifest))
+        if backup:
+            print(f"previous replica moved to {backup}")
         if report:
             print()
             print(report.table())
@@ -129,31 +178,66 @@ def build_replica(model: str | dict[str, Any], output_dir: str | Path, options: 
 
     Raises ScriptError on bad input; writes nothing when the input is bad.
     """
+    return build_replica_with_backup(model, output_dir, options)[0]
+
+
+def build_replica_with_backup(model: str | dict[str, Any], output_dir: str | Path,
+                              options: ReplicaOptions | None = None) -> tuple[dict[str, Any], str | None]:
+    """``build_replica``, also returning where ``--force`` moved the previous replica (or None)."""
     options = options or ReplicaOptions()
-    output = Path(output_dir)
-    if str(output_dir).strip() == "":
-        raise ScriptError("--output is empty")
-    if options.dtype not in DTYPES:
-        raise ScriptError(f"unknown dtype {options.dtype!r}; choose from {', '.join(DTYPES)}")
-    if options.init.mode not in ("peaked", "default"):
-        raise ScriptError(f"unknown init mode {options.init.mode!r}")
+    check_options(options)
+    output = input_files.check_output_dir(output_dir, "--output")
     if isinstance(model, dict):
-        source, original, source_name = None, dict(model), "(config dict)"
+        source, source_name = None, "(config dict)"
+        label = "the config dict"
+        input_files.check_json_depth(model, label, MAX_CONFIG_DEPTH)
+        original = dict(model)
         if not original.get("architectures"):
             raise ScriptError("the config dict has no 'architectures' list")
     else:
         source = model_source.resolve(model, options.revision)
         original = model_source.read_config(source)
         source_name = source.display_name
+        label = f"config.json of {source_name}"
+    tiny_config.check_source_config(original, label)
     if not original.get("model_type"):
         raise ScriptError(f"config of {source_name} has no model_type")
     if "auto_map" in original and not options.trust_remote_code:
         raise ScriptError(f"{source_name} uses its own modeling code (auto_map); "
                           "rerun with --trust-remote-code if you trust it")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        if not options.force:
-            raise ScriptError(f"{output} already exists and is not empty; use --force to replace it")
+    if source is not None and source.local_dir is not None:
+        input_files.check_not_inside(output, source.local_dir, "--output", "source model folder")
+    replace = _check_existing_output(output, options.force)
+    # The sizes the replica will have, checked now (pure dict work) rather than after the torch import.
+    tiny_config.check_replica_sizes(shrink_config(model_source.text_config(original), options.shrink).config)
+    staging, made_parents = input_files.make_staging_dir(output, f"{STAGING_PREFIX}{output.name}-", "--output")
+    try:
+        manifest = _build_in(staging, source, original, source_name, options)
+        try:
+            backup = input_files.move_into_place(staging, output, replace)
+        except OSError as exc:
+            raise ScriptError(f"cannot put the replica at {output}: {exc.strerror or exc}") from None
+    except BaseException:
+        input_files.discard_staging(staging, made_parents)
+        raise
+    return manifest, None if backup is None else str(backup)
 
+
+def _check_existing_output(output: Path, force: bool) -> bool:
+    """Whether an existing, non-empty ``output`` is a replica that --force may move aside."""
+    if not output.is_dir() or not any(output.iterdir()):
+        return False
+    if not force:
+        raise ScriptError(f"{output} already exists and is not empty; use --force to move it to a backup")
+    if not (output / MANIFEST).is_file():
+        raise ScriptError(f"--output {output} holds files but no {MANIFEST}, so tiny did not make it; "
+                          "refusing to replace it even with --force (choose another folder)")
+    return True
+
+
+def _build_in(staging: Path, source: model_source.ModelSource | None, original: dict[str, Any], source_name: str,
+              options: ReplicaOptions) -> dict[str, Any]:
+    """Write the replica into ``staging``; return its manifest."""
     import torch  # heavy imports only once the input is known to be good
     import transformers
 
@@ -164,11 +248,6 @@ def build_replica(model: str | dict[str, Any], output_dir: str | Path, options: 
     text = model_source.text_config(original)
     causal_arch = _text_only_architecture(original, text)
     hf_layer_types = _hf_layer_types(text, options.trust_remote_code)
-
-    staging = output.with_name(output.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     try:
         tokenizer_info = _write_tokenizer(source, staging, options)
         shrunk = shrink_config(
@@ -177,18 +256,21 @@ def build_replica(model: str | dict[str, Any], output_dir: str | Path, options: 
             special_ids=tokenizer_info.pop("special_ids"), dtype=options.dtype,
             causal_lm_architecture=causal_arch,
         )
+        tiny_config.check_replica_sizes(shrunk.config)
         if source is not None and options.trust_remote_code and source.is_local:
             for path in source.local_dir.glob("*.py"):
-                shutil.copy(path, staging / path.name)
+                if path.is_file():
+                    shutil.copy(path, staging / path.name)
         _write_json(staging / "config.json", shrunk.config)
         torch.manual_seed(options.seed)
         config = transformers.AutoConfig.from_pretrained(staging, trust_remote_code=options.trust_remote_code)
-        hf_model = transformers.AutoModelForCausalLM.from_config(
-            config, dtype=torch.float32, trust_remote_code=options.trust_remote_code, attn_implementation="eager")
-        hf_model.eval()
+        hf_model = hf_reference.from_config(config, trust_remote_code=options.trust_remote_code)
         tokenizer = transformers.AutoTokenizer.from_pretrained(staging, trust_remote_code=options.trust_remote_code)
         ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
         init_settings = initialize(hf_model, config, options.init, ids)
+        # A flat replica is a failed build: compare and layer-diff would refuse it after a compile.
+        spread = hf_reference.check_not_flat(
+            hf_reference.logprob_rows(hf_model, ids[0].tolist()), "the replica's weights came out flat")
         hf_model.to(getattr(torch, options.dtype))
         hf_model.save_pretrained(staging)
         _write_json(staging / "config.json", shrunk.config)  # keep the original spelling of every field
@@ -201,22 +283,19 @@ def build_replica(model: str | dict[str, Any], output_dir: str | Path, options: 
                         "text_only": shrunk.text_only, "dtype": options.dtype,
                         "parameters": sum(p.numel() for p in {id(p): p for p in hf_model.parameters()}.values()),
                         "kept_layers": shrunk.kept_layers, "layer_types": shrunk.layer_signatures},
+            "shapes": shrunk.shapes,
             "changes": [asdict(change) for change in shrunk.changes],
             "seed": options.seed,
             "init": init_settings,
             "tokenizer": tokenizer_info,
             "prompt": PROMPT,
             "prompt_tokens": int(ids.shape[1]),
+            "reference_spread": spread,  # mean (top - mean) logprob over PROMPT, float32 eager
         }
         _write_json(staging / MANIFEST, manifest)
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        staging.rename(output)
     except ScriptError:
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     except Exception as exc:  # noqa: BLE001 - transformers errors become one line
-        shutil.rmtree(staging, ignore_errors=True)
         raise ScriptError(f"transformers could not build the replica: {type(exc).__name__}: {exc}") from None
     return manifest
 
@@ -277,6 +356,15 @@ def _write_tokenizer(source: model_source.ModelSource | None, output: Path, opti
             "special_ids": {"bos": 1, "eos": 2, "pad": 3}}
 
 
+def describe_shapes(shapes: dict[str, Any]) -> str:
+    """One line: whether the replica kept the source's shapes, and why."""
+    if shapes.get("kept"):
+        return ("shapes: kept from the source (it is small enough), so serving the source reuses this "
+                "replica's compiled graph")
+    reasons = "; ".join(shapes.get("reasons") or []) or "see the rule in tiny_replica.json"
+    return f"shapes: shrunk (the source is not small enough to keep: {reasons})"
+
+
 def describe_manifest(manifest: dict[str, Any]) -> str:
     """Human-readable summary of a replica manifest."""
     replica = manifest["replica"]
@@ -285,6 +373,7 @@ def describe_manifest(manifest: dict[str, Any]) -> str:
         f"{replica['architecture']}, {replica['parameters']:,} parameters, {replica['dtype']}",
         f"tokenizer: {manifest['tokenizer']['kind']} (vocab {manifest['tokenizer']['vocab_size']}); "
         f"init: {manifest['init']['mode']}; seed {manifest['seed']}",
+        describe_shapes(manifest.get("shapes") or {}),
         "changed fields:",
     ]
     for change in manifest["changes"]:

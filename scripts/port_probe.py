@@ -9,14 +9,27 @@ compiling), ``key-diff`` (names and shapes from the port's
 weight adapter, fed header-only weights, against the weights the graph
 declares) and ``weights-format`` (the checkpoint's format has an adapter and
 its dtypes suit the encoding). Imports MAX; never reads weight bytes.
+
+With --fork and several --check flags, this process imports MAX's heavy
+modules once (never the port) and forks one child per check; each child
+imports the port afresh, runs its check and sends its JSON result back over
+a pipe. A child that crashes or overruns --timeout is reported as such, as a
+crashed or timed-out fresh process would be.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import json
+import math
 import os
+import select
+import signal
 import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,27 +57,211 @@ SAFETENSORS_DTYPES = {
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_support.add_model_arguments(parser)
     parser.add_argument("--port-dir", required=True, help="the port package folder DIR/<slug>")
-    parser.add_argument("--check", required=True, choices=CHECKS, help="which smoke check to run")
+    parser.add_argument("--check", required=True, choices=CHECKS, action="append",
+                        help="which smoke check to run (repeat it with --fork to run several)")
     parser.add_argument("--encoding", default="float32", help="quantization encoding to build for (default float32)")
+    parser.add_argument("--fork", action="store_true",
+                        help="import MAX once, then run each --check in a forked child that imports the port afresh")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_CHECK_TIMEOUT,
+                        help=f"with --fork: seconds allowed for each check (default {DEFAULT_CHECK_TIMEOUT:.0f})")
     cli_support.add_json_flag(parser)
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.fork:
+        return main_forked(args)
+    if len(args.check) != 1:
+        raise ScriptError("several --check flags need --fork (a fresh process runs one check)")
     port = port_layout.resolve_port_dir(args.port_dir, "--port-dir")
     source = model_source.resolve(args.model, args.revision)
+    document = run_check(args.check[0], port, source, args.encoding)
+    if args.json:
+        cli_support.print_json(document)
+    else:
+        print(f"{args.check[0]}: {'pass' if document['passed'] else 'FAIL'}: {document['summary']}")
+    return 0 if document["passed"] else 1
+
+
+def run_check(name: str, port: port_layout.PortDir, source: Any, encoding: str) -> dict[str, Any]:
+    """One check's JSON document; a ScriptError (bad input) propagates, the port's own exceptions are findings."""
     try:
-        result = RUNNERS[args.check](port, source, args.encoding)
+        result = RUNNERS[name](port, source, encoding)
     except ScriptError:
         raise
     except Exception as exc:  # the port's own code raised: that is the finding
         result = CheckResult(False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}",
                              {"traceback_tail": _traceback_tail(exc, port.path)})
-    document = {"check": args.check, "passed": result.passed, "summary": result.summary, **result.details}
+    return {"check": name, "passed": result.passed, "summary": result.summary, **result.details}
+
+
+# --- forked checks: MAX imported once, the port imported fresh in each child ----------------
+
+# Seconds allowed for one check; a dry build of a real config takes seconds, a hung one never ends.
+DEFAULT_CHECK_TIMEOUT = 900.0
+# What every check's port imports anyway; importing them once in the parent (about 9 s for
+# max.pipelines) is the time the forked children save. The port itself is never imported here.
+PRELOAD_MODULES = ("numpy", "max.driver", "max.dtype", "max.graph", "max.graph.weights", "max.nn",
+                   "max.nn.transformer", "max.pipelines", "max.pipelines.lib", "max.pipelines.lib.pipeline_args")
+# The checks after a failed import are not run: they import the port too.
+FIRST_CHECK = "import"
+# Characters of a crashed child's last stderr line kept for its one-line summary.
+CRASH_TAIL_CHARS = 300
+# Grace after SIGTERM before a timed-out child is killed.
+KILL_GRACE_SECONDS = 2.0
+
+
+def preload_max() -> None:
+    """Import MAX's heavy modules (never the port) so forked children start with them loaded."""
+    for name in PRELOAD_MODULES:
+        importlib.import_module(name)
+
+
+def main_forked(args: argparse.Namespace) -> int:
+    if not hasattr(os, "fork"):
+        raise ScriptError("--fork needs os.fork (POSIX); run each --check in its own process instead")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ScriptError(f"--timeout {args.timeout} must be a positive number of seconds")
+    port = port_layout.resolve_port_dir(args.port_dir, "--port-dir")
+    model_source.resolve(args.model, args.revision)  # bad input is exit 3 before MAX is imported
+    started = time.monotonic()
+    preload_max()
+    preload_seconds = time.monotonic() - started
+    names = list(dict.fromkeys(args.check))
+    results = []
+    for name in names:
+        outcome = run_forked(name, args, port)
+        results.append(outcome)
+        document = outcome.get("document") or {}
+        if "error" in document:
+            break  # bad input: the caller stops with exit 3
+        if name == FIRST_CHECK and not (outcome["status"] == "done" and document.get("passed")):
+            break
+    document = {"preload_seconds": round(preload_seconds, 2), "results": results}
     if args.json:
         cli_support.print_json(document)
     else:
-        print(f"{args.check}: {'pass' if result.passed else 'FAIL'}: {result.summary}")
-    return 0 if result.passed else 1
+        for outcome in results:
+            doc = outcome.get("document") or {}
+            state = ("pass" if doc.get("passed") else "FAIL") if outcome["status"] == "done" else outcome["status"]
+            print(f"{outcome['check']}: {state}: {doc.get('summary') or doc.get('error') or outcome.get('detail', '')}")
+    errors = [o["document"]["error"] for o in results if "error" in (o.get("document") or {})]
+    if errors:  # bad input, as a fresh process reports it: one line on stderr, exit 3
+        print(f"{getattr(args, '_prog', None) or 'port_probe.py'}: error: {errors[0]}", file=sys.stderr)
+        return cli_support.EXIT_CANNOT_RUN
+    passed = all(o["status"] == "done" and o["document"].get("passed") for o in results)
+    return 0 if passed and len(results) == len(names) else 1
+
+
+def run_forked(name: str, args: argparse.Namespace, port: port_layout.PortDir) -> dict[str, Any]:
+    """Run one check in a forked child.
+
+    Returns {"check", "status": done | crashed | timeout, "exit", "seconds"} plus the child's
+    "document" (done) or a one-line "detail" (crashed, timeout).
+    """
+    started = time.monotonic()
+    read_end, write_end = os.pipe()
+    with tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            _child(name, args, write_end, err.fileno())  # never returns
+        os.close(write_end)
+        try:
+            payload, timed_out = _read_until(read_end, args.timeout)
+        finally:
+            os.close(read_end)
+        status = _terminate(pid) if timed_out else os.waitpid(pid, 0)[1]
+        err.seek(0)
+        lines = err.read().decode("utf-8", "replace").strip().splitlines()
+    base = {"check": name, "exit": os.waitstatus_to_exitcode(status), "seconds": round(time.monotonic() - started, 2)}
+    if timed_out:
+        return {**base, "status": "timeout", "detail": f"did not finish in {args.timeout:.0f} s"}
+    try:
+        document = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        document = None
+    if not isinstance(document, dict):
+        tail = (lines or ["no output"])[-1]
+        return {**base, "status": "crashed", "detail": tail[:CRASH_TAIL_CHARS]}
+    return {**base, "status": "done", "document": document}
+
+
+def _child(name: str, args: argparse.Namespace, result_fd: int, err_fd: int) -> None:
+    """Run ``name`` in this forked child, write its JSON document to ``result_fd`` and exit; never returns."""
+    code = int(cli_support.EXIT_CANNOT_RUN)
+    try:
+        _die_with_parent()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+        os.dup2(err_fd, 1)  # the check's own prints go with its stderr; the result goes over the pipe
+        os.dup2(err_fd, 2)
+        try:
+            port = port_layout.resolve_port_dir(args.port_dir, "--port-dir")
+            source = model_source.resolve(args.model, args.revision)
+            document = run_check(name, port, source, args.encoding)
+            code = 0 if document["passed"] else 1
+        except ScriptError as exc:  # as a fresh process reports it: one line, exit 3
+            document = {"error": " ".join(str(exc).split()), "exit_code": int(exc.exit_code)}
+            code = int(exc.exit_code)
+        except Exception as exc:  # noqa: BLE001 - the fresh process's last error boundary
+            document = {"error": cli_support.describe_unexpected(exc), "exit_code": code}
+        view = memoryview(json.dumps(document, default=cli_support._json_default).encode("utf-8"))
+        while view:
+            view = view[os.write(result_fd, view):]
+    except BaseException:  # noqa: BLE001 - a child must never fall back into the parent's code
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+# prctl(PR_SET_PDEATHSIG, ...) on Linux: the kernel signals this process when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to kill this child if the probe parent dies (killed by the gates' own timeout); best effort."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _read_until(fd: int, timeout: float) -> tuple[bytes, bool]:
+    """Everything written to ``fd`` until the writer closes it, or until ``timeout``; (data, timed_out)."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b"".join(chunks), True
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return b"".join(chunks), False
+            chunks.append(chunk)
+
+
+def _terminate(pid: int) -> int:
+    """SIGTERM a timed-out child, SIGKILL it after a grace period; its wait status."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + KILL_GRACE_SECONDS
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]
 
 
 @dataclass

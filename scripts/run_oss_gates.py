@@ -3,8 +3,9 @@
 preflight (metadata only, seconds): walls (check-walls), checkpoint format and
 dominant dtype against arch.py's encodings, arch.py's name against the
 config's architectures[0] (read with ast), and float32 support for CPU
-bring-up. smoke (before the first cold compile; each check in a fresh Python
-process): import the port as --custom-architectures does, build its config and
+bring-up. smoke (before the first cold compile; one probe process imports MAX
+once and forks a child per check, each importing the port fresh): import the
+port as --custom-architectures does, build its config and
 graph from the real config without compiling, diff the weight adapter's names
 and shapes (header-only weights) against the graph's declared weights, and
 check the weights format. verify: compare logits of a running server
@@ -16,9 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import subprocess
 import sys
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,12 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="running server for verify, e.g. http://127.0.0.1:8000 (without it verify is skipped)")
     parser.add_argument("--served-name", default=None, help="model name the server serves (default: the slug)")
     parser.add_argument("--timeout", type=float, default=900.0,
-                        help="seconds allowed for each smoke subprocess (default 900)")
+                        help="seconds allowed for each smoke check (default 900)")
     cli_support.add_json_flag(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    port = port_layout.resolve_port_dir(args.port_dir)
+    check_arguments(args)
+    port = port_layout.resolve_port_dir(args.port_dir, "--port-dir")
+    port_layout.check_port_files(port)
     source = model_source.resolve(args.model, args.revision)
     config = model_source.read_config(source)
     phases = PHASES if args.phase == "all" else (args.phase,)
@@ -84,22 +90,86 @@ def main(args: argparse.Namespace) -> int:
     return code
 
 
+# Encoding names are lower-case tokens such as float32, bfloat16 or q4_k.
+ENCODING_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse flag values no phase could use, before any file is read."""
+    if not ENCODING_NAME.fullmatch(args.encoding):
+        raise ScriptError(f"--encoding {args.encoding!r} is not an encoding name (e.g. float32, bfloat16)")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ScriptError(f"--timeout {args.timeout} must be a positive number of seconds")
+    if args.served_name is not None and not args.served_name.strip():
+        raise ScriptError("--served-name is empty; give the served model name or leave the flag out")
+    if args.base_url is not None:
+        url = urllib.parse.urlsplit(args.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ScriptError(f"--base-url {args.base_url!r} is not an http(s) URL such as http://127.0.0.1:8000")
+        try:
+            url.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        except ValueError:
+            raise ScriptError(f"--base-url {args.base_url!r} has an invalid port") from None
+
+
 # --- preflight -----------------------------------------------------------------------
 
 
 def preflight(source: model_source.ModelSource, config: dict, port: port_layout.PortDir) -> list[Check]:
     arch = port_layout.read_arch_declaration(port.path / "arch.py")
     return [walls_check(source), format_check(source), dtype_check(source, config, arch),
-            name_check(config, arch), encoding_check(arch)]
+            name_check(config, arch), encoding_check(arch), reference_check(source, config)]
+
+
+# Loading at most this much float32 weight on the CPU takes seconds; a larger checkpoint's reference is
+# checked by compare, which loads it anyway.
+PREFLIGHT_REFERENCE_MAX_BYTES = 1 << 30
+# Fixed token ids for the flatness probe (no tokenizer needed): ids spread over the vocabulary.
+REFERENCE_PROBE_TOKENS = 16
+REFERENCE_PROBE_STRIDE = 7
+
+
+def reference_check(source: model_source.ModelSource, config: dict) -> Check:
+    """The HF reference (float32, eager) is not flat, before any compile; skipped for large or remote models."""
+    import hf_reference
+    import tolerances
+
+    files = model_source.weight_files(source)
+    if source.local_dir is None or files.format != "safetensors" or "auto_map" in config:
+        why = ("a Hub model" if source.local_dir is None else "remote code" if "auto_map" in config
+               else f"{files.format} weights")
+        return Check("preflight", "reference", "skipped", f"not loaded in preflight ({why}); compare checks the "
+                                                          "reference's spread after loading it")
+    size = sum((source.local_dir / name).stat().st_size for name in files.files)
+    if size > PREFLIGHT_REFERENCE_MAX_BYTES:
+        return Check("preflight", "reference", "skipped", f"weights are {size / 2**30:.1f} GiB; compare checks the "
+                                                          "reference's spread after loading it")
+    vocab = int(model_source.text_config(config).get("vocab_size") or 0)
+    if vocab < 2:
+        return Check("preflight", "reference", "skipped", "config has no vocab_size to probe with")
+    ids = [(1 + REFERENCE_PROBE_STRIDE * i) % vocab for i in range(REFERENCE_PROBE_TOKENS)]
+    try:
+        model = hf_reference.load(str(source.local_dir), dtype="float32")
+        rows = hf_reference.logprob_rows(model, ids)
+    except Exception as exc:  # noqa: BLE001 - a reference that cannot load or run is a failed gate, in one line
+        reason = str(exc) if isinstance(exc, ScriptError) else f"the HF reference did not run: {type(exc).__name__}"
+        return Check("preflight", "reference", "fail", reason)
+    spread = hf_reference.reference_spread(rows)
+    details = {"reference_spread": spread, "threshold": tolerances.FLAT_REFERENCE_SPREAD,
+               "attn_implementation": hf_reference.DEFAULT_ATTN_IMPLEMENTATION, "token_ids": ids}
+    if hf_reference.is_flat(spread):
+        return Check("preflight", "reference", "fail", hf_reference.flat_reason(spread, len(ids)), details)
+    return Check("preflight", "reference", "pass", f"HF reference (float32, eager) spread {spread:.3g} nats, "
+                                                   "not flat", details)
 
 
 def walls_check(source: model_source.ModelSource) -> Check:
     """check-walls' catalogue, called in-process (it is metadata only)."""
-    import check_walls
+    import wall_scan
 
-    findings = check_walls.scan_walls(source)
-    stops = [f for f in findings if f.level == check_walls.STOP]
-    warns = [f for f in findings if f.level == check_walls.WARN]
+    findings = wall_scan.scan_walls(source)
+    stops = [f for f in findings if f.level == wall_scan.STOP]
+    warns = [f for f in findings if f.level == wall_scan.WARN]
     details = {"findings": [asdict(f) for f in findings]}
     if stops:
         return Check("preflight", "walls", "blocked", f"{len(stops)} wall(s) block the port: {stops[0].message}",
@@ -129,6 +199,10 @@ def dtype_check(source: model_source.ModelSource, config: dict, arch: port_layou
     if arch.supported_encodings is not None and wanted not in arch.supported_encodings:
         return Check("preflight", "dtype", "fail",
                      f"{origin} needs encoding {wanted}, which arch.py does not list in supported_encodings", details)
+    if arch.default_encoding is None:
+        return Check("preflight", "dtype", "fail",
+                     f"arch.py default_encoding is not a string literal; write {wanted!r} out so the gates can read it",
+                     details)
     if arch.default_encoding != wanted:
         return Check("preflight", "dtype", "fail",
                      f"{origin} -> {wanted}, but arch.py default_encoding is {arch.default_encoding!r}", details)
@@ -138,6 +212,10 @@ def dtype_check(source: model_source.ModelSource, config: dict, arch: port_layou
 def name_check(config: dict, arch: port_layout.ArchDeclaration) -> Check:
     expected = config["architectures"][0]
     details = {"arch_py_name": arch.name, "config_architecture": expected}
+    if arch.name is None:
+        return Check("preflight", "arch-name", "fail",
+                     f"arch.py SupportedArchitecture(name=...) is not a string literal; write {expected!r} out so "
+                     "the gates can read it", details)
     if arch.name != expected:
         return Check("preflight", "arch-name", "fail",
                      f"arch.py name {arch.name!r} != config.json architectures[0] {expected!r}; MAX would not "
@@ -163,7 +241,22 @@ def encoding_check(arch: port_layout.ArchDeclaration) -> Check:
 # --- smoke ---------------------------------------------------------------------------
 
 
+# IMPORT_MODEL_SMOKE=subprocess runs each check in its own fresh process (the slower way, for a
+# platform without os.fork or to rule the fork out when a check behaves oddly).
+SMOKE_MODE_ENV = "IMPORT_MODEL_SMOKE"
+# Importing MAX in the probe takes about 9 s on idle cores and minutes on a loaded machine; this bounds
+# a hung import without counting it against the per-check --timeout.
+PROBE_IMPORT_SECONDS = 900.0
+
+
 def smoke(args: argparse.Namespace, port: port_layout.PortDir) -> list[Check]:
+    """The smoke checks, each importing the port fresh: forked from one probe that imported MAX once."""
+    if os.environ.get(SMOKE_MODE_ENV) == "subprocess" or not hasattr(os, "fork"):
+        return smoke_in_subprocesses(args, port)
+    return smoke_forked(args, port)
+
+
+def smoke_in_subprocesses(args: argparse.Namespace, port: port_layout.PortDir) -> list[Check]:
     """Each smoke check in its own fresh Python process (port_probe.py)."""
     checks = []
     for name in SMOKE_CHECKS:
@@ -174,11 +267,62 @@ def smoke(args: argparse.Namespace, port: port_layout.PortDir) -> list[Check]:
     return checks
 
 
-def run_probe(args: argparse.Namespace, port: port_layout.PortDir, name: str) -> Check:
+def probe_command(args: argparse.Namespace, port: port_layout.PortDir, names: tuple[str, ...]) -> list[str]:
     command = [sys.executable, str(SCRIPTS_DIR / "port_probe.py"), args.model, "--port-dir", str(port.path),
-               "--check", name, "--encoding", args.encoding, "--json"]
-    if args.revision:
-        command += ["--revision", args.revision]
+               "--encoding", args.encoding, "--json"]
+    for name in names:
+        command += ["--check", name]
+    return command + (["--revision", args.revision] if args.revision else [])
+
+
+def smoke_forked(args: argparse.Namespace, port: port_layout.PortDir) -> list[Check]:
+    """One probe process imports MAX, then forks a child per check (port_probe.py --fork)."""
+    command = probe_command(args, port, SMOKE_CHECKS) + ["--fork", "--timeout", str(args.timeout)]
+    env = dict(os.environ, MAX_SERVE_DISABLE_TELEMETRY="1")
+    # Each child has --timeout; the probe itself imports MAX once first.
+    budget = args.timeout * len(SMOKE_CHECKS) + PROBE_IMPORT_SECONDS
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=budget)
+    except subprocess.TimeoutExpired:
+        return [Check("smoke", SMOKE_CHECKS[0], "fail", f"did not finish in {budget:.0f} s")]
+    try:
+        document = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        document = None
+    if isinstance(document, dict) and "error" in document:
+        raise ScriptError(str(document["error"]))
+    if not isinstance(document, dict) or not isinstance(document.get("results"), list):
+        return [crashed_probe(SMOKE_CHECKS[0], done.returncode, done.stderr)]
+    checks = []
+    for outcome in document["results"]:
+        name = outcome.get("check", "?")
+        if outcome.get("status") == "timeout":
+            checks.append(Check("smoke", name, "fail", f"did not finish in {args.timeout:.0f} s"))
+        elif outcome.get("status") == "crashed":
+            checks.append(crashed_probe(name, outcome.get("exit"), outcome.get("detail") or ""))
+        else:
+            checks.append(check_from_document(name, outcome.get("document"), outcome.get("exit")))
+    return checks
+
+
+def crashed_probe(name: str, returncode: Any, stderr: str) -> Check:
+    tail = " ".join((stderr.strip().splitlines() or ["no output"])[-1:])
+    return Check("smoke", name, "fail", f"the probe crashed (exit {returncode}): {tail[:300]}")
+
+
+def check_from_document(name: str, document: Any, returncode: Any) -> Check:
+    """A probe's JSON document as a Check; its ``error`` (bad input) is exit 3 for the gates."""
+    if not isinstance(document, dict):
+        return Check("smoke", name, "fail", f"the probe printed {type(document).__name__} JSON, not an object "
+                                            f"(exit {returncode})")
+    if "error" in document:
+        raise ScriptError(str(document["error"]))
+    details = {k: v for k, v in document.items() if k not in ("check", "passed", "summary")}
+    return Check("smoke", name, "pass" if document.get("passed") else "fail", document.get("summary", ""), details)
+
+
+def run_probe(args: argparse.Namespace, port: port_layout.PortDir, name: str) -> Check:
+    command = probe_command(args, port, (name,))
     env = dict(os.environ, MAX_SERVE_DISABLE_TELEMETRY="1")
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -187,12 +331,8 @@ def run_probe(args: argparse.Namespace, port: port_layout.PortDir, name: str) ->
     try:
         document = json.loads(done.stdout)
     except json.JSONDecodeError:
-        tail = " ".join((done.stderr.strip().splitlines() or ["no output"])[-1:])
-        return Check("smoke", name, "fail", f"the probe crashed (exit {done.returncode}): {tail[:300]}")
-    if "error" in document:
-        raise ScriptError(document["error"])
-    details = {k: v for k, v in document.items() if k not in ("check", "passed", "summary")}
-    return Check("smoke", name, "pass" if document.get("passed") else "fail", document.get("summary", ""), details)
+        return crashed_probe(name, done.returncode, done.stderr)
+    return check_from_document(name, document, done.returncode)
 
 
 # --- verify --------------------------------------------------------------------------
@@ -203,9 +343,9 @@ def verify(args: argparse.Namespace, port: port_layout.PortDir) -> Check:
         return Check("verify", "logits", "skipped",
                      f"no --base-url; serve the port (serve {args.model} --port-dir {port.path}) and rerun "
                      "with --phase verify --base-url URL")
-    import compare_layers
+    import port_compare
 
-    result = compare_layers.run_compare(args.model, args.base_url, args.served_name or port.slug,
+    result = port_compare.run_compare(args.model, args.base_url, args.served_name or port.slug,
                                         dtype=args.encoding, device="cpu", revision=args.revision)
     document = result.to_dict()
     if result.verdict == "MATCH":

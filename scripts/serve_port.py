@@ -9,6 +9,13 @@ name. `--stop` stops servers this script started (whole process group, no
 orphaned workers). A server that dies while loading gives exit 3 with the
 cause classified and the log's error lines.
 
+With --detach, serve returns once `max serve` runs (its record written, the
+process alive) and prints the command that waits for it; `serve --wait --port
+P --timeout S` then waits at most S seconds with progress: exit 0 when ready,
+exit 3 with the classified cause when it failed (the record is removed), and
+exit 3 saying "still starting" when it is alive and loading at the end of the
+wait (it keeps running; call --wait again).
+
 Safe on a shared machine: MODEL, the port folder, --log-file, --timeout and the
 port (a bind test) are checked before `max serve` starts. "Ready" means the
 own child is alive, the socket listening on the port belongs to the child's
@@ -31,9 +38,8 @@ Public API (for compare, the gates, the demo and tests)::
         The one place `max serve` flags are built, so every caller hits the
         same compile-cache entries.
     serve_port.start_server(...) -> RunningServer   (same arguments; call .stop())
+    serve_port.launch_server(...) -> RunningServer  (start_server without the wait or timeout)
     serve_port.normalize_port_dir(path) -> port_layout.PortDir (.path, .slug)
-    serve_port.serve_hint(model, port_dir=None, port=None) -> str
-        The serve command to suggest in error messages.
     serve_port.models_endpoint(base_url) -> dict | None   (GET /v1/models as a JSON object)
     serve_port.classify_failure(log_text) -> (cause, error_lines)
     serve_port.ServeFailure(ScriptError): .cause, .error_lines, .log_path
@@ -79,12 +85,18 @@ import input_files
 import model_source
 import port_layout
 from cli_support import ScriptError
+from openai_server import HOST
 from port_layout import PortDir
 
 EXIT_CODES = {1: "not used", 2: "not used"}
 
-HOST = "127.0.0.1"
 DEFAULT_TIMEOUT = 1800.0
+# One --wait call's default wait: below the few-minute cap of an agent's tool call, long enough
+# that a warm-cache serve (tens of seconds) is ready within one call.
+DEFAULT_WAIT_STEP = 240.0
+# --detach looks at the new process this long before saying it runs: a `max` that cannot start
+# (bad executable, immediate crash) is exit 3 now rather than at the first --wait.
+DETACH_SETTLE_SECONDS = 1.0
 # Longer than any compile (a cold real model on a GPU takes under an hour); a larger value is a typo.
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
 STOP_GRACE_SECONDS = 20.0
@@ -170,6 +182,8 @@ class RunningServer:
     startup_seconds: float = 0.0
     pgid: int = 0
     start_time: int | None = None
+    started_at: float = field(default_factory=time.time)  # wall clock, so a later --wait knows the age
+    ready_timeout: float = DEFAULT_TIMEOUT
     _process: subprocess.Popen | None = field(default=None, repr=False)
 
     def stop(self) -> bool:
@@ -181,7 +195,8 @@ class RunningServer:
             "format": RECORD_FORMAT, "base_url": self.base_url, "served_name": self.served_name, "port": self.port,
             "pid": self.pid, "pgid": self.pgid or self.pid, "start_time": self.start_time, "boot_id": boot_id(),
             "uid": os.getuid(), "log_path": str(self.log_path), "command": self.command, "model": self.model,
-            "startup_seconds": round(self.startup_seconds, 1),
+            "startup_seconds": round(self.startup_seconds, 1), "started_at": round(self.started_at, 3),
+            "ready_timeout": self.ready_timeout,
         }
 
 
@@ -327,16 +342,6 @@ def build_serve_command(
     if served_name:
         command += ["--served-model-name", served_name]
     return command
-
-
-def serve_hint(model: str, port_dir: str | os.PathLike | None = None, port: int | None = None) -> str:
-    """The serve command to suggest to a user (dispatcher form)."""
-    parts = ["python scripts/import_model.py serve", str(model)]
-    if port_dir is not None:
-        parts += ["--port-dir", str(port_dir).rstrip("/")]
-    if port is not None:
-        parts += ["--port", str(port)]
-    return " ".join(parts)
 
 
 def free_port() -> int:
@@ -617,6 +622,28 @@ def start_server(
     in ``timeout`` seconds; the process group is stopped in each case.
     """
     timeout = check_timeout(timeout)
+    server = launch_server(model_path, port_dir=port_dir, devices=devices, encoding=encoding, port=port,
+                           log_path=log_path, progress=progress, served_name=served_name)
+    try:
+        _wait_until_ready(server, server._process, timeout, progress)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def launch_server(
+    model_path: str,
+    *,
+    port_dir: str | os.PathLike | None = None,
+    devices: str = "cpu",
+    encoding: str = "float32",
+    port: int | None = None,
+    log_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    served_name: str | None = None,
+) -> RunningServer:
+    """Check the inputs and the port, then start `max serve` in its own process group; no waiting."""
     check_model(model_path)
     log_file = check_log_file(log_path) if log_path is not None else None
     if port is None:
@@ -644,11 +671,6 @@ def start_server(
                            pgid=process.pid, start_time=identity.start_time if identity else None, _process=process)
     if progress:
         print(f"serve: started max serve (pid {process.pid}) on port {port}; log: {log_file}", file=sys.stderr)
-    try:
-        _wait_until_ready(server, process, timeout, progress)
-    except BaseException:
-        server.stop()
-        raise
     return server
 
 
@@ -658,8 +680,10 @@ def _port_taken(server: RunningServer, holder: str) -> ServeFailure:
     return ServeFailure("port-taken", hint, [], server.log_path)
 
 
-def _wait_until_ready(server: RunningServer, process: subprocess.Popen, timeout: float, progress: bool) -> None:
-    started = time.monotonic()
+def _wait_until_ready(server: RunningServer, process: Any, timeout: float, progress: bool,
+                      already: float = 0.0) -> None:
+    """Poll until ready; ``timeout`` counts from the server's start, ``already`` seconds ago."""
+    started = time.monotonic() - already
     shown_phase, shown_at = "", 0.0
     interactive = progress and sys.stderr.isatty()
     unknown_polls = 0
@@ -926,10 +950,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=None,
                         help="HTTP port (default: a free port); it must be free before the compile starts")
     parser.add_argument("--log-file", default=None, help="where to keep the full server log (default: a temp file)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help=f"seconds to wait for the server to be ready (default: {DEFAULT_TIMEOUT:.0f})")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help=f"seconds to wait for the server to be ready (default: {DEFAULT_TIMEOUT:.0f}); with "
+                             f"--wait, seconds this call waits (default: {DEFAULT_WAIT_STEP:.0f})")
     parser.add_argument("--foreground", action="store_true",
                         help="stay attached and stop the server on Ctrl-C (default: leave it running in the background)")
+    parser.add_argument("--detach", action="store_true",
+                        help="return as soon as max serve is running (record written), printing how to --wait for it")
+    parser.add_argument("--wait", action="store_true",
+                        help="wait for the server recorded on --port (started with --detach) to be ready, at most "
+                             "--timeout seconds; exit 3 says whether it failed or is still starting")
     parser.add_argument("--stop", action="store_true",
                         help="stop the server this script started on --port (every recorded one with --all)")
     parser.add_argument("--all", action="store_true", help="with --stop: stop every recorded server")
@@ -980,14 +1010,20 @@ def _main_stop(args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> int:
     if args.stop:
+        if args.wait or args.detach:
+            raise ScriptError(f"--stop does not go with {'--wait' if args.wait else '--detach'}")
         return _main_stop(args)
     if args.all:
         raise ScriptError("--all goes with --stop")
+    if args.wait:
+        return _main_wait(args)
     if args.model is None:
-        raise ScriptError("MODEL is required unless --stop is given")
+        raise ScriptError("MODEL is required unless --stop or --wait is given")
+    if args.detach and args.foreground:
+        raise ScriptError("--detach and --foreground contradict each other; choose one")
     if args.port is not None:
         check_port_number(args.port)
-    check_timeout(args.timeout)
+    args.timeout = check_timeout(DEFAULT_TIMEOUT if args.timeout is None else args.timeout)
     check_option_text(args.devices, "--devices")
     check_option_text(args.encoding, "--encoding")
     if args.log_file is not None:
@@ -1001,6 +1037,8 @@ def main(args: argparse.Namespace) -> int:
     # A SIGTERM/SIGHUP while MAX compiles must still stop the server's process group.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _exit_on_signal)
+    if args.detach:
+        return _main_detach(args, port_dir)
     server = start_server(args.model, port_dir=port_dir, devices=args.devices, encoding=args.encoding,
                           port=args.port, log_path=args.log_file, timeout=args.timeout, progress=True)
     record = server.record()
@@ -1030,6 +1068,146 @@ def main(args: argparse.Namespace) -> int:
         finally:
             server.stop()
     return cli_support.EXIT_OK
+
+
+# --- --detach and --wait -------------------------------------------------------------
+
+
+def wait_command(port: int, timeout: float | None = None) -> str:
+    """The command that waits for the server detached on ``port``."""
+    return f"python scripts/import_model.py serve --wait --port {port}" + (
+        f" --timeout {timeout:g}" if timeout is not None else "")
+
+
+def _main_detach(args: argparse.Namespace, port_dir: Path | None) -> int:
+    """Start max serve, write its record, check it is alive, print how to wait; do not wait."""
+    server = launch_server(args.model, port_dir=port_dir, devices=args.devices, encoding=args.encoding,
+                           port=args.port, log_path=args.log_file, progress=True)
+    server.ready_timeout = args.timeout
+    record_path = None
+    try:
+        record_path = write_record(server)
+        time.sleep(DETACH_SETTLE_SECONDS)
+        if server._process.poll() is not None:
+            cause, lines = classify_failure(_read(server.log_path))
+            raise ServeFailure(cause, cause_hint(cause), lines, server.log_path)
+    except BaseException:
+        server.stop()  # a server --stop cannot find would be orphaned
+        if record_path is not None:
+            record_path.unlink(missing_ok=True)
+        raise
+    record = {**server.record(), "state": "starting", "record_path": str(record_path),
+              "wait_command": wait_command(server.port),
+              "stop_command": f"python scripts/import_model.py serve --stop --port {server.port}"}
+    if args.json:
+        cli_support.print_json(record)
+    else:
+        print(f"started: max serve (pid {server.pid}) on port {server.port}, loading in the background")
+        print(f"base_url: {server.base_url}")
+        print(f"served_name: {server.served_name}")
+        print(f"pid: {server.pid}")
+        print(f"log: {server.log_path}")
+        print(f"wait with: {record['wait_command']} [--timeout SECONDS]")
+        print(f"stop with: {record['stop_command']}")
+    return cli_support.EXIT_OK
+
+
+class _RecordedProcess:
+    """``poll()`` for a recorded server this process did not start: None while the recorded process lives."""
+
+    def __init__(self, record: dict):
+        self.record = record
+
+    def poll(self) -> int | None:
+        return None if record_state(self.record)[0] == "live" else -1
+
+
+def _server_from_record(record: dict) -> RunningServer:
+    port = record["port"]
+    started_at = record.get("started_at")
+    return RunningServer(str(record.get("base_url") or f"http://{HOST}:{port}"),
+                         str(record.get("served_name") or record.get("model") or ""), port, record["pid"],
+                         Path(str(record.get("log_path") or os.devnull)), list(record.get("command") or []),
+                         str(record.get("model") or ""), pgid=record["pgid"], start_time=record["start_time"],
+                         started_at=started_at if isinstance(started_at, (int, float)) else time.time(),
+                         ready_timeout=float(record.get("ready_timeout") or DEFAULT_TIMEOUT))
+
+
+def _pick_record(port: int) -> tuple[Path, dict]:
+    """The record --wait follows on ``port``: the only one, else the only live one."""
+    records = [(path, parse_record(path)) for path in record_paths(port)]
+    if not records:
+        raise ScriptError(f"no server is recorded on port {port} in {server_dir()}; start one with "
+                          f"`serve MODEL --detach` (it prints the port to wait on)")
+    if len(records) == 1:
+        return records[0]
+    live = [(path, record) for path, record in records if record_state(record)[0] == "live"]
+    if len(live) == 1:
+        return live[0]
+    pids = ", ".join(str(record["pid"]) for _path, record in (live or records))
+    raise ScriptError(f"several servers are recorded on port {port} (pids {pids}); stop them with "
+                      f"`serve --stop --port {port}` and start one again")
+
+
+def _main_wait(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in (("MODEL", args.model), ("--port-dir", args.port_dir),
+                                      ("--log-file", args.log_file), ("--foreground", args.foreground),
+                                      ("--detach", args.detach)) if value]
+    if given:
+        raise ScriptError(f"--wait takes only --port and --timeout, not {given[0]}")
+    if args.port is None:
+        raise ScriptError("--wait needs --port PORT (the port `serve --detach` printed)")
+    check_port_number(args.port)
+    step = check_timeout(DEFAULT_WAIT_STEP if args.timeout is None else args.timeout)
+    path, record = _pick_record(args.port)
+    server = _server_from_record(record)
+    already = max(0.0, time.time() - server.started_at)
+    budget = min(already + step, server.ready_timeout)
+    state, reason = record_state(record)
+    try:
+        if state != "live":
+            cause, lines = classify_failure(_read(server.log_path))
+            raise ServeFailure(cause, f"{cause_hint(cause)}; the server is gone ({reason})", lines, server.log_path)
+        _wait_until_ready(server, _RecordedProcess(record), budget, progress=True, already=already)
+    except ServeFailure as failure:
+        ended = failure.cause != "timeout" or budget >= server.ready_timeout
+        if not ended:
+            return _still_starting(args, server)
+        # Failed (or past the timeout given at --detach): stop what is left and drop the record.
+        if record_state(record)[0] in ("live", "orphaned"):
+            with contextlib.suppress(PermissionError):
+                server.stop()
+        path.unlink(missing_ok=True)
+        raise
+    document = {**record, "state": "ready", "startup_seconds": round(server.startup_seconds, 1),
+                "record_path": str(path),
+                "stop_command": f"python scripts/import_model.py serve --stop --port {server.port}"}
+    if args.json:
+        cli_support.print_json(document)
+    else:
+        print(f"base_url: {server.base_url}")
+        print(f"served_name: {server.served_name}")
+        print(f"pid: {server.pid}")
+        print(f"log: {server.log_path}")
+        print(f"stop with: {document['stop_command']}")
+    return cli_support.EXIT_OK
+
+
+def _still_starting(args: argparse.Namespace, server: RunningServer) -> int:
+    """Exit 3 with a message that says the server is alive and still loading, and how to wait again."""
+    elapsed = time.time() - server.started_at
+    phase = current_phase(_read(server.log_path))
+    again = wait_command(server.port, args.timeout)
+    message = (f"still starting: max serve (pid {server.pid}) on port {server.port} is alive and {phase} "
+               f"after {elapsed:.0f}s (not failed); wait again with: {again}")
+    if args.json:
+        cli_support.print_json({"state": "starting", "phase": phase, "elapsed_seconds": round(elapsed, 1),
+                                "port": server.port, "pid": server.pid, "log_path": str(server.log_path),
+                                "wait_command": again, "error": message,
+                                "exit_code": int(cli_support.EXIT_CANNOT_RUN)})
+    prog = getattr(args, "_prog", None) or os.path.basename(sys.argv[0])
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return cli_support.EXIT_CANNOT_RUN
 
 
 if __name__ == "__main__":

@@ -46,6 +46,31 @@ RULES = {
     "text_only": "the language model of a multimodal config, as its own causal-LM config",
 }
 
+# When the source is already small, its shapes are kept so the named model compiles to the same graph
+# as its replica (MAX's compile cache serves the second start in seconds instead of a second cold compile).
+KEEP_SHAPES_RULE = ("the source is small enough: every layer is kept by the layer rule, and hidden <= {hidden}, "
+                    "intermediate and expert widths <= {intermediate}, heads and KV heads <= {heads}, head_dim <= "
+                    "{head_dim}, experts <= {experts}, vocab <= {vocab}, positions <= {positions}; then hidden, "
+                    "heads, head_dim, intermediate, experts, vocab, positions and windows are kept as they are "
+                    "(--hidden-size, --head-dim and --sliding-window apply only when tiny shrinks; "
+                    "--always-shrink forces shrinking)")
+# Bounds of a "small" source. A CPU compile's time barely depends on widths; these keep its weights to
+# tens of MB and a forward pass to milliseconds, so such a source is as cheap to loop on as a replica.
+# 4 x the default replica hidden size (64).
+SMALL_SOURCE_MAX_HIDDEN = 256
+# 4 x the largest small hidden size: the usual MLP ratio (2.7-4 x hidden) fits under it.
+SMALL_SOURCE_MAX_INTERMEDIATE = 1024
+# Small published test models have 2-16 heads; more heads means a wide model, not a test one.
+SMALL_SOURCE_MAX_HEADS = 16
+# The largest head_dim MAX's CPU attention kernels are routinely run with.
+SMALL_SOURCE_MAX_HEAD_DIM = 256
+# 2 x the replica's expert cap (4): the router still picks among a handful.
+SMALL_SOURCE_MAX_EXPERTS = 8
+# A 32k vocab at hidden 256 is 8M embedding parameters (32 MB in float32).
+SMALL_SOURCE_MAX_VOCAB = 32768
+# RoPE tables and the KV cache for this many positions are a few MB at these widths.
+SMALL_SOURCE_MAX_POSITIONS = 32768
+
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 INDEX_LIST_KEYS = ("mlp_only_layers",)
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
@@ -68,6 +93,7 @@ class ShrinkOptions:
     max_positions: int = 2048
     experts: int = 4
     experts_per_tok: int = 2
+    keep_small_source: bool = True  # keep a small source's shapes (False: always shrink)
 
 
 @dataclass
@@ -89,6 +115,7 @@ class ShrunkConfig:
     kept_layers: list[int] = field(default_factory=list)
     layer_signatures: list[str] = field(default_factory=list)
     text_only: bool = False
+    shapes: dict[str, Any] = field(default_factory=dict)  # kept or shrunk, the rule, and why
 
 
 def shrink_config(
@@ -131,7 +158,15 @@ def shrink_config(
             changes.append(FieldChange(key, old, new, RULES[rule]))
         config[key] = new
 
+    too_big = small_source_problems(config, options, layer_types, vocab_size)
+    keep = options.keep_small_source and not too_big
+    result.shapes = {"kept": keep, "rule": keep_shapes_rule(),
+                     "reasons": ["--always-shrink"] if not options.keep_small_source else too_big}
     _shrink_layers(config, options, layer_types, result, set_field)
+    if keep:
+        _finish_kept(config, special_ids, dtype, set_field)
+        result.config = config
+        return result
     old_heads = config.get("num_attention_heads")
     old_hidden = config.get("hidden_size")
     old_head_dim = config.get("head_dim") or (old_hidden // old_heads if old_hidden and old_heads else None)
@@ -180,6 +215,54 @@ def shrink_config(
     return result
 
 
+def keep_shapes_rule() -> str:
+    """The rule deciding whether a small source keeps its shapes, with its bounds filled in."""
+    return KEEP_SHAPES_RULE.format(hidden=SMALL_SOURCE_MAX_HIDDEN, intermediate=SMALL_SOURCE_MAX_INTERMEDIATE,
+                                   heads=SMALL_SOURCE_MAX_HEADS, head_dim=SMALL_SOURCE_MAX_HEAD_DIM,
+                                   experts=SMALL_SOURCE_MAX_EXPERTS, vocab=SMALL_SOURCE_MAX_VOCAB,
+                                   positions=SMALL_SOURCE_MAX_POSITIONS)
+
+
+def small_source_problems(config: dict[str, Any], options: ShrinkOptions, layer_types: list[str] | None,
+                          tokenizer_vocab: int | None = None) -> list[str]:
+    """Why ``config`` is not small enough to keep its shapes (empty: keep them)."""
+    problems = []
+    count = _layer_count(config)
+    kept = _kept_layers(config, options, layer_types)[0] if count else []
+    if len(kept) != count:
+        problems.append(f"{count} layers, of which the layer rule keeps {len(kept)}")
+    heads = config.get("num_attention_heads")
+    hidden = config.get("hidden_size")
+    head_dim = config.get("head_dim") or (hidden // heads if is_int(hidden) and is_int(heads) and heads else None)
+    limits = [("hidden_size", hidden, SMALL_SOURCE_MAX_HIDDEN),
+              ("intermediate_size", config.get("intermediate_size"), SMALL_SOURCE_MAX_INTERMEDIATE),
+              *((key, config.get(key), SMALL_SOURCE_MAX_INTERMEDIATE) for key in EXPERT_SIZE_KEYS),
+              ("num_attention_heads", heads, SMALL_SOURCE_MAX_HEADS),
+              ("num_key_value_heads", config.get("num_key_value_heads"), SMALL_SOURCE_MAX_HEADS),
+              ("head_dim", head_dim, SMALL_SOURCE_MAX_HEAD_DIM),
+              *((key, config.get(key), SMALL_SOURCE_MAX_EXPERTS) for key in EXPERT_COUNT_KEYS),
+              ("vocab_size", config.get("vocab_size"), SMALL_SOURCE_MAX_VOCAB),
+              ("max_position_embeddings", config.get("max_position_embeddings"), SMALL_SOURCE_MAX_POSITIONS)]
+    for key, value, limit in limits:
+        if is_int(value) and value > limit:
+            problems.append(f"{key} {value} > {limit}")
+    vocab = config.get("vocab_size")
+    if tokenizer_vocab is not None and is_int(vocab) and tokenizer_vocab > vocab:
+        problems.append(f"vocab_size {vocab} is below the trained tokenizer's {tokenizer_vocab} tokens")
+    return problems
+
+
+def _finish_kept(config: dict[str, Any], special_ids: dict[str, int] | None, dtype: str, set_field) -> None:
+    """For a kept-shape replica: only token ids and the weights' dtype change (no size does)."""
+    if special_ids is not None:
+        for key, role in TOKEN_ID_ROLES.items():
+            if config.get(key) is not None and role in special_ids:
+                new = [special_ids[role]] if isinstance(config[key], list) else special_ids[role]
+                set_field(key, new, "special_token_id")
+    dtype_key = "dtype" if "dtype" in config else "torch_dtype"
+    set_field(dtype_key, dtype, "dtype")
+
+
 def _head_counts(heads: int, kv_heads: int) -> tuple[int, int]:
     """New (query heads, KV heads) with the same GQA ratio."""
     if kv_heads >= heads:
@@ -220,21 +303,24 @@ def _layer_count(config: dict[str, Any]) -> int:
     return 0
 
 
-def _shrink_layers(config, options, layer_types, result, set_field) -> None:
+def _kept_layers(config, options, layer_types) -> tuple[list[int], str, list[str]]:
+    """The layer indices the layer rule keeps, the rule's name and every layer's signature."""
     count = _layer_count(config)
-    if count == 0:
-        return
     signatures = layer_signatures(config, layer_types)
     distinct = list(dict.fromkeys(signatures))
     prefix = max(min(options.min_layers, count), max(signatures.index(s) for s in distinct) + 1)
     if prefix <= MAX_PREFIX_LAYERS or prefix <= options.min_layers:
-        kept = list(range(prefix))
-        rule = "layers"
-    else:
-        kept = sorted(signatures.index(s) for s in distinct)
-        extra = [i for i in range(count) if i not in kept][: max(0, options.min_layers - len(kept))]
-        kept = sorted(kept + extra)
-        rule = "layers_representative"
+        return list(range(prefix)), "layers", signatures
+    kept = sorted(signatures.index(s) for s in distinct)
+    extra = [i for i in range(count) if i not in kept][: max(0, options.min_layers - len(kept))]
+    return sorted(kept + extra), "layers_representative", signatures
+
+
+def _shrink_layers(config, options, layer_types, result, set_field) -> None:
+    count = _layer_count(config)
+    if count == 0:
+        return
+    kept, rule, signatures = _kept_layers(config, options, layer_types)
     result.kept_layers = kept
     result.layer_signatures = [signatures[i] for i in kept]
     key = next(k for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int))

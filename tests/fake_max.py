@@ -12,6 +12,7 @@ Environment:
   FAKE_MAX_LINGER_SECONDS    how long to stay alive after a failed bind (default 0)
   FAKE_MAX_MODELS_BODY       raw body to answer /v1/models with instead of the served name
   FAKE_MAX_PID_DIR           write ``<port>-<pid>.started`` there when started (tests wait on it)
+  FAKE_MAX_FAIL_LINE         after the "compile", log this line and exit 1 (a server that dies loading)
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import argparse
 import errno
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -101,6 +101,11 @@ def main(argv: list[str]) -> int:
     _say("INFO: Starting server...")
     _say("INFO: Building, compiling, and initializing model...")
     time.sleep(float(os.environ.get("FAKE_MAX_COMPILE_SECONDS", "1")))
+    failure = os.environ.get("FAKE_MAX_FAIL_LINE")
+    if failure:
+        _say("Traceback (most recent call last):")
+        _say(failure)
+        return 1
     worker = subprocess.Popen([sys.executable, __file__, "--api-worker", args.host, str(args.port), name])
     code = worker.wait()
     if code:

@@ -1,15 +1,17 @@
 """Tests for run_oss_gates.py and port_probe.py: every gate's pass and fail paths.
 
-Preflight and verify-skip tests are metadata only. The smoke tests start MAX in
-fresh subprocesses (no compile): one clean port, one port whose weight adapter
-renames a tensor, one port that does not import, and one key diff against a
-checkpoint with a missing and a transposed tensor.
+Preflight and verify-skip tests are metadata only. The smoke tests start MAX
+(no compile) in the forked probe: one clean port, one port whose weight adapter
+renames a tensor, one port that does not import, one key diff against a
+checkpoint with a missing and a transposed tensor, and checks that crash, hang,
+or show each child importing the port itself.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -50,7 +52,9 @@ def test_preflight_passes_on_a_fresh_port_with_trailing_slash(llama, clean_port)
     result, doc = gates(llama, str(clean_port) + "/", "--phase", "preflight")
     assert result.returncode == 0, result.stderr
     assert statuses(doc) == {"walls": "pass", "checkpoint-format": "pass", "dtype": "pass", "arch-name": "pass",
-                             "encoding": "pass"}
+                             "encoding": "pass", "reference": "pass"}
+    reference = next(c for c in doc["checks"] if c["name"] == "reference")
+    assert reference["details"]["attn_implementation"] == "eager"  # the flatness check runs before any compile
     assert doc["passed"] is True and doc["port_dir"] == str(clean_port.resolve())
 
 
@@ -207,3 +211,76 @@ def test_key_diff_probe_catches_missing_and_transposed_checkpoint_tensors(llama,
     assert doc["shape_mismatches"] == [{"name": "layers.0.mlp.up_proj.weight", "adapter_shape": [64, 128],
                                         "graph_shape": [128, 64]}]
     assert json.loads(json.dumps(doc))["passed"] is False
+
+
+# --- smoke isolation: a check that crashes or hangs its (forked) process -------------------------
+
+ADAPTER_ENTRY = "    return _convert_safetensor_with_model_config(\n"
+
+
+def port_whose_adapter_does(port: Path, tmp_path: Path, statement: str) -> Path:
+    """A copy of ``port`` whose safetensors adapter runs ``statement`` first (dry-build and key-diff call it)."""
+    import shutil
+
+    copy = tmp_path / port.name
+    shutil.copytree(port, copy)
+    adapter = copy / "weight_adapters.py"
+    text = adapter.read_text()
+    assert text.count(ADAPTER_ENTRY) == 1
+    adapter.write_text(text.replace(ADAPTER_ENTRY, f"    {statement}\n" + ADAPTER_ENTRY))
+    return copy
+
+
+def test_a_check_that_kills_its_process_is_a_crash_and_the_others_still_run(llama, clean_port, tmp_path):
+    port = port_whose_adapter_does(clean_port, tmp_path, "import os; os._exit(7)")
+    result, doc = gates(llama, port, "--phase", "smoke")
+    assert result.returncode == 1, result.stderr
+    assert statuses(doc) == {"import": "pass", "dry-build": "fail", "key-diff": "fail", "weights-format": "pass"}
+    for check in doc["checks"][1:3]:
+        assert check["summary"].startswith("the probe crashed (exit 7)"), check
+
+
+def test_a_check_that_hangs_is_a_timeout(llama, clean_port, tmp_path):
+    port = port_whose_adapter_does(clean_port, tmp_path, "import time; time.sleep(120)")
+    started = time.monotonic()
+    result, doc = gates(llama, port, "--phase", "smoke", "--timeout", "4")
+    assert result.returncode == 1, result.stderr
+    assert statuses(doc) == {"import": "pass", "dry-build": "fail", "key-diff": "fail", "weights-format": "pass"}
+    assert doc["checks"][1]["summary"] == "did not finish in 4 s"
+    assert time.monotonic() - started < 100  # the hung children were stopped, not waited for
+
+
+def test_each_forked_check_imports_the_port_afresh(llama, clean_port, tmp_path):
+    """The probe parent imports MAX but never the port: each of the four children imports it itself."""
+    import os
+    import shutil
+
+    port = tmp_path / clean_port.name
+    shutil.copytree(clean_port, port)
+    init = port / "__init__.py"
+    init.write_text(init.read_text() + "\nimport os as _os\nwith open(_os.environ['ZZ_IMPORT_LOG'], 'a') as _log:\n"
+                    "    _log.write(f'{_os.getpid()}\\n')\n")
+    log = tmp_path / "imports.log"
+    result = run_script("run_oss_gates", llama, "--port-dir", port, "--json", "--phase", "smoke",
+                        env={"ZZ_IMPORT_LOG": str(log)})
+    assert result.returncode == 0, result.stderr
+    pids = log.read_text().split()
+    assert len(pids) == len(set(pids)) == 4 and str(os.getpid()) not in pids
+
+
+def test_subprocess_mode_keeps_the_old_fresh_process_path(llama, clean_port, tmp_path):
+    import shutil
+
+    port = tmp_path / clean_port.name
+    shutil.copytree(clean_port, port)
+    (port / "model.py").write_text((port / "model.py").read_text() + "\nfrom .no_such_module import X\n")
+    result = run_script("run_oss_gates", llama, "--port-dir", port, "--json", "--phase", "smoke",
+                        env={"IMPORT_MODEL_SMOKE": "subprocess"})
+    assert result.returncode == 1
+    doc = result.json()
+    assert statuses(doc) == {"import": "fail"} and "no_such_module" in doc["checks"][0]["summary"]
+
+
+def test_several_checks_without_fork_is_an_input_error(llama, clean_port):
+    result = run_script("port_probe", llama, "--port-dir", clean_port, "--check", "import", "--check", "key-diff")
+    assert result.returncode == 3 and "--fork" in result.stderr

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import compare_layers
+import port_compare
+import openai_server
 import serve_port
 from cli_support import ScriptError
 from conftest import SCRIPTS_DIR, run_script
@@ -185,10 +186,10 @@ def models_only_server():
 
 
 def test_check_server_accepts_the_served_name_and_picks_the_only_model(models_only_server):
-    assert compare_layers.check_server(models_only_server, "served_slug", "hint").served_name == "served_slug"
-    assert compare_layers.check_server(models_only_server, None, "hint").served_name == "served_slug"
+    assert openai_server.check_server(models_only_server, "served_slug", "hint").served_name == "served_slug"
+    assert openai_server.check_server(models_only_server, None, "hint").served_name == "served_slug"
     with pytest.raises(ScriptError, match=r"serves \['served_slug'\], not 'other'.*restart it with: HINT"):
-        compare_layers.check_server(models_only_server, "other", "HINT")
+        openai_server.check_server(models_only_server, "other", "HINT")
 
 
 def test_compare_wrong_name_and_no_server_fail_fast(models_only_server, checkpoint_factory):
@@ -217,10 +218,10 @@ def test_compare_bad_arguments_exit_3(checkpoint_factory, tmp_path):
 
 
 def test_read_prompts_battery_and_file(tmp_path):
-    assert compare_layers.read_prompts(None, None) == list(compare_layers.COHERENCE_BATTERY)
+    assert port_compare.read_prompts(None, None) == list(port_compare.COHERENCE_BATTERY)
     path = tmp_path / "p.txt"
     path.write_text("first prompt\n# comment\n\n  second  \n")
-    assert compare_layers.read_prompts(["cli"], str(path)) == ["cli", "first prompt", "second"]
+    assert port_compare.read_prompts(["cli"], str(path)) == ["cli", "first prompt", "second"]
 
 
 def test_parse_completion_aligns_positions_and_checks_echo():
@@ -230,37 +231,37 @@ def test_parse_completion_aligns_positions_and_checks_echo():
         "logprobs": {"token_logprobs": [None, -1.0, -2.0, -3.0, -4.0],
                      "top_logprobs": [None, {"a": -1.0}, {"b": -2.0}, {"c": -3.0}, {"d": -4.0}]},
     }]}
-    scores = compare_layers.parse_completion(response, prompt)
+    scores = openai_server.parse_completion(response, prompt)
     assert scores.generated_ids == [8, 9]
     assert scores.logprobs == [-1.0, -2.0, -3.0, -4.0]
     assert scores.top == [{"a": -1.0}, {"b": -2.0}, {"c": -3.0}, {"d": -4.0}]
     with pytest.raises(ScriptError, match="different prompt token ids"):
-        compare_layers.parse_completion(response, [1, 2, 3])
+        openai_server.parse_completion(response, [1, 2, 3])
     short = {"choices": [{"prompt_token_ids": prompt, "token_ids": [8],
                           "logprobs": {"token_logprobs": [-1.0], "top_logprobs": [{"a": -1.0}]}}]}
     with pytest.raises(ScriptError, match="--enable-echo"):
-        compare_layers.parse_completion(short, prompt)
+        openai_server.parse_completion(short, prompt)
 
 
 def test_check_answer_rejects_foreign_ids_and_texts():
     index = {"a": [0], "b": [1], "\ufffd": [2, 3]}
-    good = compare_layers.MaxScores([0, 1], [1], [-1.0, -2.0], [{"a": -1.0, "\ufffd": -3.0}, {"b": -2.0}])
-    compare_layers.check_answer(good, index, 4, "HINT")
-    beyond = compare_layers.MaxScores([0, 1], [7], [-1.0, -2.0], [{"a": -1.0}, {"b": -2.0}])
+    good = openai_server.MaxScores([0, 1], [1], [-1.0, -2.0], [{"a": -1.0, "\ufffd": -3.0}, {"b": -2.0}])
+    port_compare.check_answer(good, index, 4, "HINT")
+    beyond = openai_server.MaxScores([0, 1], [7], [-1.0, -2.0], [{"a": -1.0}, {"b": -2.0}])
     with pytest.raises(ScriptError, match=r"token ids \[7\] beyond the HF vocab size 4.*HINT"):
-        compare_layers.check_answer(beyond, index, 4, "HINT")
-    foreign = compare_layers.MaxScores([0, 1], [1], [-1.0, -2.0], [{"zz": -1.0}, {"b": -2.0}])
+        port_compare.check_answer(beyond, index, 4, "HINT")
+    foreign = openai_server.MaxScores([0, 1], [1], [-1.0, -2.0], [{"zz": -1.0}, {"b": -2.0}])
     with pytest.raises(ScriptError, match="another tokenizer"):
-        compare_layers.check_answer(foreign, index, 4, "HINT")
+        port_compare.check_answer(foreign, index, 4, "HINT")
 
 
 def test_run_compare_rejects_bad_options_before_contacting_a_server():
     with pytest.raises(ScriptError, match="--top-k must be between 1 and 7"):
-        compare_layers.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], top_k=8)
+        port_compare.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], top_k=8)
     with pytest.raises(ScriptError, match="--max-new-tokens must be 1 or more"):
-        compare_layers.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], max_new_tokens=0)
+        port_compare.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], max_new_tokens=0)
     with pytest.raises(ScriptError, match="no tolerance defined"):
-        compare_layers.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], dtype="int8")
+        port_compare.run_compare("m", "http://127.0.0.1:1", "x", ["a b"], dtype="int8")
 
 
 def test_sigterm_while_waiting_stops_the_server_group(tmp_path):
@@ -356,13 +357,15 @@ class FakeServe:
         self.processes: list[subprocess.Popen] = []
 
     def start(self, *args: str, compile_seconds: float = QUICK_COMPILE, linger: float = 0.0,
-              body: str | None = None) -> subprocess.Popen:
+              body: str | None = None, fail_line: str | None = None) -> subprocess.Popen:
         import os
 
         env = dict(os.environ, **self.env, FAKE_MAX_COMPILE_SECONDS=str(compile_seconds),
                    FAKE_MAX_LINGER_SECONDS=str(linger))
         if body is not None:
             env["FAKE_MAX_MODELS_BODY"] = body
+        if fail_line is not None:
+            env["FAKE_MAX_FAIL_LINE"] = fail_line
         log = self.root / f"serve-{len(self.processes)}.log"  # not a temp file in /tmp per run
         process = subprocess.Popen([sys.executable, str(SCRIPTS_DIR / "serve_port.py"), str(self.model), "--json",
                                     "--log-file", str(log), *args],
@@ -672,3 +675,85 @@ def test_write_record_never_replaces_a_live_record_but_replaces_a_stale_one(tmp_
     assert serve_port.write_record(server) == path
     assert json.loads(path.read_text())["start_time"] == me.start_time
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+# --- serve --detach and serve --wait, against the stand-in `max` --------------------------------
+
+# Long enough that a short --wait ends while the stand-in still "compiles", even on a loaded machine.
+SLOW_COMPILE = 20.0
+SHORT_WAIT = 2
+# A --wait that must see the server ready (or failed) within it.
+LONG_WAIT = 60
+
+
+def _detach(fake: FakeServe, **kwargs) -> dict:
+    done = fake.finish(fake.start("--detach", **kwargs))
+    assert done.returncode == 0, done.stderr
+    record = json.loads(done.stdout)
+    assert record["state"] == "starting" and serve_port._group_alive(record["pid"])
+    assert record["wait_command"] == f"python scripts/import_model.py serve --wait --port {record['port']}"
+    assert fake.record_names() == {f"{record['port']}-{record['pid']}.json"}
+    return record
+
+
+def _wait(fake: FakeServe, port: int, timeout: float, *extra: str):
+    return run_script("serve_port", "--wait", "--port", str(port), "--timeout", str(timeout), *extra,
+                      env=fake.env, timeout=SERVE_RUN_LIMIT + timeout)
+
+
+def test_detach_returns_while_loading_and_wait_sees_it_ready(fake):
+    record = _detach(fake, compile_seconds=3.0)
+    done = _wait(fake, record["port"], LONG_WAIT, "--json")
+    assert done.returncode == 0, done.stderr
+    ready = done.json()
+    assert ready["state"] == "ready" and ready["pid"] == record["pid"] and ready["base_url"] == record["base_url"]
+    assert "serve: ready" in done.stderr
+    assert serve_port.probe_models(record["base_url"]).names == [str(fake.model)]
+    text = _wait(fake, record["port"], SHORT_WAIT)  # already ready: answers at once, in text
+    assert text.returncode == 0 and f"base_url: {record['base_url']}" in text.stdout
+    stop = run_script("serve_port", "--stop", "--port", str(record["port"]), env=fake.env)
+    assert stop.returncode == 0 and not serve_port._group_alive(record["pid"])
+    assert fake.record_names() == set()
+
+
+def test_a_short_wait_during_the_compile_says_still_starting_and_leaves_it_running(fake):
+    record = _detach(fake, compile_seconds=SLOW_COMPILE)
+    done = _wait(fake, record["port"], SHORT_WAIT)
+    assert done.returncode == 3
+    line = _one_error_line(done.stderr)
+    assert "still starting" in line and "not failed" in line and "compiling graph" in line, line
+    assert f"wait again with: python scripts/import_model.py serve --wait --port {record['port']}" in line
+    assert serve_port._group_alive(record["pid"])
+    assert fake.record_names() == {f"{record['port']}-{record['pid']}.json"}
+    as_json = _wait(fake, record["port"], SHORT_WAIT, "--json")
+    assert as_json.returncode == 3 and as_json.json()["state"] == "starting"
+    assert _wait(fake, record["port"], LONG_WAIT).returncode == 0
+    run_script("serve_port", "--stop", "--port", str(record["port"]), env=fake.env)
+
+
+@pytest.mark.parametrize("when", ["while-waiting", "before-the-wait"])
+def test_wait_reports_why_a_detached_server_died(fake, when):
+    record = _detach(fake, compile_seconds=3.0,
+                     fail_line="ValueError: Missing required weights: layers.0.mlp.gate_proj.weight")
+    if when == "before-the-wait":
+        deadline = time.monotonic() + SERVE_RUN_LIMIT
+        while serve_port._group_alive(record["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    done = _wait(fake, record["port"], LONG_WAIT)
+    assert done.returncode == 3
+    line = _one_error_line(done.stderr)
+    assert "weight-name-mismatch" in line and "Missing required weights" in line, line
+    assert "still starting" not in line
+    assert not serve_port._group_alive(record["pid"]) and fake.record_names() == set()
+
+
+def test_wait_on_a_port_with_no_record_is_one_line_exit_3(fake):
+    port = serve_port.free_port()
+    done = _wait(fake, port, SHORT_WAIT)
+    assert done.returncode == 3
+    assert f"no server is recorded on port {port}" in _one_error_line(done.stderr)
+    assert _wait(fake, port, SHORT_WAIT, "--json").json()["exit_code"] == 3
+    bad = run_script("serve_port", "--wait", env=fake.env)
+    assert bad.returncode == 3 and "--wait needs --port" in bad.stderr
+    both = run_script("serve_port", str(fake.model), "--detach", "--foreground", env=fake.env)
+    assert both.returncode == 3 and "contradict" in both.stderr

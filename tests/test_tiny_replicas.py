@@ -136,6 +136,39 @@ def test_special_ids_and_multimodal_text_config():
     assert config["vocab_size"] == 500 and config["torch_dtype"] == "float32"
 
 
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_input_checks_accept_every_real_family_config(family):
+    from tiny_config import check_replica_sizes, check_source_config
+
+    check_source_config(FAMILY_CONFIGS[family], family)
+    check_replica_sizes(shrink_config(FAMILY_CONFIGS[family], ShrinkOptions()).config)
+
+
+@pytest.mark.parametrize("edits, field", [
+    ({"rope_theta": "1e4"}, "rope_theta"),
+    ({"num_hidden_layers": 1e9}, "num_hidden_layers"),
+    ({"model_type": None, "text_config": {"model_type": 3}}, "text_config.model_type"),
+    ({"partial_rotary_factor": float("inf")}, "partial_rotary_factor"),
+])
+def test_a_config_dict_with_a_bad_field_is_refused_before_torch(tmp_path, edits, field):
+    from cli_support import ScriptError
+
+    with pytest.raises(ScriptError, match=field.replace(".", r"\.")):
+        build_replica(dict(FAMILY_CONFIGS["llama"], **edits), tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_config_dict_nested_too_deeply_is_refused(tmp_path):
+    from cli_support import ScriptError
+
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(ScriptError, match="nests"):
+        build_replica(dict(FAMILY_CONFIGS["llama"], extra=deep), tmp_path / "out")
+    assert not list(tmp_path.iterdir())
+
+
 # --- per family: manifest, HF load + generate, sensitivity ---------------------------------------
 
 
@@ -284,7 +317,8 @@ def test_cli_sensitivity_fails_with_exit_1_for_default_init(tmp_path):
                                 "--init", "default", "--sensitivity", "--json")
     assert result.returncode == 1, result.stderr
     document = result.json()
-    assert set(document) == {"output", "manifest", "sensitivity", "passed"}
+    assert set(document) == {"output", "manifest", "sensitivity", "passed", "backup"}
+    assert document["backup"] is None
     assert document["manifest"]["replica"]["architecture"] == "Olmo2ForCausalLM"
     assert json.loads((tmp_path / "out" / MANIFEST).read_text()) == document["manifest"]
     assert document["passed"] is False and document["sensitivity"]["failures"]
@@ -304,3 +338,76 @@ def test_hub_id_uses_the_real_tokenizer_and_downloads_no_weights(hub, checkpoint
     downloaded = hub.downloaded_files()
     assert "org/tiny-llama/config.json" in downloaded
     assert not [name for name in downloaded if name.endswith((".safetensors", ".bin"))]
+
+
+# --- a source that is already small keeps its shapes ----------------------------------------------
+
+# Shaped like a small test checkpoint handed to a port (2 layers, window 6, 8 experts of width 64): every size
+# is inside the small-source bounds, so the replica must keep each one and the named model reuse its graph.
+SMALL_MOE_SOURCE = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": 128,
+    "intermediate_size": 256, "moe_intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 32, "num_experts": 8, "num_experts_per_tok": 2, "vocab_size": 1000,
+    "max_position_embeddings": 512, "sliding_window": 6, "use_sliding_window": False, "max_window_layers": 2,
+    "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu", "decoder_sparse_step": 1,
+    "mlp_only_layers": [], "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
+    "torch_dtype": "float32",
+}
+SHAPE_FIELDS = ("hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok",
+                "vocab_size", "max_position_embeddings", "sliding_window")
+
+
+def test_a_small_source_keeps_every_shape_and_says_why():
+    shrunk = shrink_config(SMALL_MOE_SOURCE, ShrinkOptions(), vocab_size=512, special_ids={"bos": 1, "eos": 2})
+    assert shrunk.shapes["kept"] is True and shrunk.shapes["reasons"] == []
+    assert "small enough" in shrunk.shapes["rule"] and "256" in shrunk.shapes["rule"]
+    assert {k: shrunk.config[k] for k in SHAPE_FIELDS} == {k: SMALL_MOE_SOURCE[k] for k in SHAPE_FIELDS}
+    assert not any(c.field in SHAPE_FIELDS for c in shrunk.changes)
+
+
+def test_a_large_source_shrinks_as_before_and_lists_what_is_too_big():
+    shrunk = shrink_config(FAMILY_CONFIGS["qwen2"], ShrinkOptions())
+    assert shrunk.shapes["kept"] is False
+    assert any(r.startswith("hidden_size 3584 > ") for r in shrunk.shapes["reasons"])
+    assert any("layers, of which the layer rule keeps 2" in r for r in shrunk.shapes["reasons"])
+    # 28/4 heads (ratio 7) -> 14/2 heads of head_dim 16, as before the small-source rule.
+    assert (shrunk.config["num_attention_heads"], shrunk.config["hidden_size"]) == (14, 224)
+    assert shrunk.config["num_hidden_layers"] == 2 and shrunk.config["intermediate_size"] == 448
+
+
+@pytest.mark.parametrize("edit, reason", [
+    ({"num_hidden_layers": 4}, "4 layers, of which the layer rule keeps 2"),
+    ({"hidden_size": 512}, "hidden_size 512 > 256"),
+    ({"num_experts": 64}, "num_experts 64 > 8"),
+    ({"vocab_size": 300}, "below the trained tokenizer's 512 tokens"),
+])
+def test_one_size_over_its_bound_makes_tiny_shrink(edit, reason):
+    shrunk = shrink_config(dict(SMALL_MOE_SOURCE, **edit), ShrinkOptions(), vocab_size=512)
+    assert shrunk.shapes["kept"] is False and any(reason in r for r in shrunk.shapes["reasons"]), shrunk.shapes
+    assert shrunk.config["sliding_window"] == 4  # shrunk as before
+
+
+def test_always_shrink_shrinks_a_small_source():
+    shrunk = shrink_config(SMALL_MOE_SOURCE, ShrinkOptions(keep_small_source=False))
+    assert shrunk.shapes == {"kept": False, "rule": shrunk.shapes["rule"], "reasons": ["--always-shrink"]}
+    assert shrunk.config["sliding_window"] == 4 and shrunk.config["head_dim"] == 16
+
+
+def test_a_small_checkpoint_replica_keeps_its_shapes_in_manifest_and_text(checkpoint_factory, tmp_path):
+    from make_tiny_model import describe_manifest
+
+    source = checkpoint_factory("mistral", config_overrides={"sliding_window": 6, "head_dim": 32})
+    original = json.loads((source / "config.json").read_text())
+    manifest = build_replica(str(source), tmp_path / "kept", ReplicaOptions())
+    config = json.loads((tmp_path / "kept" / "config.json").read_text())
+    fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "vocab_size", "sliding_window", "max_position_embeddings")
+    assert {k: config.get(k) for k in fields} == {k: original.get(k) for k in fields}
+    saved = json.loads((tmp_path / "kept" / MANIFEST).read_text())
+    assert saved["shapes"]["kept"] is True and saved["shapes"] == manifest["shapes"]
+    assert "shapes: kept from the source" in describe_manifest(manifest)
+    cli = run_script("make_tiny_model", source, "--output", tmp_path / "shrunk", "--always-shrink")
+    assert cli.returncode == 0, cli.stderr
+    assert "shapes: shrunk (the source is not small enough to keep: --always-shrink)" in cli.stdout
+    assert json.loads((tmp_path / "shrunk" / "config.json").read_text())["sliding_window"] == 4
