@@ -1,13 +1,16 @@
-"""End-to-end: the eval tier on a natively served Llama replica against transformers, offline.
+"""End-to-end: the eval tier on a served replica port against transformers, offline.
 
-One MAX server for the module: the same replica config as tests/test_verify_e2e.py (so MAX's compile cache
-serves it), started and stopped through the `serve` command line. The planted bug is a weight-only change
-on the reference side (a replica with other weights as --reference), so no second graph compiles, and the
-control is the same native replica served by that server, checked against its own reference.
+The port is the llama3 scaffold of the tests/test_verify_e2e.py replica under a new architecture name, so MAX
+runs the port's own code with the same graph (a compile-cache hit after the other e2e modules); the control is
+the native replica on a second server. Both start and stop through the `serve` command line. The planted bug is
+a weight-only change on the reference side (a replica with other weights as --reference), so no further graph
+compiles.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 
 import pytest
@@ -15,26 +18,38 @@ import pytest
 import serve_port
 import tolerances
 from conftest import run_script
-from test_verify_e2e import LLAMA_SOURCE, build  # noqa: F401 - the shared replica config
+from test_verify_e2e import build
 
 pytestmark = pytest.mark.e2e
 
 FP32_ATOL = tolerances.logprob_atol("float32")
 EVAL_TIMEOUT = 1800  # one eval run loads torch, lm-eval and the reference twice; minutes on a loaded 2-core CPU
+SERVE_TIMEOUT = 2400  # a cold compile on a busy 2-core runner can take many minutes
+PORT_ARCH = "EvalLlamaForCausalLM"  # unknown to MAX, so --custom-architectures serves the port's code
+PORT_SLUG = "eval_llama_port"
 
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    return {"base": build(root / "base"), "other": build(root / "other_weights", seed=1)}
+    base = build(root / "base")
+    port_model = root / "port_model"
+    shutil.copytree(base, port_model)
+    config = json.loads((port_model / "config.json").read_text())
+    config["architectures"] = [PORT_ARCH]
+    (port_model / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    done = run_script("scaffold", port_model, "--start-from", "llama3", "--output-dir", root / "ports",
+                      "--slug", PORT_SLUG)
+    assert done.returncode == 0, done.stderr
+    return {"base": base, "other": build(root / "other_weights", seed=1), "port_model": port_model,
+            "port_dir": root / "ports" / PORT_SLUG}
 
 
-@pytest.fixture(scope="module")
-def server(replicas, tmp_path_factory):
-    state = tmp_path_factory.mktemp("servers")
+def _serve(model, state, *flags):
+    """Start one server through the serve command line; yield its record; stop exactly it."""
     env = {"IMPORT_MODEL_SERVER_DIR": str(state)}
-    result = run_script("serve_port", str(replicas["base"]), "--log-file", str(state / "serve.log"), "--json",
-                        env=env, timeout=1800)
+    result = run_script("serve_port", str(model), *flags, "--log-file", str(state / "serve.log"), "--json",
+                        env=env, timeout=SERVE_TIMEOUT)
     assert result.returncode == 0, result.stderr[-3000:]
     record = result.json()
     try:
@@ -46,9 +61,22 @@ def server(replicas, tmp_path_factory):
         assert stop.returncode == 0, stop.stderr
 
 
+@pytest.fixture(scope="module")
+def server(replicas, tmp_path_factory):
+    """The port, served from its folder."""
+    yield from _serve(replicas["port_model"], tmp_path_factory.mktemp("port_server"),
+                      "--port-dir", str(replicas["port_dir"]))
+
+
+@pytest.fixture(scope="module")
+def control_server(replicas, tmp_path_factory):
+    """The native MAX llama replica with the same serve flags: the control."""
+    yield from _serve(replicas["base"], tmp_path_factory.mktemp("control_server"))
+
+
 def run_eval(replicas, server, *flags):
     started = time.monotonic()
-    result = run_script("run_evals", str(replicas["base"]), "--base-url", server["base_url"], "--slug",
+    result = run_script("run_evals", str(replicas["port_model"]), "--base-url", server["base_url"], "--slug",
                         server["served_name"], *flags, "--json", timeout=EVAL_TIMEOUT)
     print(f"\neval {' '.join(flags) or '(shipped tasks)'}: exit {result.returncode} in "
           f"{time.monotonic() - started:.0f}s")
@@ -74,12 +102,12 @@ def test_shipped_tasks_match_transformers_sample_by_sample(server, replicas):
     assert {row["metric"] for row in report["metrics"]} == {"acc", "acc_norm", "exact_match"}
 
 
-def test_planted_bug_is_exit_1_and_the_control_puts_it_on_the_port(server, replicas):
-    # The port's reference has other weights (the planted bug); the control is the native replica on the same
+def test_planted_bug_is_exit_1_and_the_control_puts_it_on_the_port(server, control_server, replicas):
+    # The port's reference has other weights (the planted bug); the control is the native replica on its own
     # server against its own reference, so the control matches and the isolation says "port-side".
     result = run_eval(replicas, server, "--reference", str(replicas["other"]), "--limit", "6",
-                      "--control", str(replicas["base"]), "--control-base-url", server["base_url"],
-                      "--control-slug", server["served_name"])
+                      "--control", str(replicas["base"]), "--control-base-url", control_server["base_url"],
+                      "--control-slug", control_server["served_name"])
     assert result.returncode == 1, result.stderr[-3000:]
     report = result.json()
     assert report["verdict"] == "MISMATCH"
@@ -90,5 +118,5 @@ def test_planted_bug_is_exit_1_and_the_control_puts_it_on_the_port(server, repli
     assert (control["verdict"], control["mismatched_samples"]) == ("MATCH", 0)
     assert control["max_abs_diff"] < FP32_ATOL
     assert report["isolation"] == "port-side"
-    for row in report["metrics"]:  # the control column: the same server, so the port's served values
+    for row in report["metrics"]:  # the control column: the same weights and graph, so the port's served values
         assert row["control"] == row["served"] and row["control_reference"] is not None
