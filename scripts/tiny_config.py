@@ -164,7 +164,7 @@ def shrink_config(
                      "reasons": ["--always-shrink"] if not options.keep_small_source else too_big}
     _shrink_layers(config, options, layer_types, result, set_field)
     if keep:
-        _finish_kept(config, special_ids, dtype, set_field)
+        _set_token_ids_and_dtype(config, special_ids, dtype, set_field)
         result.config = config
         return result
     old_heads = config.get("num_attention_heads")
@@ -204,13 +204,7 @@ def shrink_config(
     window = config.get("sliding_window")
     if isinstance(window, int) and not isinstance(window, bool) and window > options.sliding_window:
         set_field("sliding_window", options.sliding_window, "sliding_window")
-    if special_ids is not None:
-        for key, role in TOKEN_ID_ROLES.items():
-            if config.get(key) is not None and role in special_ids:
-                new = [special_ids[role]] if isinstance(config[key], list) else special_ids[role]
-                set_field(key, new, "special_token_id")
-    dtype_key = "dtype" if "dtype" in config else "torch_dtype"
-    set_field(dtype_key, dtype, "dtype")
+    _set_token_ids_and_dtype(config, special_ids, dtype, set_field)
     result.config = config
     return result
 
@@ -252,8 +246,10 @@ def small_source_problems(config: dict[str, Any], options: ShrinkOptions, layer_
     return problems
 
 
-def _finish_kept(config: dict[str, Any], special_ids: dict[str, int] | None, dtype: str, set_field) -> None:
-    """For a kept-shape replica: only token ids and the weights' dtype change (no size does)."""
+def _set_token_ids_and_dtype(config: dict[str, Any], special_ids: dict[str, int] | None, dtype: str,
+                             set_field) -> None:
+    """Point the special-token ids at the replica's tokenizer and set the weights' dtype (all a kept-shape
+    replica changes)."""
     if special_ids is not None:
         for key, role in TOKEN_ID_ROLES.items():
             if config.get(key) is not None and role in special_ids:
