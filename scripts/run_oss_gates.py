@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import subprocess
 import sys
-import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cli_support
 import model_source
+import openai_server
 import port_layout
 from cli_support import ScriptError
 
@@ -61,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-url", default=None,
                         help="running server for verify, e.g. http://127.0.0.1:8000 (without it verify is skipped)")
     parser.add_argument("--served-name", default=None, help="model name the server serves (default: the slug)")
-    parser.add_argument("--timeout", type=float, default=900.0,
+    parser.add_argument("--timeout", type=cli_support.positive_seconds, default=900.0,
                         help="seconds allowed for each smoke check (default 900)")
     cli_support.add_json_flag(parser)
 
@@ -98,18 +97,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Refuse flag values no phase could use, before any file is read."""
     if not ENCODING_NAME.fullmatch(args.encoding):
         raise ScriptError(f"--encoding {args.encoding!r} is not an encoding name (e.g. float32, bfloat16)")
-    if not (math.isfinite(args.timeout) and args.timeout > 0):
-        raise ScriptError(f"--timeout {args.timeout} must be a positive number of seconds")
     if args.served_name is not None and not args.served_name.strip():
         raise ScriptError("--served-name is empty; give the served model name or leave the flag out")
     if args.base_url is not None:
-        url = urllib.parse.urlsplit(args.base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ScriptError(f"--base-url {args.base_url!r} is not an http(s) URL such as http://127.0.0.1:8000")
-        try:
-            url.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-        except ValueError:
-            raise ScriptError(f"--base-url {args.base_url!r} has an invalid port") from None
+        args.base_url = openai_server.check_base_url(args.base_url)
 
 
 # --- preflight -----------------------------------------------------------------------
