@@ -29,6 +29,7 @@ import input_files
 import logprob_compare
 import model_source
 import openai_server
+import reference_cache
 import tolerances
 from cli_support import ScriptError
 
@@ -67,6 +68,7 @@ class CompareReport:
     top_k: int
     runs: list[PromptRun] = field(default_factory=list)
     hf_load_seconds: float = 0.0
+    reference_cached: bool = False
     attn_implementation: str = hf_reference.DEFAULT_ATTN_IMPLEMENTATION
     reference_spread: float | None = None  # mean (top - mean) logprob of the reference at the scored positions
     total_seconds: float = 0.0
@@ -118,6 +120,7 @@ class CompareReport:
                 for r in self.runs
             ],
             "hf_load_seconds": round(self.hf_load_seconds, 2),
+            "reference_cached": self.reference_cached,
             "total_seconds": round(self.total_seconds, 2),
         }
 
@@ -260,12 +263,23 @@ def run_compare(
     report = CompareReport(model=model, reference=reference or model, base_url=base_url,
                            served_name=check.served_name, dtype=dtype, atol=tolerances.logprob_atol(dtype),
                            top_k=top_k, attn_implementation=attn_implementation)
-    hf_started = time.monotonic()
-    hf = hf_reference.load_model(reference or model, revision if reference is None else None, dtype, device,
-                                 trust_remote_code, attn_implementation)
-    report.hf_load_seconds = time.monotonic() - hf_started
-    decoded += [""] * (hf_vocab_rows(hf, tokenizer) - len(decoded))  # padded output rows decode to nothing
-    forwards = [hf_forward(hf, answer.prompt_ids + answer.generated_ids, device, layer_stats) for answer in answers]
+    sequences = [answer.prompt_ids + answer.generated_ids for answer in answers]
+    forwards, vocab_rows = _cached_forwards(reference or model, revision if reference is None else None, sequences,
+                                            dtype=dtype, device=device, attn_implementation=attn_implementation,
+                                            trust_remote_code=trust_remote_code, layer_stats=layer_stats)
+    if forwards is not None:
+        report.reference_cached = True
+    else:
+        hf_started = time.monotonic()
+        hf = hf_reference.load_model(reference or model, revision if reference is None else None, dtype, device,
+                                     trust_remote_code, attn_implementation)
+        report.hf_load_seconds = time.monotonic() - hf_started
+        vocab_rows = hf_vocab_rows(hf, tokenizer)
+        forwards = [hf_forward(hf, ids, device, layer_stats) for ids in sequences]
+        _store_forwards(reference or model, revision if reference is None else None, sequences, forwards,
+                        vocab_rows, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                        trust_remote_code=trust_remote_code, layer_stats=layer_stats)
+    decoded += [""] * (vocab_rows - len(decoded))  # padded output rows decode to nothing
     import numpy as np
 
     # No verdict on a flat reference: every port would match it.
@@ -278,6 +292,35 @@ def run_compare(
         report.runs.append(PromptRun(text, answer.prompt_ids, answer.generated_ids, comparison, stats))
     report.total_seconds = time.monotonic() - started
     return report
+
+
+def _cache_key(model: str, revision: str | None, *, trust_remote_code: bool, layer_stats: bool,
+               **settings: Any) -> str | None:
+    """The reference cache key, or None when this run must load HF (remote code, layer stats, not a folder)."""
+    if trust_remote_code or layer_stats:
+        return None
+    try:
+        location = model_source.resolve(model, revision).location
+    except ScriptError:
+        return None
+    return reference_cache.model_fingerprint(location, **settings)
+
+
+def _cached_forwards(model: str, revision: str | None, sequences: list[list[int]], **options: Any
+                     ) -> tuple[list[tuple[Any, None]] | None, int]:
+    """Every sequence's HF rows from the reference cache, or (None, 0) when any one is missing."""
+    key = _cache_key(model, revision, **options)
+    found = [reference_cache.load_rows(key, ids) for ids in sequences]
+    if key is None or any(entry is None for entry in found):
+        return None, 0
+    return [(rows, None) for rows, _ in found], max(vocab for _, vocab in found)
+
+
+def _store_forwards(model: str, revision: str | None, sequences: list[list[int]], forwards: list[tuple[Any, Any]],
+                    vocab_rows: int, **options: Any) -> None:
+    key = _cache_key(model, revision, **options)
+    for ids, (rows, _stats) in zip(sequences, forwards):
+        reference_cache.store_rows(key, ids, rows, vocab_rows)
 
 
 def hf_vocab_rows(hf: Any, tokenizer: Any) -> int:

@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
@@ -76,7 +77,11 @@ def main(args: argparse.Namespace) -> int:
         cli_support.warn_if_untested_max()  # the smoke checks build the graph through MAX internals
     checks: list[Check] = []
     for phase in phases:
-        if phase == "preflight":
+        if any(c.phase == phase for c in checks):
+            continue  # smoke already ran, overlapping preflight's reference check
+        if phase == "preflight" and "smoke" in phases and forking():
+            checks += preflight_overlapping_smoke(args, source, config, port)
+        elif phase == "preflight":
             checks += preflight(source, config, port)
         elif phase == "smoke":
             checks += smoke(args, port)
@@ -107,9 +112,35 @@ def check_arguments(args: argparse.Namespace) -> None:
 
 
 def preflight(source: model_source.ModelSource, config: dict, port: port_layout.PortDir) -> list[Check]:
+    return quick_preflight(source, config, port) + [reference_check(source, config)]
+
+
+def quick_preflight(source: model_source.ModelSource, config: dict, port: port_layout.PortDir) -> list[Check]:
+    """The preflight checks that read files only (everything but the HF reference check)."""
     arch = port_layout.read_arch_declaration(port.path / "arch.py")
     return [walls_check(source), format_check(source), dtype_check(source, config, arch),
-            name_check(config, arch), encoding_check(arch), reference_check(source, config)]
+            name_check(config, arch), encoding_check(arch)]
+
+
+def preflight_overlapping_smoke(args: argparse.Namespace, source: model_source.ModelSource, config: dict,
+                                port: port_layout.PortDir) -> list[Check]:
+    """Preflight, with the smoke probe importing MAX while the HF reference check runs.
+
+    The file checks run first and nothing starts when one fails. The probe is
+    started only then; if the reference check fails, the probe is killed and
+    its results are never read, so a failed preflight still hides smoke.
+    """
+    checks = quick_preflight(source, config, port)
+    if any(c.status in ("fail", "blocked") for c in checks):
+        return checks
+    probe = start_probe(args, port)
+    try:
+        checks.append(reference_check(source, config))
+        if checks[-1].status in ("fail", "blocked"):
+            return checks
+        return checks + finish_probe(probe, args)
+    finally:
+        stop_probe(probe)
 
 
 # Loading at most this much float32 weight on the CPU takes seconds; a larger checkpoint's reference is
@@ -240,9 +271,14 @@ SMOKE_MODE_ENV = "IMPORT_MODEL_SMOKE"
 PROBE_IMPORT_SECONDS = 900.0
 
 
+def forking() -> bool:
+    """True when the smoke checks fork from one probe (the default on POSIX)."""
+    return os.environ.get(SMOKE_MODE_ENV) != "subprocess" and hasattr(os, "fork")
+
+
 def smoke(args: argparse.Namespace, port: port_layout.PortDir) -> list[Check]:
     """The smoke checks, each importing the port fresh: forked from one probe that imported MAX once."""
-    if os.environ.get(SMOKE_MODE_ENV) == "subprocess" or not hasattr(os, "fork"):
+    if not forking():
         return smoke_in_subprocesses(args, port)
     return smoke_forked(args, port)
 
@@ -268,14 +304,40 @@ def probe_command(args: argparse.Namespace, port: port_layout.PortDir, names: tu
 
 def smoke_forked(args: argparse.Namespace, port: port_layout.PortDir) -> list[Check]:
     """One probe process imports MAX, then forks a child per check (port_probe.py --fork)."""
+    probe = start_probe(args, port)
+    try:
+        return finish_probe(probe, args)
+    finally:
+        stop_probe(probe)
+
+
+def start_probe(args: argparse.Namespace, port: port_layout.PortDir) -> subprocess.Popen:
+    """Start the forking probe (its own process group, so stopping it stops its children too)."""
     command = probe_command(args, port, SMOKE_CHECKS) + ["--fork", "--timeout", str(args.timeout)]
     env = dict(os.environ, MAX_SERVE_DISABLE_TELEMETRY="1")
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def stop_probe(probe: subprocess.Popen) -> None:
+    """Kill the probe's process group if it is still running, and reap it."""
+    if probe.poll() is None:
+        try:
+            os.killpg(probe.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        probe.communicate()
+
+
+def finish_probe(probe: subprocess.Popen, args: argparse.Namespace) -> list[Check]:
+    """Wait for the probe and turn its JSON document into Checks."""
     # Each child has --timeout; the probe itself imports MAX once first.
     budget = args.timeout * len(SMOKE_CHECKS) + PROBE_IMPORT_SECONDS
     try:
-        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=budget)
+        stdout, stderr = probe.communicate(timeout=budget)
     except subprocess.TimeoutExpired:
         return [Check("smoke", SMOKE_CHECKS[0], "fail", f"did not finish in {budget:.0f} s")]
+    done = subprocess.CompletedProcess(probe.args, probe.returncode, stdout, stderr)
     try:
         document = json.loads(done.stdout)
     except json.JSONDecodeError:

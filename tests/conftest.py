@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from hub_standin import hub, hub_server, subprocess_env  # noqa: E402,F401 - fix
 
 os.environ.setdefault("MAX_SERVE_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# compare's reference cache (scripts/reference_cache.py): one fresh folder per test session, so no test
+# scores against rows an earlier session stored.
+os.environ.setdefault("IMPORT_MODEL_REFERENCE_CACHE", tempfile.mkdtemp(prefix="import-model-reference-"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

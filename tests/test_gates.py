@@ -284,3 +284,54 @@ def test_subprocess_mode_keeps_the_old_fresh_process_path(llama, clean_port, tmp
 def test_several_checks_without_fork_is_an_input_error(llama, clean_port):
     result = run_script("port_probe", llama, "--port-dir", clean_port, "--check", "import", "--check", "key-diff")
     assert result.returncode == 3 and "--fork" in result.stderr
+
+
+# --- preflight's reference check overlaps the smoke probe's MAX import ----------------------
+
+
+class _FakeProbe:
+    """Stands in for the probe's Popen: records whether it was stopped before it finished."""
+
+    def __init__(self, events):
+        self.events, self.pid, self.args, self.returncode = events, -1, ["probe"], None
+
+    def poll(self):
+        return self.returncode
+
+
+def _overlap_run(monkeypatch, reference_status: str):
+    import argparse
+
+    import run_oss_gates as gates
+
+    events: list[str] = []
+    probe = _FakeProbe(events)
+    monkeypatch.setattr(gates, "quick_preflight", lambda *a: [gates.Check("preflight", "walls", "pass", "")])
+    monkeypatch.setattr(gates, "start_probe", lambda *a: events.append("probe started") or probe)
+
+    def reference(*a):
+        events.append("reference checked")
+        return gates.Check("preflight", "reference", reference_status, "")
+
+    def finish(p, args):
+        events.append("probe read")
+        p.returncode = 0
+        return [gates.Check("smoke", "import", "pass", "")]
+
+    monkeypatch.setattr(gates, "reference_check", reference)
+    monkeypatch.setattr(gates, "finish_probe", finish)
+    monkeypatch.setattr(gates, "stop_probe", lambda p: events.append("probe stopped" if p.poll() is None else "done"))
+    checks = gates.preflight_overlapping_smoke(argparse.Namespace(), None, {}, None)
+    return events, checks
+
+
+def test_the_probe_starts_before_the_reference_check_and_is_read_after_it(monkeypatch):
+    events, checks = _overlap_run(monkeypatch, "pass")
+    assert events == ["probe started", "reference checked", "probe read", "done"]
+    assert [c.phase for c in checks] == ["preflight", "preflight", "smoke"]
+
+
+def test_a_failed_reference_check_kills_the_probe_and_hides_smoke(monkeypatch):
+    events, checks = _overlap_run(monkeypatch, "fail")
+    assert events == ["probe started", "reference checked", "probe stopped"]
+    assert all(c.phase == "preflight" for c in checks)
