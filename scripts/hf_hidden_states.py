@@ -1,10 +1,19 @@
 """Capture the Hugging Face reference's per-block hidden states for the stages layer-diff compares.
 
-Forward hooks on the same modules the MAX side taps (``embed_tokens``, each
-block, its ``self_attn`` and ``mlp``, the final ``norm``), plus the logits,
-from one forward pass with ``output_hidden_states=True``. Hooks are needed
-because transformers 5 replaces the last entry of ``hidden_states`` with the
-final norm's output, so the last block's own output is not in that tuple.
+The modules to tap come from ``model_anatomy.resolve_layout``, whatever the
+family calls them: the token embedding (``embed_tokens``, ``embed_in``,
+``word_embeddings``, ``wte``), each block, its attention (``self_attn``,
+``attention``, ``self_attention``, ``attn``) and feed-forward output (the MLP
+or MoE module, or the down projection when it sits on the block, as in OPT),
+and the final norm (``norm``, ``final_layer_norm``, ``final_layernorm``,
+``ln_f``). Forward hooks record them in one forward pass, plus the logits.
+Hooks are needed because transformers 5 replaces the last entry of
+``hidden_states`` with the final norm's output, so the last block's own
+output is not in that tuple.
+
+A stage the layout has no module for (a model without a final norm) is
+listed in ``HFCapture.missing`` with the reason; layer-diff reports it as not
+compared.
 
 The model comes from ``hf_reference.load`` (eager attention unless asked
 otherwise), like every other reference in the skill; layer-diff checks its
@@ -15,45 +24,48 @@ Imports torch and transformers (only when called).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from cli_support import ScriptError
-from max_hidden_states import BLOCK_LIST_ATTRS, tap_names
+import model_anatomy
 
 
 @dataclass
 class HFCapture:
-    """Every tapped stage's output (float32 numpy, [tokens, ...]) and the logits."""
+    """Every tapped stage's output (float32 numpy, [tokens, ...]), the logits, and the stages not tapped."""
 
     stages: dict[str, Any]
     logits: Any
     num_blocks: int
+    missing: dict[str, str] = field(default_factory=dict)  # stage name -> why it has no HF module
 
 
-def decoder_of(hf: Any) -> Any:
-    """The module holding the block list (``model.model`` for most causal LMs)."""
-    candidates = []
-    getter = getattr(hf, "get_decoder", None)
-    if callable(getter):
-        try:
-            candidates.append(getter())
-        except Exception:  # noqa: BLE001 - some models do not implement it
-            pass
-    candidates += [getattr(hf, "model", None), getattr(hf, "transformer", None), hf]
-    for candidate in candidates:
-        if candidate is not None and any(getattr(candidate, a, None) is not None for a in BLOCK_LIST_ATTRS):
-            return candidate
-    raise ScriptError(f"cannot find the block list of {type(hf).__name__} (looked for {', '.join(BLOCK_LIST_ATTRS)})")
+def tap_paths(layout: model_anatomy.ModelLayout, sublayer: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """Stage name -> module path for every stage the layout has a module for, and stage -> reason for the rest."""
+    paths: dict[str, str] = {"embedding": layout.token_embedding}
+    missing: dict[str, str] = {}
+    for block in layout.blocks:
+        paths[f"block.{block.index}"] = block.path
+        if sublayer:
+            paths[f"block.{block.index}.attention"] = block.attention.path
+            feed_forward = block.mlp_output_path
+            if feed_forward is None:
+                missing[f"block.{block.index}.mlp"] = f"{block.path} has no MLP"
+            else:
+                paths[f"block.{block.index}.mlp"] = feed_forward
+    if layout.final_norm is None:
+        missing["final_norm"] = f"{layout.decoder or 'the model'} has no final norm"
+    else:
+        paths["final_norm"] = layout.final_norm
+    return paths, missing
 
 
 def capture_reference(hf: Any, token_ids: list[int], sublayer: bool) -> HFCapture:
     """Run ``hf`` once on ``token_ids`` and return the tapped outputs and logits."""
     import torch
 
-    decoder = decoder_of(hf)
-    names = tap_names(decoder, sublayer)
-    modules = {id(m): m for m in decoder.modules()}
+    layout = model_anatomy.resolve_layout(hf)
+    paths, missing = tap_paths(layout, sublayer)
     captured: dict[str, Any] = {}
     handles = []
 
@@ -64,18 +76,19 @@ def capture_reference(hf: Any, token_ids: list[int], sublayer: bool) -> HFCaptur
                 captured[name] = value.detach()
         return hook
 
-    for module_id, name in names.items():
-        if module_id in modules:
-            handles.append(modules[module_id].register_forward_hook(record(name)))
+    for name, path in paths.items():
+        handles.append(hf.get_submodule(path).register_forward_hook(record(name)))
     try:
         with torch.no_grad():
             output = hf(input_ids=torch.tensor([token_ids]), output_hidden_states=True)
     finally:
         for handle in handles:
             handle.remove()
+    for name in paths:
+        if name not in captured:
+            missing[name] = f"{paths[name]} returned no tensor in the forward pass"
     stages = {name: _rows(value) for name, value in captured.items()}
-    num_blocks = sum(1 for name in names.values() if name.count(".") == 1)
-    return HFCapture(stages=stages, logits=_rows(output.logits), num_blocks=num_blocks)
+    return HFCapture(stages=stages, logits=_rows(output.logits), num_blocks=len(layout.blocks), missing=missing)
 
 
 def _rows(value: Any) -> Any:

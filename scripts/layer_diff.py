@@ -23,6 +23,7 @@ before the capture graph is built or compiled.
 from __future__ import annotations
 
 import argparse
+import enum
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,11 +38,13 @@ import tolerances
 from cli_support import ScriptError
 from max_hidden_states import Stage, stage_order
 
-EXIT_CODES = {1: "a stage diverges beyond the tolerance (the first one is named)", 2: "not used"}
+EXIT_CODES = {1: "a stage diverges beyond the tolerance (the first one is named), or a stage was not compared",
+              2: "not used"}
 
 DEFAULT_PROMPT = "The capital of France is"
 DIVERGENCES = "references/divergences.md"
 READING_GUIDE = "references/layer-by-layer-debugging.md#reading-the-output"
+NOT_COMPARED_GUIDE = "references/layer-by-layer-debugging.md#not-compared-stages"
 
 # Where to read for a first divergence in each part of the forward pass
 # (anchors of references/divergences.md).
@@ -57,6 +60,22 @@ LATER_BLOCK_CAUSES = ("a2-mask-and-sliding-window", "w1-weight-names-or-shapes")
 LATER_POSITION_CAUSES = ("r1-rope", "a2-mask-and-sliding-window")
 
 
+class Verdict(str, enum.Enum):
+    """The outcome of one layer-diff run."""
+
+    MATCH = "MATCH"  # every stage was compared and is within tolerance
+    DIVERGED = "DIVERGED"  # a compared stage is beyond tolerance (the first one is named)
+    NOT_COMPARED = "NOT COMPARED"  # nothing diverged, but some stage was not captured on one side
+
+
+class StageStatus(str, enum.Enum):
+    """The outcome of one stage."""
+
+    OK = "ok"
+    DIVERGED = "diverged"
+    NOT_COMPARED = "not compared"  # not captured on one side: never counted as within tolerance
+
+
 @dataclass
 class StageDiff:
     """How far MAX is from HF at one stage."""
@@ -70,6 +89,11 @@ class StageDiff:
     first_position: int | None  # first token whose relative error exceeds the tolerance
     within_tolerance: bool
     note: str = ""
+    status: StageStatus | None = None
+
+    def __post_init__(self) -> None:
+        if self.status is None:
+            self.status = StageStatus.OK if self.within_tolerance else StageStatus.DIVERGED
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,11 +148,13 @@ def main(args: argparse.Namespace) -> int:
     stages = stage_order(port.num_blocks, args.sublayer)
     max_values = dict(port.stages, logits=port.logits)
     hf_values = dict(hf_capture.stages, logits=hf_capture.logits)
-    diffs = [compare_stage(stage, max_values.get(stage.name), hf_values.get(stage.name), tolerance)
+    diffs = [compare_stage(stage, max_values.get(stage.name), hf_values.get(stage.name), tolerance,
+                           hf_capture.missing.get(stage.name))
              for stage in stages]
-    first = next((d for d in diffs if not d.within_tolerance and d.max_abs_diff is not None), None)
+    verdict = verdict_of(diffs)
+    first = first_divergence(diffs)
     document = {
-        "verdict": "DIVERGED" if first else "MATCH",
+        "verdict": verdict.value,
         "model": args.model,
         "reference": reference,
         "port_dir": str(max_hidden_states.normalized_port_dir(args.port_dir)),
@@ -138,9 +164,9 @@ def main(args: argparse.Namespace) -> int:
         "tolerance": tolerance,
         "token_ids": token_ids,
         "sublayer": args.sublayer,
-        "stages": [asdict(d) for d in diffs],
+        "stages": [{**asdict(d), "status": d.status.value} for d in diffs],
         "first_divergence": describe_divergence(first, diffs) if first else None,
-        "untapped": [d.name for d in diffs if d.max_abs_diff is None],
+        "untapped": [d.name for d in diffs if d.status is StageStatus.NOT_COMPARED],
         "timings": {"max_build_seconds": round(port.build_seconds, 2), "max_run_seconds": round(port.run_seconds, 3),
                     "hf_seconds": round(hf_seconds, 2)},
     }
@@ -148,7 +174,21 @@ def main(args: argparse.Namespace) -> int:
         cli_support.print_json(document)
     else:
         print(format_report(document))
-    return cli_support.EXIT_FINDINGS if first else cli_support.EXIT_OK
+    return cli_support.EXIT_OK if verdict is Verdict.MATCH else cli_support.EXIT_FINDINGS
+
+
+def first_divergence(diffs: list[StageDiff]) -> StageDiff | None:
+    """The first compared stage beyond tolerance."""
+    return next((d for d in diffs if d.status is StageStatus.DIVERGED), None)
+
+
+def verdict_of(diffs: list[StageDiff]) -> Verdict:
+    """DIVERGED when a compared stage diverges, else NOT COMPARED when a stage was not compared, else MATCH."""
+    if first_divergence(diffs):
+        return Verdict.DIVERGED
+    if any(d.status is StageStatus.NOT_COMPARED for d in diffs):
+        return Verdict.NOT_COMPARED
+    return Verdict.MATCH
 
 
 def parse_token_ids(text: str) -> list[int]:
@@ -196,14 +236,21 @@ def encode(args: argparse.Namespace, prompt: str) -> list[int]:
     return ids
 
 
-def compare_stage(stage: Stage, got: Any, want: Any, tolerance: float) -> StageDiff:
-    """Max |diff|, relative error, cosine and first divergent position of MAX (got) against HF (want)."""
+def compare_stage(stage: Stage, got: Any, want: Any, tolerance: float, hf_missing: str | None = None) -> StageDiff:
+    """Max |diff|, relative error, cosine and first divergent position of MAX (got) against HF (want).
+
+    A stage missing on either side is NOT COMPARED (never within tolerance); ``hf_missing`` says why
+    the HF side has no module for it.
+    """
     import numpy as np
 
     if got is None or want is None:
-        side = "MAX" if got is None else "HF"
-        return StageDiff(stage.name, stage.block, stage.part, None, None, None, None, True,
-                         f"not captured on the {side} side")
+        sides = [side for side, value in (("MAX", got), ("HF", want)) if value is None]
+        note = f"not compared: not captured on the {' and '.join(sides)} side" + ("s" if len(sides) > 1 else "")
+        if want is None and hf_missing:
+            note += f" ({hf_missing})"
+        return StageDiff(stage.name, stage.block, stage.part, None, None, None, None, False, note,
+                         StageStatus.NOT_COMPARED)
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     if got.shape != want.shape:
@@ -259,8 +306,8 @@ def format_report(document: dict[str, Any]) -> str:
              f"spread {document['reference_spread']:.3g})",
              f"{'stage':<22} {'max|diff|':>11} {'rel err':>11} {'cosine':>10}  status"]
     for stage in document["stages"]:
-        if stage["max_abs_diff"] is None:
-            lines.append(f"{stage['name']:<22} {'-':>11} {'-':>11} {'-':>10}  {stage['note']}")
+        if stage["status"] == StageStatus.NOT_COMPARED:
+            lines.append(f"{stage['name']:<22} {'-':>11} {'-':>11} {'-':>10}  NOT COMPARED: {stage['note']}")
             continue
         cosine = "-" if stage["cosine"] is None else f"{stage['cosine']:.6f}"
         status = "ok" if stage["within_tolerance"] else f"DIVERGED (from position {stage['first_position']})"
@@ -269,7 +316,12 @@ def format_report(document: dict[str, Any]) -> str:
         lines.append(f"{stage['name']:<22} {stage['max_abs_diff']:>11.3e} {stage['rel_error']:>11.3e} "
                      f"{cosine:>10}  {status}")
     first = document["first_divergence"]
-    if first is None:
+    skipped = [stage["name"] for stage in document["stages"] if stage["status"] == StageStatus.NOT_COMPARED]
+    if first is None and skipped:
+        lines.append(f"NOT COMPARED: {len(skipped)} stage(s) could not be compared ({', '.join(skipped)}); the "
+                     "compared stages are within tolerance, but this is not a MATCH "
+                     f"(see {NOT_COMPARED_GUIDE})")
+    elif first is None:
         lines.append("MATCH: every stage is within tolerance; run compare for the logit-level verdict")
     else:
         where = f"block {first['block']}" if first["block"] is not None else first["stage"]

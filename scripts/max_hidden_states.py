@@ -34,8 +34,9 @@ from typing import Any
 import cli_support
 from cli_support import ScriptError
 
-# Attribute names, first match wins, of the parts the hook taps. The first
-# entries are the names MAX's Transformer / TransformerBlock use (and HF's).
+# Attribute names, first match wins, of the port's (MAX) modules the hook taps. The first
+# entries are the names MAX's Transformer / TransformerBlock use. The HF side does not use
+# these: hf_hidden_states finds its modules through model_anatomy.resolve_layout.
 EMBEDDING_ATTRS = ("embed_tokens", "embedding", "wte")
 BLOCK_LIST_ATTRS = ("layers", "blocks", "h")
 FINAL_NORM_ATTRS = ("norm", "final_norm", "ln_f")

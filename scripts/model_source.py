@@ -23,7 +23,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import input_files
+import model_anatomy
 from cli_support import ScriptError
+from model_anatomy import RopeSettings  # re-exported: callers name model_source.RopeSettings
 
 # A safetensors header larger than this is treated as corrupt (real ones are
 # well under 10 MiB even for very large sharded models).
@@ -320,22 +322,11 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class RopeSettings:
-    """RoPE settings in one spelling, whichever the config used."""
-
-    theta: float | None
-    rope_type: str  # default, linear, dynamic, yarn, longrope, llama3, ...
-    scaling: dict[str, Any]  # the scaling parameters other than theta and type
-    partial_rotary_factor: float | None
-
-
-@dataclass(frozen=True)
 class NormalizedConfig:
-    """The config fields whose spelling differs between transformers 4.x and 5.x.
+    """The config fields whose spelling differs between transformers 4.x and 5.x (a thin view).
 
-    Old spelling (most Hub checkpoints): ``torch_dtype``, ``rope_theta``,
-    ``rope_scaling``. New spelling (transformers 5.x): ``dtype`` and
-    ``rope_parameters``, which may be nested per layer type.
+    Kept for callers that read only these fields; the full view, with every
+    alias and the key each value came from, is ``model_anatomy.config_view``.
     """
 
     architecture: str | None
@@ -348,66 +339,9 @@ class NormalizedConfig:
 
 def normalize_config(config: dict[str, Any]) -> NormalizedConfig:
     """Read dtype and RoPE settings from either config spelling (ScriptError for a field of the wrong type)."""
-    if not isinstance(config, dict):
-        raise ScriptError(f"config is {input_files.json_type_name(config)}, expected a JSON object")
-    check_config_fields(config)
-    text = text_config(config)
-    dtype = config.get("dtype") or config.get("torch_dtype") or text.get("dtype") or text.get("torch_dtype")
-    old = any(k in text or k in config for k in ("torch_dtype", "rope_theta", "rope_scaling", "rope_local_base_freq"))
-    new = any(k in text or k in config for k in ("dtype", "rope_parameters"))
-    spelling = "mixed" if old and new else "old" if old else "new" if new else "none"
-
-    partial = text.get("partial_rotary_factor")
-    params = text.get("rope_parameters")
-    by_layer: dict[str, RopeSettings] = {}
-    rope: RopeSettings | None = None
-    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
-        for layer_type, sub in params.items():
-            by_layer[layer_type] = _rope_from_params(sub, partial)
-        rope = by_layer.get("full_attention") or next(iter(by_layer.values()))
-    elif isinstance(params, dict) and params:
-        rope = _rope_from_params(params, partial)
-    else:
-        scaling = text.get("rope_scaling")
-        theta = text.get("rope_theta")
-        if theta is not None or isinstance(scaling, dict) or partial is not None:
-            merged = dict(scaling) if isinstance(scaling, dict) else {}
-            if theta is not None:
-                merged["rope_theta"] = theta
-            rope = _rope_from_params(merged, partial)
-        local_theta = text.get("rope_local_base_freq")
-        if rope is not None and local_theta is not None:
-            # Old gemma3 spelling: sliding-window layers use an unscaled RoPE with
-            # their own base; transformers 5 nests this per layer type.
-            by_layer = {
-                "sliding_attention": _rope_from_params({"rope_theta": local_theta}, partial),
-                "full_attention": rope,
-            }
-    archs = config.get("architectures") or []
-    return NormalizedConfig(
-        architecture=archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None,
-        model_type=config.get("model_type"),
-        dtype=str(dtype) if dtype is not None else None,
-        rope=rope,
-        rope_by_layer_type=by_layer,
-        spelling=spelling,
-    )
-
-
-def _rope_from_params(params: dict[str, Any], partial: Any) -> RopeSettings:
-    rest = dict(params)
-    theta = rest.pop("rope_theta", None)
-    rope_type = rest.pop("rope_type", None) or rest.pop("type", None) or "default"
-    rest.pop("type", None)
-    factor = rest.pop("partial_rotary_factor", None)
-    if factor is None:
-        factor = partial
-    return RopeSettings(
-        theta=float(theta) if theta is not None else None,
-        rope_type=str(rope_type),
-        scaling=rest,
-        partial_rotary_factor=None if factor is None else float(factor),
-    )
+    view = model_anatomy.config_view(config)
+    return NormalizedConfig(view.architecture, view.model_type, view.dtype, view.rope,
+                            dict(view.rope_by_layer_type), view.spelling)
 
 
 # --- weights -----------------------------------------------------------------

@@ -7,23 +7,44 @@ The "peaked" init used here instead:
 1. draws every matrix from N(0, std), adds N(0, norm_std) to every norm
    weight (around 1, or around 0 for norms computed as 1 + w) and draws every
    bias and other vector from N(0, bias_std);
-2. scales the input embedding so the first norm sees a mean square of
-   ``eps_headroom`` x its eps, so a wrong norm eps moves the output;
-3. scales the final norm so the logits have standard deviation
-   ``logit_std`` (or half the final softcap when the config has one, so the
-   softcap is in its non-linear range), which makes them peaked;
-4. with an attention softcap, scales the query projections so the attention
-   scores reach the cap's non-linear range.
+2. scales the embeddings so the first norm that reads them sees a mean square
+   of ``eps_headroom`` x its eps, so a wrong norm eps moves the output; learned
+   position embeddings are scaled with the token embedding, by the same factor,
+   so the tokens keep their share of the input;
+3. scales the final norm (else ``project_out``, else an untied LM head) so the
+   logits have standard deviation ``logit_std`` (or half the final softcap when
+   the config has one, so the softcap is in its non-linear range);
+4. with an attention softcap, scales the query rows of every block's query
+   projection (separate or fused, Linear or Conv1D) so the attention scores
+   reach the cap's non-linear range.
 
-Every scale applied is returned for the replica manifest.
+The parts come from ``model_anatomy.resolve_layout``. Each step is recorded in
+the manifest under ``calibration``: applied (with the module it scaled and the
+scale) or not applicable (with the reason). A step that should apply but
+cannot raises ScriptError naming the step; no step is skipped silently.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass
 from typing import Any
 
-NORM_EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
+import model_anatomy
+from cli_support import ScriptError
+
+NORM_EPS_ATTRS = model_anatomy.NORM_EPS_ATTRS  # re-exported for replica_sensitivity
+
+# Calibration loops: rounds, and the step size below which a loop has settled.
+EMBEDDING_ROUNDS = 4
+EMBEDDING_SETTLED = 0.02
+SOFTCAP_ROUNDS = 3
+SOFTCAP_SETTLED = 0.05
+LOGIT_ROUNDS = 8
+LOGIT_SETTLED = 0.02
+MIN_SCORE = 1e-6  # floor of the measured attention score, so a zero score cannot divide by zero
+MAX_LOGIT_STEP = 1000.0  # largest factor one logit round applies (a near-zero spread must not explode)
+SOFTCAP_SHARE = 0.5  # with a final softcap, aim the logit spread at this share of the cap (its non-linear range)
 
 # The probe text the replica is built, calibrated and checked with (tiny records it in the manifest).
 PROMPT = ("The capital of France is Paris. Once upon a time there was a little robot who wanted to learn "
@@ -49,31 +70,56 @@ class InitOptions:
 
 def is_norm(module: Any) -> bool:
     """True for normalization layers (RMSNorm, LayerNorm and family variants)."""
-    return "norm" in type(module).__name__.lower()
+    return model_anatomy.is_norm_module(module)
 
 
 def norm_eps(module: Any) -> float | None:
-    for attr in NORM_EPS_ATTRS:
-        value = getattr(module, attr, None)
-        if isinstance(value, float):
-            return value
-    return None
+    """The eps a norm module uses."""
+    return model_anatomy.norm_eps(module)
+
+
+class StepStatus(str, enum.Enum):
+    """What one calibration step did (recorded in the manifest)."""
+
+    APPLIED = "applied"
+    NOT_APPLICABLE = "not applicable"  # the model lacks the feature the step calibrates (the reason says which)
 
 
 def initialize(model: Any, config: Any, options: InitOptions, calibration_ids: Any) -> dict[str, Any]:
-    """Re-draw the weights of ``model`` in place; return the settings for the manifest."""
+    """Re-draw the weights of ``model`` in place; return the settings for the manifest.
+
+    Every calibration step either applies to the resolved layout (the manifest names the module it
+    scaled) or is not applicable with the reason; a step that should apply but cannot raises
+    ScriptError naming it.
+    """
     settings = options.describe()
     if options.mode == "default":
         return settings
     import torch
 
+    layout = model_anatomy.resolve_layout(model)
+    view = model_anatomy.config_view(config.to_dict())
     offset_norms = _draw_weights(model, options)
     with torch.no_grad():
-        settings["embedding_scale"] = _calibrate_embedding(model, options, calibration_ids)
-        settings["query_scale"] = _calibrate_attention_softcap(model, config, calibration_ids)
-        settings["final_norm_scale"] = _calibrate_logits(model, config, options, calibration_ids, offset_norms)
+        steps = {
+            "embedding": _calibrate_embedding(model, layout, options, calibration_ids),
+            "attention_softcap": _calibrate_attention_softcap(model, layout, view, calibration_ids),
+            "final_logits": _calibrate_logits(model, layout, view, options, calibration_ids, offset_norms),
+        }
+    settings["embedding_scale"] = steps["embedding"].get("scale")
+    settings["query_scale"] = steps["attention_softcap"].get("scale")
+    settings["final_norm_scale"] = steps["final_logits"]["scale"]
+    settings["calibration"] = steps
     settings["offset_norms"] = bool(offset_norms)
     return settings
+
+
+def _applied(module: str, scale: float, **extra: Any) -> dict[str, Any]:
+    return {"status": StepStatus.APPLIED.value, "module": module, "scale": scale, **extra}
+
+
+def _not_applicable(reason: str) -> dict[str, Any]:
+    return {"status": StepStatus.NOT_APPLICABLE.value, "reason": reason, "scale": None}
 
 
 def _draw_weights(model: Any, options: InitOptions) -> set[int]:
@@ -103,25 +149,38 @@ def _forward(model: Any, ids: Any) -> Any:
     return model(input_ids=ids).logits.float()
 
 
-def _first_norm_mean_square(model: Any, ids: Any) -> tuple[float, float] | None:
-    """Mean square (or variance for LayerNorm) of the first norm's input, and its eps."""
+def is_mean_centred(module: Any) -> bool:
+    """LayerNorm-style norms (mean removed, then scaled by the variance), as opposed to RMSNorm."""
     import torch
 
-    found: list[tuple[float, float]] = []
+    name = type(module).__name__.lower()
+    return isinstance(module, torch.nn.LayerNorm) or ("layernorm" in name and "rms" not in name)
 
-    def hook(module, inputs):
-        if found or not inputs:
-            return
-        x = inputs[0].float()
-        eps = norm_eps(module)
-        if eps is None:
-            return
-        if isinstance(module, torch.nn.LayerNorm):
-            found.append((float(x.var(dim=-1, unbiased=False).mean()), eps))
-        else:
-            found.append((float(x.pow(2).mean()), eps))
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if is_norm(m)]
+def _embedding_norms(layout: model_anatomy.ModelLayout) -> list[str]:
+    """The norm that first reads the embeddings, or (post-LN blocks) every norm of block 0 in order."""
+    if layout.first_norm:
+        return [layout.first_norm]
+    return [norm.path for norm in layout.blocks[0].norms] if layout.blocks else []
+
+
+def _first_norm_mean_square(model: Any, paths: list[str], ids: Any) -> tuple[str, float, float] | None:
+    """The first of ``paths`` to run: its path, the mean square (variance for LayerNorm) of its input, its eps."""
+    found: list[tuple[str, float, float]] = []
+
+    def hook_for(path: str):
+        def hook(module, inputs):
+            if found or not inputs:
+                return
+            eps = norm_eps(module)
+            if eps is None:
+                return
+            x = inputs[0].float()
+            measured = x.var(dim=-1, unbiased=False).mean() if is_mean_centred(module) else x.pow(2).mean()
+            found.append((path, float(measured), eps))
+        return hook
+
+    handles = [model.get_submodule(path).register_forward_pre_hook(hook_for(path)) for path in paths]
     try:
         _forward(model, ids)
     finally:
@@ -130,102 +189,146 @@ def _first_norm_mean_square(model: Any, ids: Any) -> tuple[float, float] | None:
     return found[0] if found else None
 
 
-def _calibrate_embedding(model: Any, options: InitOptions, ids: Any) -> float:
-    embedding = model.get_input_embeddings()
-    total = 1.0
-    for _ in range(4):
-        measured = _first_norm_mean_square(model, ids)
-        if measured is None or measured[0] <= 0:
+def _calibrate_embedding(model: Any, layout: model_anatomy.ModelLayout, options: InitOptions, ids: Any) -> dict[str, Any]:
+    """Scale the embeddings so the first norm sees ``eps_headroom`` x its eps.
+
+    Learned position embeddings are scaled with the token embedding, by the same factor: scaling the
+    token embedding alone lets the positions dominate and drives the tokens to about 0.
+    """
+    paths = _embedding_norms(layout)
+    if not paths:
+        return _not_applicable("no norm reads the embeddings")
+    tables = [model.get_submodule(layout.token_embedding)]
+    if layout.position_embedding:
+        tables.append(model.get_submodule(layout.position_embedding))
+    total, norm_path = 1.0, None
+    for _ in range(EMBEDDING_ROUNDS):
+        measured = _first_norm_mean_square(model, paths, ids)
+        if measured is None:
+            return _not_applicable(f"none of {', '.join(paths)} ran with an eps attribute")
+        norm_path, mean_square, eps = measured
+        if mean_square <= 0:
             break
-        mean_square, eps = measured
         scale = (options.eps_headroom * eps / mean_square) ** 0.5
-        embedding.weight.mul_(scale)
+        for table in tables:
+            table.weight.mul_(scale)
         total *= scale
-        if abs(scale - 1.0) < 0.02:
+        if abs(scale - 1.0) < EMBEDDING_SETTLED:
             break
-    return total
+    scaled = [layout.token_embedding] + ([layout.position_embedding] if layout.position_embedding else [])
+    return _applied(", ".join(scaled), total, norm=norm_path)
 
 
-def _attention_modules(model: Any) -> list[Any]:
-    return [m for name, m in model.named_modules() if name.endswith("self_attn")]
+def _scores_of(module: Any, attention: model_anatomy.AttentionLayout, hidden: Any, scaling: float) -> float:
+    """Mean |q.k| x scaling of one attention call, from its q/k projections (RoPE and q/k norms left out)."""
+    query_module = module.get_submodule(attention.query_projection.path.rpartition(".")[2])
+    key_module = module.get_submodule(attention.key_projection.path.rpartition(".")[2])
+    q = query_module(hidden).float()[..., attention.query_rows()]
+    k = key_module(hidden).float()[..., attention.key_rows()]
+    q = q.view(*q.shape[:-1], attention.num_heads, attention.head_dim)
+    k = k.view(*k.shape[:-1], attention.num_kv_heads, attention.head_dim)
+    k = k.repeat_interleave(attention.num_heads // attention.num_kv_heads, dim=-2)
+    raw = (q.unsqueeze(-3) * k.unsqueeze(-4)).sum(-1) * scaling
+    return float(raw.abs().mean())
 
 
-def _calibrate_attention_softcap(model: Any, config: Any, ids: Any) -> float | None:
-    """Scale q projections so attention scores reach about the softcap (when there is one)."""
-    cap = getattr(config, "attn_logit_softcapping", None)
+def _scale_rows(projection: Any, rows: list[int], layout: model_anatomy.Projection, scale: float) -> None:
+    """Multiply the given output features of a Linear (weight rows) or Conv1D (weight columns) by ``scale``."""
+    if layout.transposed:
+        projection.weight[:, rows] *= scale
+    else:
+        projection.weight[rows] *= scale
+    if projection.bias is not None:
+        projection.bias[rows] *= scale
+
+
+def _calibrate_attention_softcap(model: Any, layout: model_anatomy.ModelLayout, view: model_anatomy.ConfigView,
+                                 ids: Any) -> dict[str, Any]:
+    """Scale the query rows so attention scores reach about the softcap (when there is one)."""
+    cap = view.attn_softcap
     if not cap:
-        return None
+        return _not_applicable("the config has no attention softcap")
+    attentions = [block.attention for block in layout.blocks]
     scores: list[float] = []
-    attentions = _attention_modules(model)
 
-    def capture(module, args, kwargs):
-        # Recompute raw scores from the q/k projections of this call.
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        q = module.q_proj(hidden).float()
-        k = module.k_proj(hidden).float()
-        head_dim = module.head_dim
-        q = q.view(*q.shape[:-1], -1, head_dim)
-        k = k.view(*k.shape[:-1], -1, head_dim)
-        group = q.shape[-2] // k.shape[-2]
-        k = k.repeat_interleave(group, dim=-2)
-        raw = (q.unsqueeze(-3) * k.unsqueeze(-4)).sum(-1) * module.scaling
-        scores.append(float(raw.abs().mean()))
+    def capture_for(attention: model_anatomy.AttentionLayout):
+        def capture(module, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            if hidden is None:
+                raise ScriptError(f"calibration step attention_softcap cannot read the input of {attention.path}")
+            scaling = getattr(module, "scaling", None)
+            if not isinstance(scaling, float):
+                scaling = (view.query_scale or attention.head_dim) ** -0.5
+            scores.append(_scores_of(module, attention, hidden, scaling))
+        return capture
 
     total = 1.0
-    for _ in range(3):
+    for _ in range(SOFTCAP_ROUNDS):
         scores.clear()
-        handles = [m.register_forward_pre_hook(capture, with_kwargs=True) for m in attentions]
+        handles = [model.get_submodule(a.path).register_forward_pre_hook(capture_for(a), with_kwargs=True)
+                   for a in attentions]
         try:
             _forward(model, ids)
         finally:
             for handle in handles:
                 handle.remove()
         if not scores:
-            return None
-        scale = cap / max(sum(scores) / len(scores), 1e-6)
-        for module in attentions:
-            module.q_proj.weight.mul_(scale)
-            if module.q_proj.bias is not None:
-                module.q_proj.bias.mul_(scale)
+            raise ScriptError("calibration step attention_softcap cannot apply: no attention module of the "
+                              f"resolved layout ran ({attentions[0].path if attentions else 'no blocks'})")
+        scale = cap / max(sum(scores) / len(scores), MIN_SCORE)
+        for attention in attentions:
+            projection = attention.query_projection
+            _scale_rows(model.get_submodule(projection.path), attention.query_rows(), projection, scale)
         total *= scale
-        if abs(scale - 1.0) < 0.05:
+        if abs(scale - 1.0) < SOFTCAP_SETTLED:
             break
-    return total
+    first = attentions[0].query_projection.path
+    return _applied(f"{first} and the same projection of every block (query rows)", total)
 
 
 def final_norm(model: Any) -> Any | None:
-    """The norm applied before the LM head (model.model.norm and its usual aliases)."""
-    base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    for name in ("norm", "final_layernorm", "ln_f", "final_norm"):
-        module = getattr(base, name, None)
-        if module is not None and is_norm(module):
-            return module
-    return None
+    """The norm applied before the LM head, as model_anatomy resolves it (None when the model has none)."""
+    path = model_anatomy.resolve_layout(model).final_norm
+    return model.get_submodule(path) if path else None
 
 
-def _calibrate_logits(model: Any, config: Any, options: InitOptions, ids: Any, offset_norms: set[int]) -> float | None:
-    norm = final_norm(model)
-    if norm is None or getattr(norm, "weight", None) is None:
-        return None
-    cap = getattr(config, "final_logit_softcapping", None)
-    target = max(options.logit_std, 0.5 * cap) if cap else options.logit_std
+def _logit_scale_target(model: Any, layout: model_anatomy.ModelLayout) -> tuple[str, str]:
+    """The module whose weight sets the logit scale: the final norm, else project_out, else an untied LM head."""
+    if layout.final_norm and getattr(model.get_submodule(layout.final_norm), "weight", None) is not None:
+        return layout.final_norm, "final_norm"
+    if layout.project_out:
+        return layout.project_out, "project_out"
+    if not layout.tied:
+        return layout.lm_head, "lm_head"
+    why = f"the final norm {layout.final_norm} has no weight" if layout.final_norm else "the model has no final norm"
+    raise ScriptError(f"calibration step final_logits cannot apply to {layout.model_class}: {why} and the LM head "
+                      f"{layout.lm_head} is tied to the token embedding (scaling it would undo the embedding step)")
+
+
+def _calibrate_logits(model: Any, layout: model_anatomy.ModelLayout, view: model_anatomy.ConfigView,
+                      options: InitOptions, ids: Any, offset_norms: set[int]) -> dict[str, Any]:
+    """Scale the final norm (or the module standing in for it) so the logits have ``logit_std`` spread."""
+    path, kind = _logit_scale_target(model, layout)
+    module = model.get_submodule(path)
+    cap = view.final_softcap
+    target = max(options.logit_std, SOFTCAP_SHARE * cap) if cap else options.logit_std
     total = 1.0
-    for _ in range(8):
+    for _ in range(LOGIT_ROUNDS):
         logits = _forward(model, ids)
         measured = float(logits.std(dim=-1).mean())
         if measured <= 0:
             break
-        scale = min(target / measured, 1000.0)
-        if id(norm) in offset_norms:
-            norm.weight.copy_((1.0 + norm.weight) * scale - 1.0)
+        scale = min(target / measured, MAX_LOGIT_STEP)
+        if id(module) in offset_norms:
+            module.weight.copy_((1.0 + module.weight) * scale - 1.0)
         else:
-            norm.weight.mul_(scale)
-        if getattr(norm, "bias", None) is not None:
-            norm.bias.mul_(scale)
+            module.weight.mul_(scale)
+        if getattr(module, "bias", None) is not None:
+            module.bias.mul_(scale)
         total *= scale
-        if abs(scale - 1.0) < 0.02:
+        if abs(scale - 1.0) < LOGIT_SETTLED:
             break
-    return total
+    return _applied(path, total, kind=kind)
 
 
 def quiet_transformers() -> None:

@@ -65,6 +65,29 @@ def test_compare_stage_shape_nan_and_missing():
     assert not nan.within_tolerance and nan.first_position == 1 and "NaN" in nan.note
     missing = layer_diff.compare_stage(Stage("block.0.mlp", 0, "mlp"), None, want, TOL)
     assert missing.max_abs_diff is None and "MAX side" in missing.note
+    # Regression (issue 14): a stage missing on one side was counted as within tolerance.
+    assert not missing.within_tolerance and missing.status is layer_diff.StageStatus.NOT_COMPARED
+    hf_missing = layer_diff.compare_stage(Stage("final_norm", None, "final_norm"), want, None, TOL,
+                                          "model.decoder has no final norm")
+    assert hf_missing.status is layer_diff.StageStatus.NOT_COMPARED
+    assert "HF side" in hf_missing.note and "has no final norm" in hf_missing.note
+
+
+def test_a_stage_not_compared_is_never_a_match():
+    ok = diff("block.0", 0, "block", True)
+    skipped = layer_diff.compare_stage(Stage("embedding", None, "embedding"), np.ones((2, 2)), None, TOL)
+    assert layer_diff.verdict_of([ok]) is layer_diff.Verdict.MATCH
+    assert layer_diff.verdict_of([skipped, ok]) is layer_diff.Verdict.NOT_COMPARED
+    assert layer_diff.first_divergence([skipped, ok]) is None  # nothing to name as a divergence
+    bad = diff("block.1", 1, "block", False)
+    assert layer_diff.verdict_of([skipped, ok, bad]) is layer_diff.Verdict.DIVERGED
+    assert layer_diff.first_divergence([skipped, ok, bad]) is bad
+    document = {"model": "m", "port_dir": "p", "dtype": "float32", "token_ids": [1, 2], "tolerance": TOL,
+                "reference": "m", "attn_implementation": "eager", "reference_spread": 11.9,
+                "stages": [{**vars(skipped), "status": skipped.status.value}, vars(ok)], "first_divergence": None}
+    text = layer_diff.format_report(document)
+    assert "NOT COMPARED: not compared: not captured on the HF side" in text
+    assert "NOT COMPARED: 1 stage(s) could not be compared (embedding)" in text and "MATCH:" not in text
 
 
 def compare(got, want):
@@ -192,3 +215,33 @@ def test_port_dir_normalization(tmp_path):
     (bad / "__init__.py").write_text("")
     with pytest.raises(max_hidden_states.ScriptError, match="not an importable module name"):
         max_hidden_states.normalized_port_dir(str(bad))
+
+
+# --- the HF side finds every stage through model_anatomy (issue 14: embed_in, word_embeddings,
+# final_layer_norm, final_layernorm and self_attention were not tapped) ------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "phi", "bloom", "falcon", "gpt2", "opt", "llama"])
+def test_hf_capture_taps_every_stage(family):
+    import hf_hidden_states
+    from test_model_anatomy import shrunk_model
+
+    model = shrunk_model(family)
+    capture = hf_hidden_states.capture_reference(model.eval(), [1, 2, 3, 4], sublayer=True)
+    expected = {s.name for s in stage_order(capture.num_blocks, sublayer=True)} - {"logits"}
+    assert set(capture.stages) == expected and not capture.missing, family
+    hidden = model.config.hidden_size
+    assert all(value.shape == (4, hidden) for value in capture.stages.values()), family
+
+
+def test_hf_capture_names_a_stage_the_model_lacks():
+    import hf_hidden_states
+    from test_model_anatomy import shrunk_model
+
+    model = shrunk_model("opt", do_layer_norm_before=False)  # OPT-350m: no final norm
+    capture = hf_hidden_states.capture_reference(model.eval(), [1, 2, 3], sublayer=False)
+    assert "final_norm" not in capture.stages and "no final norm" in capture.missing["final_norm"]
+    stage = Stage("final_norm", None, "final_norm")
+    result = layer_diff.compare_stage(stage, np.ones((3, 64)), capture.stages.get("final_norm"), TOL,
+                                      capture.missing.get("final_norm"))
+    assert layer_diff.verdict_of([result]) is layer_diff.Verdict.NOT_COMPARED

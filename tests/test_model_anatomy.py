@@ -1,0 +1,529 @@
+"""model_anatomy: the config view (every alias, with its source key) and the layout resolver over shrunk models."""
+
+from __future__ import annotations
+
+import pytest
+
+import model_anatomy
+import model_source
+from model_anatomy import ALIASES, AnatomyError, ConfigView, config_view
+
+# --- (a) the config view ---------------------------------------------------------------
+
+
+def test_gpt2_style_names_are_read_and_cited():
+    view = config_view({"model_type": "gpt2", "n_embd": 768, "n_head": 12, "n_layer": 12, "n_inner": None,
+                        "n_positions": 1024, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new"})
+    assert (view.hidden_size, view.num_heads, view.num_layers, view.max_positions) == (768, 12, 12, 1024)
+    assert (view.key("hidden_size"), view.key("num_heads"), view.key("num_layers")) == ("n_embd", "n_head", "n_layer")
+    assert view.intermediate_size == 3072 and view.key("intermediate_size") is None
+    assert "4 x hidden_size" in view.source("intermediate_size").note
+    assert view.num_kv_heads == 12 and view.head_dim == 64 and not view.head_dim_explicit
+    assert (view.norm_eps, view.key("norm_eps")) == (1e-5, "layer_norm_epsilon")
+    assert (view.activation, view.key("activation")) == ("gelu_new", "activation_function")
+    assert view.rope is None and view.rope_layers == (False,) * 12
+
+
+@pytest.mark.parametrize(("key", "value"), [("norm_epsilon", 1e-5), ("norm_eps", 1e-6), ("rms_norm_eps", 1e-6),
+                                            ("layer_norm_eps", 1e-5), ("layer_norm_epsilon", 1e-5)])
+def test_every_norm_eps_spelling_is_found(key, value):
+    view = config_view({"hidden_size": 64, key: value})
+    assert (view.norm_eps, view.key("norm_eps")) == (value, key)
+
+
+@pytest.mark.parametrize("key", ["hidden_act", "hidden_activation", "activation", "activation_function"])
+def test_every_activation_spelling_is_found(key):
+    view = config_view({key: "gelu"})
+    assert (view.activation, view.key("activation")) == ("gelu", key)
+
+
+def test_explicit_head_dim_is_kept_and_flagged():
+    view = config_view({"hidden_size": 2048, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128})
+    assert view.head_dim == 128 and view.head_dim_explicit and view.head_dim_differs
+    assert view.key("head_dim") == "head_dim"
+    derived = config_view({"hidden_size": 2048, "num_attention_heads": 8})
+    assert derived.head_dim == 256 and not derived.head_dim_differs and derived.key("head_dim") is None
+
+
+def test_kv_heads_multi_query_and_falcon_rules():
+    bigcode = config_view({"model_type": "gpt_bigcode", "n_embd": 64, "n_head": 4, "multi_query": True})
+    assert bigcode.num_kv_heads == 1 and bigcode.key("num_kv_heads") == "multi_query"
+    # Falcon: num_kv_heads is ignored unless new_decoder_architecture; multi_query means one kv head.
+    falcon_7b = config_view({"model_type": "falcon", "hidden_size": 64, "num_attention_heads": 4,
+                             "num_kv_heads": 4, "multi_query": True, "new_decoder_architecture": False})
+    assert falcon_7b.num_kv_heads == 1
+    falcon_40b = config_view({"model_type": "falcon", "hidden_size": 64, "num_attention_heads": 4,
+                              "num_kv_heads": 2, "multi_query": True, "new_decoder_architecture": True})
+    assert falcon_40b.num_kv_heads == 2 and falcon_40b.key("num_kv_heads") == "num_kv_heads"
+    assert falcon_40b.parallel_block
+    assert config_view({"num_attention_heads": 8}).num_kv_heads == 8
+
+
+def test_nested_keys_text_config_and_editing():
+    mpt = config_view({"model_type": "mpt", "d_model": 64, "n_heads": 4, "n_layers": 2, "expansion_ratio": 4,
+                       "no_bias": True, "attn_config": {"qk_ln": True, "alibi": True}})
+    assert mpt.intermediate_size == 256 and "expansion_ratio" in mpt.source("intermediate_size").note
+    assert mpt.attention_bias is False and mpt.key("attention_bias") == "no_bias"
+    assert mpt.qk_norm is True and mpt.key("qk_norm") == "attn_config.qk_ln" and mpt.alibi
+    config = {"model_type": "gemma3", "text_config": {"hidden_size": 64, "rms_norm_eps": 1e-6, "head_dim": 32}}
+    view = config_view(config)
+    assert view.text_prefix == "text_config." and view.key("norm_eps") == "text_config.rms_norm_eps"
+    model_anatomy.set_config_value(config, view.key("norm_eps"), 1e-2)
+    assert config_view(config).norm_eps == 1e-2
+    assert model_anatomy.get_config_value(config, "text_config.head_dim") == 32
+
+
+def test_rotary_fraction_and_dim():
+    neox = config_view({"hidden_size": 64, "num_attention_heads": 4, "rotary_pct": 0.25, "rope_theta": 1e4})
+    assert (neox.rotary_fraction, neox.rotary_dim, neox.key("rotary_fraction")) == (0.25, 4, "rotary_pct")
+    gptj = config_view({"n_embd": 64, "n_head": 2, "rotary_dim": 8})
+    assert (gptj.rotary_dim, gptj.rotary_fraction) == (8, 0.25) and gptj.rope_layers == ()  # no layer count
+    phi = config_view({"hidden_size": 64, "num_attention_heads": 4, "partial_rotary_factor": 0.5,
+                       "rope_theta": 1e4, "num_hidden_layers": 2})
+    assert (phi.rotary_dim, phi.rope.partial_rotary_factor, phi.rope_layers) == (8, 0.5, (True, True))
+    nested = config_view({"hidden_size": 64, "num_attention_heads": 4,
+                          "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}})
+    assert nested.rotary_dim == 8 and nested.key("rope") == "rope_parameters"
+    assert nested.key("rotary_fraction") == "rope_parameters.partial_rotary_factor"  # editable in place
+    assert nested.key("rope_theta") == "rope_parameters.rope_theta"
+
+
+def test_layer_types_windows_and_rope_layers():
+    qwen2 = config_view({"num_hidden_layers": 4, "sliding_window": 64, "use_sliding_window": True,
+                         "max_window_layers": 2})
+    assert qwen2.layer_types == ("full_attention",) * 2 + ("sliding_attention",) * 2
+    off = config_view({"num_hidden_layers": 2, "sliding_window": 64, "use_sliding_window": False})
+    assert off.layer_types == ("full_attention",) * 2
+    mistral = config_view({"num_hidden_layers": 2, "sliding_window": 64})
+    assert mistral.layer_types == ("sliding_attention",) * 2 and mistral.sliding_window == 64
+    gemma3_old = config_view({"num_hidden_layers": 6, "sliding_window": 8, "sliding_window_pattern": 3})
+    assert gemma3_old.layer_types.count("full_attention") == 2 and gemma3_old.layer_types[2] == "full_attention"
+    explicit = config_view({"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]})
+    assert explicit.layer_types == ("sliding_attention", "full_attention") and explicit.key("layer_types") == "layer_types"
+    gpt_neo = config_view({"num_layers": 4, "attention_types": [[["global", "local"], 2]], "window_size": 16})
+    assert gpt_neo.layer_types == ("full_attention", "sliding_attention") * 2 and gpt_neo.sliding_window == 16
+    smollm3 = config_view({"num_hidden_layers": 4, "rope_theta": 1e4, "no_rope_layers": [1, 1, 1, 0]})
+    assert smollm3.rope_layers == (True, True, True, False)
+    interval = config_view({"num_hidden_layers": 4, "rope_theta": 1e4, "no_rope_layer_interval": 2})
+    assert interval.rope_layers == (True, False, True, False)
+
+
+def test_experts_topk_shared_and_moe_layers():
+    qwen2_moe = config_view({"num_hidden_layers": 4, "num_experts": 8, "num_experts_per_tok": 2,
+                             "shared_expert_intermediate_size": 64, "moe_intermediate_size": 16,
+                             "decoder_sparse_step": 2, "mlp_only_layers": [3], "norm_topk_prob": False})
+    assert (qwen2_moe.num_experts, qwen2_moe.experts_per_token, qwen2_moe.norm_topk_prob) == (8, 2, False)
+    assert qwen2_moe.moe_layers == (1,) and qwen2_moe.is_moe
+    assert qwen2_moe.shared_expert_intermediate_size == 64 and qwen2_moe.expert_intermediate_size == 16
+    mixtral = config_view({"num_hidden_layers": 2, "num_local_experts": 4, "num_experts_per_tok": 2})
+    assert mixtral.moe_layers == (0, 1) and mixtral.key("num_experts") == "num_local_experts"
+    deepseek = config_view({"num_hidden_layers": 4, "n_routed_experts": 8, "n_shared_experts": 1,
+                            "first_k_dense_replace": 1, "moe_layer_freq": 1, "scoring_func": "sigmoid",
+                            "num_experts_per_tok": 2})
+    assert deepseek.moe_layers == (1, 2, 3) and deepseek.router_scoring == "sigmoid"
+    assert deepseek.num_shared_experts == 1
+    dbrx = config_view({"n_layers": 2, "ffn_config": {"moe_num_experts": 4, "moe_top_k": 1}})
+    assert (dbrx.num_experts, dbrx.experts_per_token, dbrx.key("num_experts")) == (4, 1, "ffn_config.moe_num_experts")
+    assert not config_view({"num_hidden_layers": 2}).is_moe
+
+
+def test_parallel_blocks_by_flag_and_by_construction():
+    assert config_view({"model_type": "gpt_neox", "use_parallel_residual": True}).parallel_block
+    assert not config_view({"model_type": "gpt_neox", "use_parallel_residual": False}).parallel_block
+    for family in ("gptj", "cohere", "phi", "codegen"):
+        view = config_view({"model_type": family})
+        assert view.parallel_block and view.key("parallel_block") is None, family
+        assert "by construction" in view.source("parallel_block").note
+
+
+def test_integral_floats_and_nulls():
+    view = config_view({"num_hidden_layers": 2.0, "hidden_size": 64.0, "head_dim": None, "rope_theta": None})
+    assert view.num_layers == 2 and isinstance(view.num_layers, int) and view.hidden_size == 64
+    with pytest.raises(model_anatomy.ScriptError, match="rope_theta"):
+        config_view({"rope_theta": "1e4"})
+    with pytest.raises(model_anatomy.ScriptError, match="expected a JSON object"):
+        config_view(["not", "a", "config"])  # type: ignore[arg-type]
+
+
+def test_normalize_config_is_the_view():
+    config = {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "torch_dtype": "bfloat16",
+              "rope_theta": 1e6, "rope_local_base_freq": 1e4, "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+    view, normalized = config_view(config), model_source.normalize_config(config)
+    assert (normalized.rope, normalized.rope_by_layer_type, normalized.dtype, normalized.spelling) == (
+        view.rope, view.rope_by_layer_type, view.dtype, view.spelling)
+    assert model_source.RopeSettings is model_anatomy.RopeSettings
+
+
+# Canonical transformers attribute names and the view field that reads them.
+ATTRIBUTE_FIELDS = {"hidden_size": "hidden_size", "num_attention_heads": "num_heads", "num_hidden_layers": "num_layers",
+                    "num_key_value_heads": "num_kv_heads", "max_position_embeddings": "max_positions",
+                    "num_local_experts": "num_experts", "num_experts": "num_experts",
+                    "num_experts_per_tok": "experts_per_token", "layer_types": "layer_types"}
+# attribute_map targets that are not a spelling of the field in a decoder config: encoder-side names of
+# encoder-decoder models, MHA families mapping kv heads onto the query heads, and audio/vision names.
+NOT_DECODER_SPELLINGS = {"encoder_attention_heads", "num_encoder_attention_heads", "encoder_num_attention_heads",
+                         "encoder_layers", "num_attention_heads", "mask_feature_size", "moe_intermediate_size",
+                         "layers"}
+
+
+def test_alias_table_covers_transformers_attribute_maps():
+    """Every spelling transformers' config classes map onto a field the view reads is in ALIASES."""
+    from transformers import CONFIG_MAPPING
+
+    missing = set()
+    for model_type in CONFIG_MAPPING.keys():
+        try:
+            attribute_map = getattr(CONFIG_MAPPING[model_type], "attribute_map", {}) or {}
+        except Exception:  # noqa: BLE001 - a config class that needs a package not installed
+            continue
+        for canonical, spelled in attribute_map.items():
+            name = ATTRIBUTE_FIELDS.get(canonical)
+            if name and spelled not in ALIASES[name] and spelled not in NOT_DECODER_SPELLINGS:
+                missing.add((model_type, canonical, spelled))
+    assert not missing, sorted(missing)
+
+
+def test_view_of_every_shipped_default_config_agrees_with_transformers():
+    """For default configs of decoder families, heads / kv heads / layers match the config object's attributes."""
+    from transformers import AutoConfig
+
+    for family in ("llama", "gpt2", "gpt_neox", "gptj", "falcon", "opt", "bloom", "mpt", "phi", "starcoder2",
+                   "cohere", "olmoe", "qwen2_moe", "gemma2", "gpt_bigcode", "mixtral", "stablelm", "phi3"):
+        config = AutoConfig.for_model(family)
+        view = config_view(config.to_dict())
+        assert view.hidden_size == config.hidden_size, family
+        assert view.num_heads == config.num_attention_heads, family
+        assert view.num_layers == config.num_hidden_layers, family
+        assert isinstance(view, ConfigView)
+
+
+# --- (b) the layout resolver, on models built from shrunk transformers default configs ---------------
+
+SHRUNK_SIZES = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 128, "vocab_size": 256,
+                "max_positions": 128, "num_experts": 4, "experts_per_token": 2, "expert_intermediate_size": 32,
+                "shared_expert_intermediate_size": 64, "sliding_window": 8}
+SHRUNK_HEAD_DIM = 16  # an explicit head_dim is kept explicit, at 4 heads x 16 = hidden 64
+SHRUNK_ROTARY_DIM = 8
+TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id")
+
+
+def shrunk_model(model_type: str, **overrides):
+    """A randomly initialized model of ``model_type`` from its default config, shrunk through the view's own keys."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type).to_dict()
+    view = config_view(config)
+    for name, value in SHRUNK_SIZES.items():
+        if view.key(name):
+            model_anatomy.set_config_value(config, view.key(name), value)
+    if view.key("num_kv_heads") and view.num_heads and view.num_kv_heads:  # keep the kv-head ratio
+        ratio = view.num_heads // view.num_kv_heads
+        if view.key("num_kv_heads") != "multi_query":
+            model_anatomy.set_config_value(config, view.key("num_kv_heads"),
+                                           max(1, SHRUNK_SIZES["num_heads"] // ratio))
+    if view.head_dim_explicit:
+        model_anatomy.set_config_value(config, view.key("head_dim"), SHRUNK_HEAD_DIM)
+    if view.key("rotary_dim"):
+        model_anatomy.set_config_value(config, view.key("rotary_dim"), SHRUNK_ROTARY_DIM)
+    if view.key("layer_types"):
+        kinds = sorted(set(view.layer_types))
+        config[view.key("layer_types")] = (kinds * SHRUNK_SIZES["num_layers"])[:SHRUNK_SIZES["num_layers"]]
+    for key in ("moe_layers", "mlp_only_layers", "no_rope_layers"):
+        config.pop(key, None)
+    if "word_embed_proj_dim" in config:  # OPT: the embedding width, kept equal to hidden unless overridden
+        config["word_embed_proj_dim"] = SHRUNK_SIZES["hidden_size"]
+    for key in TOKEN_ID_KEYS:
+        if isinstance(config.get(key), int) and config[key] >= SHRUNK_SIZES["vocab_size"]:
+            config[key] = 0
+    config.update(overrides)
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+
+
+# family: (blocks, qkv kind, weight storage, output projection, MLP output module, block norm roles,
+#          parallel, position embedding, final norm)
+LAYOUTS = {
+    "llama": ("model.layers", "separate", "linear", "o_proj", "mlp", ("input", "pre_mlp"), False, None, "model.norm"),
+    "gpt_neox": ("gpt_neox.layers", "fused_per_head", "linear", "dense", "mlp", ("input", "pre_mlp"), True, None,
+                 "gpt_neox.final_layer_norm"),
+    "phi": ("model.layers", "separate", "linear", "dense", "mlp", ("shared",), True, None, "model.final_layernorm"),
+    "starcoder2": ("model.layers", "separate", "linear", "o_proj", "mlp", ("input", "pre_mlp"), False, None,
+                   "model.norm"),
+    "cohere": ("model.layers", "separate", "linear", "o_proj", "mlp", ("shared",), True, None, "model.norm"),
+    "olmoe": ("model.layers", "separate", "linear", "o_proj", "mlp", ("input", "pre_mlp"), False, None, "model.norm"),
+    "gpt2": ("transformer.h", "fused", "conv1d", "c_proj", "mlp", ("input", "pre_mlp"), False, "transformer.wpe",
+             "transformer.ln_f"),
+    "gpt_bigcode": ("transformer.h", "fused_multi_query", "linear", "c_proj", "mlp", ("input", "pre_mlp"), False,
+                    "transformer.wpe", "transformer.ln_f"),
+    "falcon": ("transformer.h", "fused_multi_query", "linear", "dense", "mlp", ("shared",), True, None,
+               "transformer.ln_f"),
+    "opt": ("model.decoder.layers", "separate", "linear", "out_proj", "fc2", ("input", "pre_mlp"), False,
+            "model.decoder.embed_positions", "model.decoder.final_layer_norm"),
+    "qwen2_moe": ("model.layers", "separate", "linear", "o_proj", "mlp", ("input", "pre_mlp"), False, None,
+                  "model.norm"),
+    "gemma2": ("model.layers", "separate", "linear", "o_proj", "mlp",
+               ("input", "attention_output", "pre_mlp", "mlp_output"), False, None, "model.norm"),
+    "cohere2": ("model.layers", "separate", "linear", "o_proj", "mlp", ("shared",), True, None, "model.norm"),
+    "gptj": ("transformer.h", "separate", "linear", "out_proj", "mlp", ("shared",), True, None, "transformer.ln_f"),
+    "bloom": ("transformer.h", "fused_per_head", "linear", "dense", "mlp", ("input", "pre_mlp"), False, None,
+              "transformer.ln_f"),
+    "mpt": ("transformer.blocks", "fused", "linear", "out_proj", "ffn", ("input", "pre_mlp"), False, None,
+            "transformer.norm_f"),
+    "mixtral": ("model.layers", "separate", "linear", "o_proj", "mlp", ("input", "pre_mlp"), False, None, "model.norm"),
+    "phi3": ("model.layers", "fused", "linear", "o_proj", "mlp", ("input", "pre_mlp"), False, None, "model.norm"),
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {family: shrunk_model(family) for family in LAYOUTS}
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUTS))
+def test_resolver_finds_every_part(models, family):
+    blocks, kind, storage, out_name, ffn_name, roles, parallel, position, final = LAYOUTS[family]
+    model = models[family]
+    layout = model_anatomy.resolve_layout(model)
+    assert layout.blocks_path == blocks and len(layout.blocks) == 2
+    assert layout.final_norm == final and layout.position_embedding == position
+    block = layout.blocks[1]
+    attention = block.attention
+    assert attention.qkv_kind.value == kind
+    assert attention.query_projection.storage.value == storage
+    assert attention.o.path.rsplit(".", 1)[1] == out_name
+    assert block.mlp_output_path.rsplit(".", 1)[1] == ffn_name
+    assert tuple(n.role.value for n in block.norms) == roles
+    assert block.parallel is parallel
+    # Every path names a real module, and the LM head is the model's output embedding.
+    for path in (layout.token_embedding, layout.lm_head, block.path, attention.path, attention.o.path,
+                 block.mlp_output_path, *(n.path for n in block.norms)):
+        model.get_submodule(path)
+    assert model.get_submodule(layout.lm_head) is model.get_output_embeddings()
+    # Head counts come from the weight shapes and agree with the modeling code.
+    widths = [attention.qkv] if attention.qkv else [attention.q, attention.k, attention.v]
+    assert len(attention.query_rows()) + 2 * len(attention.key_rows()) == sum(p.out_features for p in widths)
+    module = model.get_submodule(attention.path)
+    groups = getattr(module, "num_key_value_groups", None)
+    if isinstance(groups, int):
+        assert attention.num_heads // attention.num_kv_heads == groups
+
+
+def test_moe_router_experts_shared_expert_and_gate(models):
+    qwen = model_anatomy.resolve_layout(models["qwen2_moe"]).blocks[0].moe
+    assert qwen is not None and qwen.num_experts == 4 and qwen.experts_fused
+    assert qwen.router.endswith("mlp.gate") and qwen.experts.endswith("mlp.experts")
+    assert qwen.shared_expert is not None and qwen.shared_expert.gated
+    assert qwen.shared_expert_gate.endswith("mlp.shared_expert_gate")
+    olmoe = model_anatomy.resolve_layout(models["olmoe"]).blocks[0]
+    assert olmoe.moe is not None and olmoe.moe.shared_expert is None and olmoe.mlp is None
+    assert olmoe.attention.q_norm.endswith("q_norm") and olmoe.attention.k_norm.endswith("k_norm")
+    mixtral = model_anatomy.resolve_layout(models["mixtral"]).blocks[0].moe
+    assert mixtral.shared_expert_gate is None and mixtral.num_experts == 4
+
+
+def test_learned_positions_with_offset_and_embedding_norm(models):
+    opt = model_anatomy.resolve_layout(models["opt"])
+    assert opt.position_embedding == "model.decoder.embed_positions" and opt.position_offset == 2
+    assert opt.blocks[0].mlp.path == opt.blocks[0].path  # fc1/fc2 sit on the block: the stage is fc2
+    gpt2 = model_anatomy.resolve_layout(models["gpt2"])
+    assert gpt2.position_offset == 0 and gpt2.tied and gpt2.first_norm == "transformer.h.0.ln_1"
+    bloom = model_anatomy.resolve_layout(models["bloom"])
+    assert bloom.embedding_norm == "transformer.word_embeddings_layernorm" and bloom.first_norm == bloom.embedding_norm
+
+
+def test_opt_width_projections_and_post_ln_norms():
+    layout = model_anatomy.resolve_layout(shrunk_model("opt", word_embed_proj_dim=32))
+    assert layout.project_in == "model.decoder.project_in" and layout.project_out == "model.decoder.project_out"
+    post_ln = model_anatomy.resolve_layout(shrunk_model("opt", do_layer_norm_before=False))  # OPT-350m
+    assert post_ln.final_norm is None and post_ln.first_norm is None
+    assert [n.role.value for n in post_ln.blocks[0].norms] == ["attention_residual", "mlp_residual"]
+
+
+def test_per_layer_sliding_and_global_pattern(models):
+    view = config_view(models["gemma2"].config.to_dict())
+    assert set(view.layer_types) == {"sliding_attention", "full_attention"}
+    assert view.sliding_window == SHRUNK_SIZES["sliding_window"]
+    cohere2 = config_view(models["cohere2"].config.to_dict())
+    assert len(set(cohere2.layer_types)) == 2
+
+
+def test_explicit_head_dim_survives_the_view_and_the_resolver():
+    model = shrunk_model("qwen3", head_dim=32)  # 4 heads x 32 != hidden 64
+    layout = model_anatomy.resolve_layout(model)
+    attention = layout.blocks[0].attention
+    assert attention.head_dim == 32 and attention.q.out_features == 128 and attention.o.in_features == 128
+    assert config_view(model.config.to_dict()).head_dim_differs
+
+
+def _rows_of(tensor):
+    return [int(v) for v in tensor.flatten().tolist()]
+
+
+def test_fused_rows_match_the_modeling_code_split():
+    """query_rows / key_rows select what Falcon's and Bloom's own split functions return as q and k."""
+    import torch
+
+    for family, overrides in (("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2}),
+                              ("falcon", {"multi_query": False, "new_decoder_architecture": False}),
+                              ("falcon", {}), ("bloom", {})):
+        model = shrunk_model(family, **overrides)
+        attention = model_anatomy.resolve_layout(model).blocks[0].attention
+        module = model.get_submodule(attention.path)
+        width = attention.qkv.out_features
+        index = torch.arange(width, dtype=torch.float32).view(1, 1, width)
+        split = module._split_heads if hasattr(module, "_split_heads") else module._reshape
+        query, key, _ = split(index)
+        # q: [..., heads, head_dim] in head order, whatever the layout of the batch/sequence axes.
+        assert sorted(_rows_of(query)) == sorted(attention.query_rows()), (family, overrides)
+        assert sorted(set(_rows_of(key))) == sorted(attention.key_rows()), (family, overrides)
+
+
+def test_gpt_neox_per_head_rows_match_its_view():
+    import torch
+
+    model = shrunk_model("gpt_neox")
+    attention = model_anatomy.resolve_layout(model).blocks[0].attention
+    width = attention.qkv.out_features
+    fused = torch.arange(width).view(1, 1, width)
+    # GPTNeoXAttention: view(..., heads, 3 x head_dim) then chunk(3) gives q, k, v per head.
+    per_head = fused.view(1, 1, attention.num_heads, 3 * attention.head_dim)
+    query, key, _ = per_head.chunk(3, dim=-1)
+    assert _rows_of(query) == attention.query_rows() and _rows_of(key) == attention.key_rows()
+
+
+def test_unresolvable_parts_raise_named_errors():
+    import torch
+
+    model = shrunk_model("gpt_neox")
+    attention = model.gpt_neox.layers[0].attention
+    dense = attention.dense
+    del attention.dense
+    with pytest.raises(AnatomyError, match=r"cannot resolve the attention output projection of "
+                                           r"gpt_neox\.layers\.0\.attention"):
+        model_anatomy.resolve_layout(model)
+    attention.add_module("mystery_proj", dense)
+    with pytest.raises(AnatomyError, match=r"projection gpt_neox\.layers\.0\.attention\.mystery_proj"):
+        model_anatomy.resolve_layout(model)
+    del attention.mystery_proj
+    attention.dense = dense
+    unknown = config_view({**model.config.to_dict(), "model_type": "not_a_family"})
+    with pytest.raises(AnatomyError, match="fused q/k/v layout of .*query_key_value.*FUSED_QKV_LAYOUTS"):
+        model_anatomy.resolve_layout(model, unknown)
+    model.gpt_neox.layers[0].add_module("mystery_norm", torch.nn.LayerNorm(64))
+    with pytest.raises(AnatomyError, match=r"role of the norm gpt_neox\.layers\.0\.mystery_norm"):
+        model_anatomy.resolve_layout(model)
+    assert issubclass(AnatomyError, model_anatomy.ScriptError)  # scripts exit 3 with the message
+
+
+# --- replica_init calibration reads the model through the layout (issue 14) -------------------------------
+
+CALIBRATION_IDS_LENGTH = 24
+MIN_TOKEN_EFFECT = 0.5  # relative logit change when every token changes; the old init gave 0.000 on GPT-2
+
+
+def _calibration_ids(seed: int):
+    import torch
+
+    return torch.randint(0, SHRUNK_SIZES["vocab_size"], (1, CALIBRATION_IDS_LENGTH),
+                         generator=torch.Generator().manual_seed(seed))
+
+
+def _peaked(family: str, **overrides):
+    import replica_init
+
+    model = shrunk_model(family, **overrides).eval()
+    settings = replica_init.initialize(model, model.config, replica_init.InitOptions(), _calibration_ids(1))
+    return model, settings
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_bigcode"])
+def test_learned_positions_do_not_drive_the_tokens_to_zero(family):
+    """Regression: the embedding loop scaled GPT-2's token embedding by 8.7e-6 (tokens no longer mattered)."""
+    import torch
+
+    model, settings = _peaked(family)
+    step = settings["calibration"]["embedding"]
+    assert step["status"] == "applied" and "," in step["module"]  # token and position tables, one factor
+    assert settings["embedding_scale"] > 1e-3
+    with torch.no_grad():
+        first, second = model(input_ids=_calibration_ids(1)).logits, model(input_ids=_calibration_ids(2)).logits
+    assert float((first - second).norm() / first.norm()) > MIN_TOKEN_EFFECT
+
+
+def test_final_logit_calibration_applies_on_gpt_neox():
+    """Regression: final_norm_scale was None for GPT-NeoX (final_layer_norm was not found)."""
+    _, settings = _peaked("gpt_neox")
+    step = settings["calibration"]["final_logits"]
+    assert step["status"] == "applied" and step["module"] == "gpt_neox.final_layer_norm"
+    assert settings["final_norm_scale"] is not None and settings["final_norm_scale"] != 1.0
+    assert settings["calibration"]["attention_softcap"]["status"] == "not applicable"
+    assert "no attention softcap" in settings["calibration"]["attention_softcap"]["reason"]
+
+
+def test_logit_calibration_without_a_final_norm_uses_an_untied_head_or_refuses():
+    import replica_init
+
+    _, untied = _peaked("opt", do_layer_norm_before=False, tie_word_embeddings=False)
+    assert untied["calibration"]["final_logits"]["module"] == "lm_head"
+    with pytest.raises(model_anatomy.ScriptError, match="calibration step final_logits cannot apply"):
+        _peaked("opt", do_layer_norm_before=False, tie_word_embeddings=True)
+    assert replica_init.StepStatus.APPLIED.value == "applied"
+
+
+@pytest.mark.parametrize(("family", "overrides"), [("gpt2", {}), ("gpt_neox", {}),
+                                                   ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2})])
+def test_attention_softcap_calibration_on_fused_layouts(family, overrides):
+    """The softcap step scales the query rows of fused and Conv1D projections until scores reach the cap."""
+    import torch
+
+    import replica_init
+
+    cap = 20.0
+    model = shrunk_model(family, **overrides).eval()
+    layout = model_anatomy.resolve_layout(model)
+    view = config_view({**model.config.to_dict(), "attn_logit_softcapping": cap})
+    replica_init._draw_weights(model, replica_init.InitOptions())
+    ids = _calibration_ids(3)
+    with torch.no_grad():
+        step = replica_init._calibrate_attention_softcap(model, layout, view, ids)
+        assert step["status"] == "applied" and step["scale"] != 1.0
+        # After calibration the measured mean score is near the cap.
+        attention = layout.blocks[0].attention
+        module = model.get_submodule(attention.path)
+        captured = []
+        handle = module.register_forward_pre_hook(
+            lambda m, args, kwargs: captured.append(replica_init._scores_of(
+                m, attention, kwargs.get("hidden_states", args[0] if args else None),
+                attention.head_dim ** -0.5)), with_kwargs=True)
+        model(input_ids=ids)
+        handle.remove()
+    assert captured and cap / 3 < captured[0] < cap * 3
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "olmo2", "persimmon", "stablelm", "qwen3_moe", "biogpt",
+                                    "llama4_text", "granitemoe", "apertus", "smollm3"])
+def test_more_families_resolve(family):
+    layout = model_anatomy.resolve_layout(shrunk_model(family))
+    block = layout.blocks[-1]
+    assert block.attention.o is not None and block.mlp_output_path and block.norms
+
+
+@pytest.mark.parametrize(("family", "part"), [("codegen", "fused q/k/v layout of transformer.h.0.attn.qkv_proj"),
+                                              ("deepseek_v3", "projection model.layers.0.self_attn.q_a_proj")])
+def test_layouts_the_resolver_does_not_describe_are_named(family, part):
+    with pytest.raises(AnatomyError, match=f"cannot resolve the {part}"):
+        model_anatomy.resolve_layout(shrunk_model(family))
+
+
+def test_the_config_view_imports_neither_torch_nor_max():
+    import subprocess
+    import sys
+
+    from conftest import SCRIPTS_DIR
+
+    code = ("import sys, model_anatomy, model_source; model_anatomy.config_view({'n_embd': 8}); "
+            "print(sorted(m for m in ('torch', 'max', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=SCRIPTS_DIR, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
