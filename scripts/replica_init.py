@@ -14,7 +14,9 @@ The "peaked" init used here instead:
 3. scales the final norm (else ``project_out``, else an untied LM head) so the
    logits have standard deviation ``logit_std`` (or half the final softcap when
    the config has one, so the softcap is in its non-linear range);
-4. with an attention softcap, scales the query rows of every block's query
+4. with q/k norms, scales the query and key rows feeding them so each sees
+   ``eps_headroom`` x its eps too (a wrong q/k-norm eps then moves the output);
+5. with an attention softcap, scales the query rows of every block's query
    projection (separate or fused, Linear or Conv1D) so the attention scores
    reach the cap's non-linear range.
 
@@ -103,6 +105,7 @@ def initialize(model: Any, config: Any, options: InitOptions, calibration_ids: A
     with torch.no_grad():
         steps = {
             "embedding": _calibrate_embedding(model, layout, options, calibration_ids),
+            "qk_norms": _calibrate_qk_norms(model, layout, options, calibration_ids),
             "attention_softcap": _calibrate_attention_softcap(model, layout, view, calibration_ids),
             "final_logits": _calibrate_logits(model, layout, view, options, calibration_ids, offset_norms),
         }
@@ -284,6 +287,67 @@ def _calibrate_attention_softcap(model: Any, layout: model_anatomy.ModelLayout, 
             break
     first = attentions[0].query_projection.path
     return _applied(f"{first} and the same projection of every block (query rows)", total)
+
+
+def _norm_input_spread(values: Any, mean_centred: bool) -> float:
+    """Mean over rows of the input's mean square (its variance for a mean-centred norm)."""
+    values = values.float()
+    if mean_centred:
+        values = values - values.mean(dim=-1, keepdim=True)
+    return float(values.pow(2).mean())
+
+
+def _calibrate_qk_norms(model: Any, layout: model_anatomy.ModelLayout, options: InitOptions,
+                        ids: Any) -> dict[str, Any]:
+    """Scale the query and key rows so each q/k norm sees ``eps_headroom`` x its eps, as the first norm does.
+
+    With the peaked init a q/k norm's input is thousands of times its eps, so a port with the wrong
+    q/k-norm eps would match; at this headroom the eps moves the output.
+    """
+    targets = [(block.attention, role, path) for block in layout.blocks
+               for role, path in (("query", block.attention.q_norm), ("key", block.attention.k_norm)) if path]
+    if not targets:
+        return _not_applicable("the attention has no q/k norms")
+    # A norm shared by q and k (one module) runs twice per call: query first, then key.
+    measured: dict[str, list[float]] = {}
+
+    def hook_for(path: str, mean_centred: bool):
+        def hook(module, inputs):
+            measured.setdefault(path, []).append(_norm_input_spread(inputs[0], mean_centred))
+        return hook
+
+    total: dict[tuple[str, str], float] = {(role, path): 1.0 for _, role, path in targets}
+    for _ in range(EMBEDDING_ROUNDS):
+        measured.clear()
+        handles = []
+        for path in dict.fromkeys(path for _, _, path in targets):
+            module = model.get_submodule(path)
+            handles.append(module.register_forward_pre_hook(hook_for(path, is_mean_centred(module))))
+        try:
+            _forward(model, ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        largest_step = 0.0
+        for attention, role, path in targets:
+            eps = norm_eps(model.get_submodule(path))
+            if path not in measured or eps is None:
+                raise ScriptError(f"calibration step qk_norms cannot apply: {path} "
+                                  + ("did not run" if path not in measured else "has no eps attribute"))
+            spread = measured[path][0 if role == "query" else -1]
+            if spread <= 0:
+                continue
+            scale = (options.eps_headroom * eps / spread) ** 0.5
+            projection = attention.query_projection if role == "query" else attention.key_projection
+            rows = attention.query_rows() if role == "query" else attention.key_rows()
+            _scale_rows(model.get_submodule(projection.path), rows, projection, scale)
+            total[(role, path)] *= scale
+            largest_step = max(largest_step, abs(scale - 1.0))
+        if largest_step < EMBEDDING_SETTLED:
+            break
+    first = targets[0][2]
+    return _applied(f"the query/key rows feeding {first} and every other q/k norm ({len(targets)})",
+                    min(total.values()), max_scale=max(total.values()))
 
 
 def final_norm(model: Any) -> Any | None:
