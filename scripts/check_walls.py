@@ -1,7 +1,10 @@
 """Scan a Hugging Face model for walls that block or complicate a MAX port.
 
 Reads config.json (nested configs too), tokenizer_config.json, the file list
-and safetensors headers; never weights. Each finding has a stable code, a
+and safetensors headers, and the installed transformers' modeling code for
+the model type as text (``hf_source``: ALiBi the code applies whatever the
+config says is a stop; whether the model is a decoder-only causal LM is
+decided from the config and the causal-LM mapping); never weights. Each finding has a stable code, a
 level (stop, warn or note) and a one-line message naming the reference to
 read. Exit 0 clean (notes only), 1 warnings to review, 2 a hard blocker.
 The catalogue itself is the library ``wall_scan`` (gates' preflight uses it too).

@@ -5,7 +5,10 @@ when given, the checkpoint's tensor names and shapes. Each :class:`Signal`
 has a stable ``code``, a one-line ``detail`` and the ``evidence`` it came
 from (``config: key=value`` or ``tensor: name``). Tensors fill in what the
 config leaves out: ``q_norm`` weights, fused ``qkv``/``query_key_value``,
-bias tensors, expert tensors.
+bias tensors, expert tensors. Given a ``hf_source`` reading, config keys the HF class never
+reads are dropped first (decoys), absent keys take the HF class's defaults, and the signals read
+from the modeling code are merged in (``code: file:line: text`` evidence). Codes are the
+``delta_codes.DeltaCode`` values.
 
 :func:`rank_donors` scores MAX donor families against the signals, using the
 features in ``max_registry.DONOR_TRAITS``. Imports neither torch nor max.
@@ -13,6 +16,7 @@ features in ``max_registry.DONOR_TRAITS``. Imports neither torch nor max.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,11 +27,18 @@ from model_source import TensorInfo
 
 @dataclass
 class Signal:
-    """One way the model departs from a plain Llama-style decoder."""
+    """One way the model departs from a plain Llama-style decoder.
+
+    ``evidence`` holds one-line strings (``config: ...``, ``tensor: ...``, ``code: file:line: text``);
+    ``code_evidence`` the same code lines as ``{"file", "line", "text"}`` dicts; ``always`` is True when
+    the modeling code applies the delta whatever the config says.
+    """
 
     code: str
     detail: str
     evidence: list[str] = field(default_factory=list)
+    code_evidence: list[dict[str, Any]] = field(default_factory=list)
+    always: bool = False
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
@@ -59,23 +70,79 @@ def _truthy(value: Any) -> bool:
     return value not in (None, False, 0, "", [], {}, "none", "None")
 
 
-def detect(config: dict[str, Any], tensors: dict[str, TensorInfo] | None = None) -> list[Signal]:
-    """Every delta signal found in the config and (optionally) the tensor names."""
+# A norm's parameter tensor: input_layernorm.weight, norm_1.weight, norm_f.bias, ln_1.weight, ln_f.bias...
+_NORM_TENSOR = re.compile(r"(norm\w*|ln_\w+|ln\d*|layernorm\w*|LayerNorm)\.(weight|bias)$")
+
+
+def detect(config: dict[str, Any], tensors: dict[str, TensorInfo] | None = None,
+           reading: Any = None) -> list[Signal]:
+    """Every delta signal found in the config, the tensor names and (given a ``hf_source`` reading) the code.
+
+    With a reading, config keys HF never reads (decoys) are ignored, absent keys take the HF config
+    class's defaults, and the code signals are merged in with their file:line evidence.
+    """
+    if reading is not None:
+        config = hf_view(config, reading)
     text = model_source.text_config(config)
     found = _Collector()
     _config_signals(config, text, found)
+    if reading is not None:
+        _merge_code_signals(reading, found)
     if tensors:
         _tensor_signals(text, tensors, found)
         layernorm = found.signals.get("layernorm")
-        has_norm_tensors = any(re.search(r"(norm|ln_\w+|ln\d*)\.(weight|bias)$", name) for name in tensors)
+        has_norm_tensors = any(_NORM_TENSOR.search(name) for name in tensors)
         if layernorm and not has_norm_tensors:
             # OLMo-1 style: LayerNorm with nothing to learn, unlike a LayerNorm with weights.
             found.add("layernorm_weightless", "LayerNorm with no learnable weight or bias (no norm tensors)",
                       "tensor: no norm weight or bias tensors")
-        elif layernorm and not any(e.startswith("tensor:") for e in layernorm.evidence):
+        elif layernorm and not any(e.startswith(("tensor:", "code:")) for e in layernorm.evidence):
             # "layer_norm_epsilon" also names RMSNorm eps (Mamba); without norm biases trust the tensors.
             del found.signals["layernorm"]
     return list(found.signals.values())
+
+
+def hf_view(config: dict[str, Any], reading: Any) -> dict[str, Any]:
+    """The config as the HF class sees it: keys it reads, with its defaults; decoys dropped.
+
+    ``reading`` is a ``hf_source.SourceReading``. Nested ``text_config`` is replaced by its view.
+    """
+    import hf_source
+
+    text = model_source.text_config(config)
+    view: dict[str, Any] = {}
+    for key, value in reading.effective.items():
+        if value is hf_source.UNKNOWN or not reading.key_is_read(key):
+            continue
+        if key in text or _json_safe(value):
+            view[key] = text.get(key, value)
+    for alias, target in reading.attribute_map.items():
+        if target in view:
+            view.setdefault(alias, view[target])
+    for key in ("model_type", "architectures", "quantization_config", "torch_dtype", "dtype"):
+        if key in text:
+            view[key] = text[key]
+    if text is config:
+        return view
+    outer = {k: v for k, v in config.items() if k != "text_config"}
+    outer["text_config"] = view
+    return outer
+
+
+def _json_safe(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool, type(None))) or (
+        isinstance(value, (list, dict)) and "UNKNOWN" not in repr(value))
+
+
+def _merge_code_signals(reading: Any, found: _Collector) -> None:
+    for signal in reading.signals:
+        code = signal.code.value
+        for ev in signal.evidence:
+            found.add(code, signal.detail, f"code: {ev}")
+        merged = found.signals[code]
+        merged.code_evidence += [{"file": e.file, "line": e.line, "text": e.text} for e in signal.evidence
+                                 if {"file": e.file, "line": e.line, "text": e.text} not in merged.code_evidence]
+        merged.always = merged.always or signal.always
 
 
 def _config_signals(config: dict[str, Any], text: dict[str, Any], found: _Collector) -> None:
@@ -315,17 +382,17 @@ SIGMOID_ROUTER = "sigmoid_router"
 
 def _ranking_codes(signals: list[Signal]) -> list[str]:
     codes = [s.code for s in signals if s.code not in _BASELINE]
-    if "moe" in codes and "router" not in codes:
+    if "moe" in codes and "router" not in codes and TOPK_SOFTMAX_ROUTER not in codes:
         codes.append(TOPK_SOFTMAX_ROUTER)
     router = next((s for s in signals if s.code == "router"), None)
-    if router and any("scoring_func='sigmoid'" in e for e in router.evidence):
+    if router and any("scoring_func='sigmoid'" in e for e in router.evidence) and SIGMOID_ROUTER not in codes:
         codes.append(SIGMOID_ROUTER)
-    return codes
+    return list(dict.fromkeys(codes))
 
 
 @dataclass
 class DonorRank:
-    """One donor candidate with its score and the reasons for it."""
+    """One donor candidate with its score, the reasons for it and what stops it running here."""
 
     slug: str
     score: int
@@ -333,10 +400,56 @@ class DonorRank:
     covered: list[str]
     missing: list[str]
     cpu_fp32: str
+    blockers: list[str] = field(default_factory=list)  # why it cannot run the checkpoint on this device
+
+
+class Device(str, enum.Enum):
+    """The hardware a port is brought up on."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+# The encoding a replica or checkpoint needs: the CPU loop runs float32 (MAX's CPU kernels and the
+# HF reference both run it); on a GPU the checkpoint's own dtype.
+CPU_ENCODING = "float32"
+_DTYPE_ENCODING = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "bf16": "bfloat16",
+                   "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
+
+
+# How many better-scoring donors that cannot run here are still listed after the runnable ones.
+MAX_BLOCKED_SHOWN = 3
+
+
+def required_encoding(device: str, checkpoint_dtype: str | None) -> str | None:
+    """The MAX encoding a donor must support for this device and checkpoint dtype (None: unknown)."""
+    if device == Device.CPU:
+        return CPU_ENCODING
+    return _DTYPE_ENCODING.get(str(checkpoint_dtype).lower()) if checkpoint_dtype else None
+
+
+def donor_blockers(donor: Any, device: str, checkpoint_dtype: str | None, quantized: bool) -> list[str]:
+    """Why a donor cannot run this checkpoint on ``device`` (measured on MAX 26.7, or read from its code)."""
+    import max_registry
+
+    blockers = []
+    if device == Device.CPU and donor.cpu_fp32 == "fail":
+        blockers.append(f"measured to fail on the CPU: {donor.cpu_fp32_note}")
+    runtime = max_registry.donor_runtime(donor.slug, donor.config_class_from)
+    if device == Device.CPU and runtime.gpu_only:
+        blockers.append("uses GPU-only MoE kernels (max.nn.moe / grouped_matmul_ragged have no CPU "
+                        f"implementation in MAX {max_registry.MEASURED_MAX_VERSION}): {runtime.gpu_only[0]}")
+    needed = required_encoding(device, checkpoint_dtype)
+    if needed and runtime.encodings is not None and needed not in runtime.encodings:
+        blockers.append(f"no {needed} encoding (supports {', '.join(sorted(runtime.encodings))})")
+    if runtime.asserts_quantized and not quantized:
+        blockers.append(f"its block asserts quantized weights: {runtime.asserts_quantized[0]}")
+    return blockers
 
 
 def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None = None,
-                limit: int = 5) -> list[DonorRank]:
+                limit: int = 5, *, device: str = Device.CPU, checkpoint_dtype: str | None = None,
+                quantized: bool = False) -> list[DonorRank]:
     """Score donors (``max_registry.Donor`` objects with known traits) against the signals.
 
     +2 per signal the donor already implements (more for structural ones), -1 per signal it lacks,
@@ -344,7 +457,9 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
     the model type, +1 for a measured CPU fp32 match and -1 for a measured failure. An MoE model
     without router keys also asks for ``topk_softmax_router``, one with ``scoring_func="sigmoid"``
     for ``sigmoid_router``. Ties prefer fewer always-on
-    features, then a donor that owns its graph, then MAX's table order.
+    features, then a donor that owns its graph, then MAX's table order. A donor that cannot run
+    the checkpoint on ``device`` (:func:`donor_blockers`) ranks below every one that can, whatever
+    its score, and its reasons say why.
     """
     import max_registry
 
@@ -367,7 +482,7 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
             reasons.append(f"would need: {', '.join(missing)}")
         if extra:
             reasons.append(f"has what the model lacks (to remove): {', '.join(extra)}")
-        if TOPK_SOFTMAX_ROUTER in codes:
+        if TOPK_SOFTMAX_ROUTER in codes and not any(s.code == TOPK_SOFTMAX_ROUTER for s in signals):
             reasons.append("no router keys in the config: assumes Mixtral-style softmax top-k routing")
         if not codes:
             reasons.append("no delta signals: a plain Llama-style block")
@@ -380,12 +495,21 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
             reasons.append(f"builds and matches HF on CPU fp32 (measured, MAX {max_registry.MEASURED_MAX_VERSION})")
         elif donor.cpu_fp32 == "fail":
             score -= 1
-            reasons.append(f"fails on CPU fp32: {donor.cpu_fp32_note}")
+            if device != Device.CPU:  # on the CPU the blocker below says it
+                reasons.append(f"fails on CPU fp32: {donor.cpu_fp32_note}")
         elif donor.cpu_fp32 == "diverged":  # builds on the CPU, but a copied graph needs the fix first
             reasons.append(f"native graph diverges from HF on CPU fp32: {donor.cpu_fp32_note}")
         else:
             reasons.append("CPU fp32 behaviour unmeasured")
+        blockers = donor_blockers(donor, device, checkpoint_dtype, quantized)
+        reasons += [f"ranked below every runnable donor on {device}: {b}" for b in blockers]
         tie_break = (len(always_on), getattr(donor, "graph", "own") != "own")
-        ranked.append((tie_break, DonorRank(donor.slug, score, reasons, covered, missing, donor.cpu_fp32)))
-    ranked.sort(key=lambda pair: (-pair[1].score, pair[0]))
-    return [rank for _, rank in ranked[:limit]]
+        ranked.append((tie_break, DonorRank(donor.slug, score, reasons, covered, missing, donor.cpu_fp32,
+                                            blockers)))
+    ranked.sort(key=lambda pair: (bool(pair[1].blockers), -pair[1].score, pair[0]))
+    shown = [rank for _, rank in ranked[:limit]]
+    # A blocked donor that outscores every runnable one stays visible (last), with why it cannot run here.
+    best_runnable = max((r.score for _, r in ranked if not r.blockers), default=None)
+    better_blocked = [r for _, r in ranked if r.blockers and r not in shown
+                      and (best_runnable is None or r.score > best_runnable)]
+    return shown + better_blocked[:MAX_BLOCKED_SHOWN]

@@ -95,7 +95,10 @@ def _traits(attention: str, mlp: str, norm: str, *features: str, optional: tuple
 # gate_up_proj are detected from the weights (llama3/model_config.py:465-470); embedding/residual/
 # attention multipliers and logits_scaling (model_config.py:274-278, 323-377) and clip_qkv
 # (model_config.py:375, llama3.py:172) are read from the HF config. MLP is always SiLU.
-_LLAMA3_GRAPH = ("fused_qkv", "fused_gate_up", "mup_multipliers", "attention_scaling")
+# The same config fields as code signals: attention_multiplier is the score scale, embedding_multiplier
+# scales the embeddings, logits_scaling divides the logits (a multiplier needs its reciprocal).
+_LLAMA3_GRAPH = ("fused_qkv", "fused_gate_up", "mup_multipliers", "attention_scaling", "attention_scale",
+                 "embedding_scale", "logit_scale", "qkv_clip")
 
 # Slug -> block shape, for the families a port usually starts from. Checked trait by trait
 # against the MAX 26.7 source under max/pipelines/architectures/<slug>/; "unknown" marks a
@@ -115,7 +118,7 @@ DONOR_TRAITS: dict[str, DonorTraits] = {
     "qwen3": _traits("GQA, RoPE, per-head RMSNorm QK-norm (always on)",
                      "gated SiLU, or MoE (Qwen3Moe: softmax, top-k, always renormalized) when num_experts > 0",
                      "RMSNorm, pre-norm", "qk_norm",
-                     optional=("moe", "router", "topk_softmax_router")),
+                     optional=("moe", "router", "topk_softmax_router", "router_renormalize")),
     "olmo": _traits("llama3 graph: MHA/GQA, full RoPE, optional clip_qkv", "gated SiLU (SwiGLU)",
                     "LayerNorm without learnable weight or bias (ConstantLayerNorm), pre-norm", "layernorm_weightless",
                     optional=_LLAMA3_GRAPH),
@@ -563,3 +566,70 @@ def config_keys_read(slug: str, config_class_from: str | None = None) -> KeysRea
         config_files += [p for p in _package_files(arch_dir / parent) if p.name == "model_config.py"]
     return KeysRead(config_class=collect(config_files), anywhere=collect(files + shared),
                     files_scanned=len(files) + len(shared))
+
+
+# --- what a donor needs to run here, read from its code ---------------------------------------------
+
+# Imports or kernels that MAX 26.7 implements only for GPUs: its MoE layer (max.nn.moe) dispatches
+# to grouped_matmul_ragged / moe_create_indices, which have no CPU kernel (max/nn/kernels.py).
+GPU_ONLY_MARKERS = re.compile(r"\bmax\.nn\.moe\b|\bgrouped_matmul_ragged\b|from\s+max\.nn\s+import[^\n]*\bMoE\b")
+_ENCODINGS = re.compile(r"SUPPORTED_ENCODINGS\s*(?::[^=]*)?=\s*(\{[^}]*\})", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class DonorRuntime:
+    """What a donor's code says about where it runs: encodings, GPU-only kernels, quantized-only blocks."""
+
+    encodings: frozenset[str] | None  # None: the config class declares no SUPPORTED_ENCODINGS
+    gpu_only: list[str]  # "file:line" of each GPU-only import or kernel
+    asserts_quantized: list[str]  # "file:line" of an unconditional assert that the weights are quantized
+
+
+_QUANT_ASSERT = re.compile(r"^(?P<indent>[ \t]*)assert\b[^\n]*quant", re.MULTILINE)
+
+
+def _unconditional_quant_asserts(text: str, rel: str) -> list[str]:
+    """Asserts on quantization at the top level of a function body (no ``if``/``for``/``with`` above them)."""
+    lines = text.splitlines()
+    found = []
+    for match in _QUANT_ASSERT.finditer(text):
+        number = text.count("\n", 0, match.start())
+        indent = len(match.group("indent").expandtabs())
+        for above in range(number - 1, -1, -1):
+            line = lines[above]
+            stripped = line.strip()
+            if not stripped or stripped.startswith(("#", ")", "]", "}", "\"", "'")):
+                continue
+            if len(line) - len(line.lstrip()) < indent:
+                if re.match(r"(async\s+)?def\b", stripped):
+                    found.append(f"{rel}:{number + 1}")
+                break
+    return found
+
+
+@lru_cache(maxsize=None)
+def donor_runtime(slug: str, config_class_from: str | None = None) -> DonorRuntime:
+    """Read a donor's own package for GPU-only kernels and quant asserts, its config class for encodings."""
+    arch_dir = architectures_dir()
+    package = arch_dir / slug
+    files = _package_files(package) if package.is_dir() else []
+    gpu_only, asserts = [], []  # the donor's own package: what a port copies from it
+    for path in files:
+        rel = path.relative_to(arch_dir.parent).as_posix()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        for match in GPU_ONLY_MARKERS.finditer(text):
+            gpu_only.append(f"{rel}:{text.count(chr(10), 0, match.start()) + 1}")
+        if path.parent == package:
+            asserts += _unconditional_quant_asserts(text, rel)
+    encodings = None
+    config_file = arch_dir / (config_class_from or slug) / "model_config.py"
+    try:
+        match = _ENCODINGS.search(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        match = None
+    if match:
+        encodings = frozenset(re.findall(r"[\"'](\w+)[\"']", match.group(1)))
+    return DonorRuntime(encodings, gpu_only[:3], asserts[:3])

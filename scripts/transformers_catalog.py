@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -83,3 +84,92 @@ def ships_tokenizer(class_name: str) -> bool | None:
     if class_name in ("PreTrainedTokenizerFast", "PreTrainedTokenizer", "TokenizersBackend", "PythonBackend"):
         return True
     return _defined_in(root / "models", class_name.removesuffix("Fast"), "*/tokenization_*.py")
+
+
+# --- source files of one model type ---------------------------------------------------------------
+
+_AUTO_MAPPINGS = ("models", "auto", "auto_mappings.py")
+_MODELING_AUTO = ("models", "auto", "modeling_auto.py")
+# transformers' modules that read config keys for every family (RoPE setup, attention masks, config base).
+SHARED_MODULES = {"rope": "modeling_rope_utils.py", "masking": "masking_utils.py",
+                  "configuration": "configuration_utils.py"}
+
+
+def _mapping_pairs(path: Path, name: str) -> dict[str, str]:
+    """The ``("key", "value")`` pairs of the ``NAME = OrderedDict([...])`` literal in ``path``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    start = text.find(f"\n{name} = OrderedDict(")
+    if start < 0:
+        return {}
+    end = text.find("\n)", start)
+    block = text[start:end if end > 0 else len(text)]
+    return dict(re.findall(r"\(\s*\"([^\"]+)\"\s*,\s*\"([^\"]+)\"\s*\)", block))
+
+
+@lru_cache(maxsize=1)
+def config_class_names() -> dict[str, str]:
+    """model_type -> configuration class name, from the auto mappings (empty without transformers)."""
+    root = transformers_dir()
+    return _mapping_pairs(root.joinpath(*_AUTO_MAPPINGS), "CONFIG_MAPPING_NAMES") if root else {}
+
+
+@lru_cache(maxsize=1)
+def _special_module_names() -> dict[str, str]:
+    root = transformers_dir()
+    return _mapping_pairs(root.joinpath(*_AUTO_MAPPINGS), "SPECIAL_MODEL_TYPE_TO_MODULE_NAME") if root else {}
+
+
+@lru_cache(maxsize=1)
+def causal_lm_classes() -> dict[str, str]:
+    """model_type -> the class transformers' causal-LM auto mapping builds for it."""
+    root = transformers_dir()
+    return _mapping_pairs(root.joinpath(*_MODELING_AUTO), "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES") if root else {}
+
+
+def module_name(model_type: str) -> str:
+    """The ``models/<name>`` folder name transformers uses for a model_type."""
+    return _special_module_names().get(model_type) or model_type.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where one model type's code lives in the installed transformers."""
+
+    model_type: str
+    folder: Path
+    modeling: Path | None
+    configuration: Path | None
+    config_class: str | None
+    causal_lm_class: str | None
+
+
+def model_files(model_type: str) -> ModelFiles | None:
+    """The modeling and configuration files of ``model_type``; None when transformers or the folder is missing."""
+    root = transformers_dir()
+    if root is None:
+        return None
+    name = module_name(model_type)
+    folder = root / "models" / name
+    if not folder.is_dir():
+        return None
+
+    def one(prefix: str) -> Path | None:
+        path = folder / f"{prefix}_{name}.py"
+        if path.is_file():
+            return path
+        found = sorted(folder.glob(f"{prefix}_*.py"))
+        return found[0] if found else None
+
+    return ModelFiles(model_type=model_type, folder=folder, modeling=one("modeling"),
+                      configuration=one("configuration"), config_class=config_class_names().get(model_type),
+                      causal_lm_class=causal_lm_classes().get(model_type))
+
+
+def shared_module(kind: str) -> Path | None:
+    """One of :data:`SHARED_MODULES` in the installed transformers, or None."""
+    root = transformers_dir()
+    path = root / SHARED_MODULES[kind] if root else None
+    return path if path is not None and path.is_file() else None

@@ -1,7 +1,8 @@
 """The wall catalogue: what blocks or complicates a MAX port, read from metadata only.
 
-Reads config.json (nested configs too), tokenizer_config.json, the file list
-and safetensors headers; never weights. Each finding has a stable code, a
+Reads config.json (nested configs too), tokenizer_config.json, the file list,
+safetensors headers and (through ``hf_source``) the HF modeling code as text;
+never weights. Each finding has a stable code, a
 level (stop, warn or note) and a one-line message naming the reference to
 read. ``scan_walls(source)`` runs the whole catalogue on a resolved
 ``model_source.ModelSource`` (check-walls and gates' preflight call it), and
@@ -15,10 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import hf_source
 import max_registry
 import model_source
 import transformers_catalog
 from cli_support import ScriptError
+from delta_codes import DeltaCode
 
 STOP, WARN, NOTE = "stop", "warn", "note"
 WALLS_REF = "references/recognize-walls.md"
@@ -36,8 +39,6 @@ SSM_KEYS = {"ssm_cfg", "ssm_state_size", "state_size", "d_state", "mamba_d_state
             "linear_attn_config", "linear_num_value_heads"}
 # Quantization schemes MAX 26.7 loads for MoE experts.
 MOE_LOADABLE_QUANT = {"fp8", "fbgemm_fp8", "compressed-tensors", "modelopt", "mxfp4", "mxfp6", "mxfp8", "quark"}
-NON_CAUSAL_SUFFIXES = ("ForMaskedLM", "ForSequenceClassification", "ForTokenClassification",
-                       "ForQuestionAnswering", "ForSpeechSeq2Seq", "ForImageClassification", "Model", "Encoder")
 LARGE_MODEL_PARAMETERS = 30_000_000_000
 
 
@@ -77,8 +78,8 @@ def _architectures(config: dict[str, Any]) -> list[str]:
     return names
 
 
-def config_walls(config: dict[str, Any], native: bool) -> list[Finding]:
-    """Walls visible in config.json alone."""
+def config_walls(config: dict[str, Any], native: bool, reading: hf_source.SourceReading | None = None) -> list[Finding]:
+    """Walls visible in config.json and, given a ``hf_source`` reading, in the HF modeling code."""
     findings: list[Finding] = []
     model_types = _model_types(config)
     archs = _architectures(config)
@@ -86,8 +87,10 @@ def config_walls(config: dict[str, Any], native: bool) -> list[Finding]:
     alibi = [p for p, k, v in walk_config(config)
              if (k == "alibi" and v is True)
              or (k == "position_embedding_type" and isinstance(v, str) and "alibi" in v.lower())]
-    if "bloom" in model_types:
-        alibi.append("model_type=bloom")
+    code_alibi = next((s for s in reading.signals if s.code == DeltaCode.ALIBI), None) if reading else None
+    if code_alibi is not None:
+        how = "whatever the config says" if code_alibi.always else f"when {code_alibi.condition}"
+        alibi.append(f"the HF code applies it {how}: {code_alibi.evidence[0].file}:{code_alibi.evidence[0].line}")
     if alibi:
         findings.append(_finding("alibi", STOP, f"ALiBi attention bias ({', '.join(alibi)}); MAX attention has no "
                                  "ALiBi path"))
@@ -116,14 +119,9 @@ def config_walls(config: dict[str, Any], native: bool) -> list[Finding]:
                                      "MAX cannot load for experts"))
 
     arch = archs[0] if archs else ""
-    if config.get("is_encoder_decoder") is True:
-        findings.append(_finding("not_causal_lm", WARN, f"{arch or 'model'} is encoder-decoder (seq2seq), not a "
-                                 "causal LM"))
-    elif "diffusion" in arch.lower() or "_diffusers_version" in config:
-        findings.append(_finding("not_causal_lm", WARN, f"{arch or 'model'} is a diffusion model, not a causal LM"))
-    elif arch and arch.endswith(NON_CAUSAL_SUFFIXES) and not arch.endswith("ForCausalLM"):
-        findings.append(_finding("not_causal_lm", WARN, f"{arch} is not a causal-LM head (encoder-only or task "
-                                 "head)"))
+    why_not = not_causal_lm(config, arch, reading)
+    if why_not:
+        findings.append(_finding("not_causal_lm", WARN, f"{arch or 'model'} {why_not}"))
 
     if "auto_map" in config:
         findings.append(_finding("remote_code", WARN, "config.json has auto_map: the model runs its own Python "
@@ -134,6 +132,32 @@ def config_walls(config: dict[str, Any], native: bool) -> list[Finding]:
             findings.append(_finding("class_not_in_transformers", WARN, f"{arch} is not a class the installed "
                                      "transformers ships: the reference needs remote code"))
     return findings
+
+
+def not_causal_lm(config: dict[str, Any], arch: str, reading: hf_source.SourceReading | None) -> str | None:
+    """Why the model is not a decoder-only causal LM, decided from the config; None when it is one.
+
+    Encoder-decoder (``is_encoder_decoder``), diffusion, a class outside transformers' causal-LM
+    mapping, or a class in it whose code reads ``is_decoder`` while the config leaves it False
+    (BertLMHeadModel, by default an encoder). The class-name suffix decides nothing.
+    """
+    if config.get("is_encoder_decoder") is True:
+        return "is encoder-decoder (seq2seq), not a causal LM"
+    if "diffusion" in arch.lower() or "_diffusers_version" in config:
+        return "is a diffusion model, not a causal LM"
+    model_type, _ = hf_source.text_model_type(config)
+    mapping = transformers_catalog.causal_lm_classes()
+    if not mapping or not model_type or "auto_map" in config:
+        return None  # transformers missing or remote code: nothing to decide from
+    if model_type not in mapping:
+        return f"has model_type {model_type!r}, which transformers' causal-LM mapping does not list"
+    if arch and arch != mapping[model_type] and arch not in mapping.values() and not arch.endswith(
+            ("ForConditionalGeneration", "ForCausalLM")):
+        return f"is not the causal-LM class of {model_type!r} ({mapping[model_type]}): a task head or bare model"
+    if reading is not None and reading.reads_is_decoder and reading.effective.get("is_decoder") is not True:
+        return (f"is a {model_type!r} model whose code reads is_decoder, and the config leaves it False: "
+                "an encoder, not a decoder-only causal LM")
+    return None
 
 
 def tokenizer_walls(source: model_source.ModelSource) -> list[Finding]:
@@ -174,16 +198,17 @@ def weight_walls(source: model_source.ModelSource) -> tuple[list[Finding], dict[
     return findings, summary
 
 
-def scan_walls(source: model_source.ModelSource) -> list[Finding]:
+def scan_walls(source: model_source.ModelSource, config: dict[str, Any] | None = None) -> list[Finding]:
     """Run the whole wall catalogue on a resolved model; stop findings first."""
-    config = model_source.read_config(source)
+    config = config if config is not None else model_source.read_config(source)
     arch = model_source.normalize_config(config).architecture
     native = bool(arch and max_registry.match(arch, max_registry.read_table()))
     findings = []
     if native:
         findings.append(_finding("native", NOTE, f"MAX already registers {arch}: serve it instead of porting",
                                  NATIVE_REF))
-    findings += config_walls(config, native)
+    reading = None if native or "auto_map" in config else hf_source.read_model(config)
+    findings += config_walls(config, native, reading)
     findings += tokenizer_walls(source)
     findings += weight_walls(source)[0]
     order = {STOP: 0, WARN: 1, NOTE: 2}

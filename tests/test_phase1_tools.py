@@ -47,6 +47,7 @@ def models(checkpoint_factory, tmp_path_factory):
         built[name] = folder
 
     variant("quant_only", "arcee", {"quantization_config": {"quant_method": "fp8"}}, remove=("dtype", "torch_dtype"))
+    variant("gemma2_bf16", "gemma2", {"dtype": "bfloat16", "torch_dtype": "bfloat16"})
     variant("moe_gptq", "mixtral", {"quantization_config": {"quant_method": "gptq", "bits": 4}})
     variant("remote_code", "arcee", {"architectures": ["AcmeForCausalLM"], "model_type": "acme",
                                      "auto_map": {"AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM"}})
@@ -164,17 +165,24 @@ def test_inspect_native_guard_stops_with_serve_command(models, name, arch, slug)
     assert "delta_signals" not in report and "stop" in report
 
 
-@pytest.mark.parametrize("name,signals,top", [
-    ("arcee", {"gqa", "activation"}, "llama3"),
+GEMMA2_SIGNALS = {"gqa", "sliding_window", "per_layer_attention", "logit_softcap", "attn_softcap", "activation",
+                  "tied_embeddings", "attention_scaling", "attention_scale", "norm_offset", "embedding_scale",
+                  "sandwich_norm"}
+MIXTRAL_SIGNALS = {"gqa", "moe", "topk_softmax_router", "router_renormalize"}
+
+
+@pytest.mark.parametrize("name,device,signals,top", [
+    ("arcee", "cpu", {"gqa", "activation", "mlp_ungated"}, "llama3"),  # ReLU^2 MLP without a gate
     # olmo's LayerNorm has no weights (ConstantLayerNorm): it must not win for StableLM's weighted LayerNorm.
-    ("stablelm", {"gqa", "partial_rotary", "layernorm"}, "llama3"),
-    ("gemma2", {"gqa", "sliding_window", "per_layer_attention", "logit_softcap", "attn_softcap", "activation",
-                "tied_embeddings", "attention_scaling", "norm_offset", "embedding_scale", "sandwich_norm"}, "gemma3"),
-    ("mixtral", {"gqa", "moe"}, "qwen3"),  # Qwen3MoEGate: softmax, top-k, renormalize (as Mixtral)
-    ("falcon_mamba", {"gqa", "ssm", "tied_embeddings"}, "mamba"),
+    ("stablelm", "cpu", {"gqa", "partial_rotary", "layernorm"}, "llama3"),
+    ("gemma2_bf16", "gpu", GEMMA2_SIGNALS, "gemma3"),
+    ("gemma2", "gpu", GEMMA2_SIGNALS, "llama3"),  # a float32 checkpoint: gemma3 has bfloat16 only
+    ("gemma2", "cpu", GEMMA2_SIGNALS, "llama3"),  # gemma3 has no float32 encoding: last on the CPU
+    ("mixtral", "gpu", MIXTRAL_SIGNALS, "qwen3"),  # Qwen3MoEGate: softmax, top-k, renormalize (as Mixtral)
+    ("mixtral", "cpu", MIXTRAL_SIGNALS, "llama3"),  # every MoE donor needs GPU kernels on MAX 26.7
 ])
-def test_inspect_delta_signals_and_donor(models, name, signals, top):
-    report = run_script("inspect_hf", str(models[name]), "--json").json()
+def test_inspect_delta_signals_and_donor(models, name, device, signals, top):
+    report = run_script("inspect_hf", str(models[name]), "--device", device, "--json").json()
     assert report["native"]["registered"] is False
     assert {s["code"] for s in report["delta_signals"]} == signals
     assert report["donor_ranking"][0]["slug"] == top
@@ -184,13 +192,45 @@ def test_inspect_delta_signals_and_donor(models, name, signals, top):
     assert set(config) <= keys  # every top-level key is mapped
 
 
-def _rank(*codes: str, model_type: str | None = None, limit: int = 5) -> list:
+@pytest.mark.parametrize("name,wall", [("mpt_alibi", "alibi"), ("falcon_alibi", "alibi"), ("bloom", "alibi"),
+                                       ("falcon_mamba", "ssm_recurrence")])
+def test_inspect_stops_on_walls_before_donor_advice(models, name, wall):
+    """A stop finding (nested attn_config.alibi here too) ends inspect with check-walls' exit 2, no advice."""
+    result = run_script("inspect_hf", str(models[name]), "--json")
+    report = result.json()
+    assert result.returncode == report["exit_code"] == report["walls"]["exit_code"] == 2
+    assert wall in {f["code"] for f in report["walls"]["findings"] if f["level"] == "stop"}
+    assert "donor_ranking" not in report and "delta_signals" not in report and "stop" in report
+    text = run_script("inspect_hf", str(models[name]))
+    assert text.returncode == 2 and "STOP:" in text.stdout and "Donor ranking" not in text.stdout
+    assert text.stdout.index("Walls") < text.stdout.index("STOP:")
+
+
+def test_inspect_moe_on_cpu_ranks_runnable_dense_donors_first(models):
+    """No MoE donor (GPU-only kernels on MAX 26.7) above a CPU-measured dense donor, and the reason is printed."""
+    report = run_script("inspect_hf", str(models["mixtral"]), "--json").json()
+    ranking = report["donor_ranking"]
+    blocked = [i for i, r in enumerate(ranking) if r["blockers"]]
+    runnable = [i for i, r in enumerate(ranking) if not r["blockers"]]
+    assert runnable and all(i < j for i in runnable for j in blocked)
+    assert ranking[0]["cpu_fp32"] == "match"
+    for donor in ranking:
+        assert all(any(b in reason for reason in donor["reasons"]) for b in donor["blockers"])
+    text = run_script("inspect_hf", str(models["mixtral"]), "--device", "cpu").stdout
+    for donor in ranking:
+        if donor["blockers"]:
+            line = next(l for l in text.splitlines() if f". {donor['slug']} (score" in l)
+            assert "ranked below every runnable donor on cpu" in line
+
+
+def _rank(*codes: str, model_type: str | None = None, limit: int = 5, device: str = "gpu") -> list:
+    """Donors ranked for these signal codes; on a GPU by default, so that the traits alone decide."""
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import delta_signals
     import max_registry
 
     signals = [delta_signals.Signal(code, code) for code in codes]
-    return delta_signals.rank_donors(signals, max_registry.donors(), model_type, limit=limit)
+    return delta_signals.rank_donors(signals, max_registry.donors(), model_type, limit=limit, device=device)
 
 
 @pytest.mark.parametrize("codes,top,outscored", [
@@ -235,7 +275,12 @@ def test_rank_donors_router_and_cpu_reasons():
     mixtral = {r.slug: r for r in _rank("gqa", "moe")}
     assert mixtral["qwen3"].covered == ["moe", "topk_softmax_router"]
     assert any("Mixtral-style" in reason for reason in mixtral["qwen3"].reasons)
-    assert any("allreduce" in reason for reason in mixtral["qwen3"].reasons)  # fails on CPU fp32, still first
+    cpu = _rank("gqa", "moe", device="cpu", limit=50)
+    qwen3 = next(r for r in cpu if r.slug == "qwen3")
+    assert any("allreduce" in reason for reason in qwen3.reasons) and qwen3.blockers
+    # on the CPU every donor that runs ranks above qwen3, which fails there (and needs GPU MoE kernels)
+    assert all(not r.blockers for r in cpu[:cpu.index(qwen3)])
+    assert any("GPU-only MoE kernels" in b for b in qwen3.blockers)
     explicit_router = {r.slug: r for r in _rank("gqa", "moe", "router", limit=50)}
     assert explicit_router["qwen3"].covered == ["moe", "router"]  # router keys present: no Mixtral assumption
     olmo2 = {r.slug: r for r in _rank("qk_norm", "qk_norm_full_width", "post_norm")}["olmo2"]
@@ -251,10 +296,10 @@ def test_rank_donors_sigmoid_router_picks_deepseek_v3():
         router = delta_signals.Signal("router", "router", [f"config: scoring_func={scoring!r}"])
         return [delta_signals.Signal(code, code) for code in ("mla", "moe", "shared_experts")] + [router]
 
-    sigmoid = delta_signals.rank_donors(signals("sigmoid"), max_registry.donors())
+    sigmoid = delta_signals.rank_donors(signals("sigmoid"), max_registry.donors(), device="gpu")
     assert sigmoid[0].slug == "deepseekV3" and "sigmoid_router" in sigmoid[0].covered
     assert sigmoid[0].score > {r.slug: r.score for r in sigmoid}["deepseekV2"]
-    softmax = delta_signals.rank_donors(signals("softmax"), max_registry.donors())
+    softmax = delta_signals.rank_donors(signals("softmax"), max_registry.donors(), device="gpu")
     assert softmax[0].slug == "deepseekV2"  # DeepSeek-V2's gate is softmax (deepseekV2/layers/moe_gate.py)
 
 
@@ -317,7 +362,8 @@ def test_inspect_tensor_signals_where_config_is_silent(models):
     assert any(e.startswith("tensor: ") and ".experts." in e for e in moe["evidence"])
     config_only = run_script("inspect_hf", str(models["mixtral"]), "--no-tensors", "--json").json()
     moe_config = {s["code"]: s for s in config_only["delta_signals"]}["moe"]
-    assert all(e.startswith("config: ") for e in moe_config["evidence"])
+    assert all(e.startswith(("config: ", "code: ")) for e in moe_config["evidence"])
+    assert any(e.startswith("code: models/mixtral/modeling_mixtral.py:") for e in moe_config["evidence"])
     assert config_only["tensors"] == "skipped (--no-tensors)"
 
 
