@@ -19,6 +19,7 @@ Imports neither torch nor max.
 from __future__ import annotations
 
 import ast
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -288,3 +289,330 @@ def _rewrite_plain(node: ast.Import, port_name: str, mapping: dict[str, str]) ->
         parent, _, leaf = copied.rpartition(".")
         lines.append(f"from {dots}{parent} import {leaf} as {alias.asname}")
     return "\n".join(lines)
+
+
+# --- code surgery on copied modules: drop imports, stub or remove code, rename identifiers ---------------
+
+
+def bound_name(alias: ast.alias, node: ast.Import | ast.ImportFrom) -> str:
+    """The name an import alias binds in the importing module."""
+    if alias.asname:
+        return alias.asname
+    return alias.name if isinstance(node, ast.ImportFrom) else alias.name.partition(".")[0]
+
+
+def names_used(nodes: list[ast.AST]) -> set[str]:
+    """Every identifier the nodes read: plain names and attribute names (``x.name`` counts ``name`` too)."""
+    found: set[str] = set()
+    for top in nodes:
+        for node in ast.walk(top):
+            if isinstance(node, ast.Name):
+                found.add(node.id)
+            elif isinstance(node, ast.Attribute):
+                found.add(node.attr)
+            elif isinstance(node, ast.ImportFrom):
+                found.update(alias.name for alias in node.names)
+    return found
+
+
+def _statement_start(node: ast.stmt) -> int:
+    decorators = getattr(node, "decorator_list", None) or []
+    return min([node.lineno, *(d.lineno for d in decorators)])
+
+
+def _line_edits(text: str, edits: list[tuple[int, int, str]]) -> str:
+    """Replace whole line ranges (1-based, inclusive) with new text; ranges must not overlap."""
+    lines = text.splitlines(keepends=True)
+    for start, end, new in sorted(edits, reverse=True):
+        lines[start - 1:end] = [new] if new else []
+    return "".join(lines)
+
+
+def _import_text(node: ast.Import | ast.ImportFrom, keep: list[ast.alias], indent: str) -> str:
+    def spelled(alias: ast.alias) -> str:
+        return alias.name + (f" as {alias.asname}" if alias.asname else "")
+
+    if not keep:
+        return ""
+    if isinstance(node, ast.Import):
+        return "".join(f"{indent}import {spelled(a)}\n" for a in keep)
+    module = "." * node.level + (node.module or "")
+    return "".join(f"{indent}{line}\n" for line in _from_line(module, [spelled(a) for a in keep]).splitlines())
+
+
+def remove_import_names(text: str, doomed: set[str]) -> tuple[str, list[str]]:
+    """Drop the import aliases that bind a name in ``doomed``; an emptied block gets ``pass``."""
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    edits: list[tuple[int, int, str]] = []
+    removed: list[str] = []
+    parents = {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
+            continue
+        keep = [a for a in node.names if bound_name(a, node) not in doomed]
+        if len(keep) == len(node.names):
+            continue
+        removed += [bound_name(a, node) for a in node.names if a not in keep]
+        first = lines[node.lineno - 1]
+        indent = first[: len(first) - len(first.lstrip())]
+        new = _import_text(node, keep, indent)
+        parent = parents.get(node)
+        body = getattr(parent, "body", None)
+        if not new and isinstance(parent, (ast.If, ast.Try)) and body and all(
+                isinstance(s, (ast.Import, ast.ImportFrom)) and all(bound_name(a, s) in doomed for a in s.names)
+                for s in body) and node is body[0]:
+            new = f"{indent}pass\n"
+        edits.append((node.lineno, node.end_lineno or node.lineno, new))
+    return _line_edits(text, edits), removed
+
+
+def imports_of_modules(text: str, importer: SourceModule, modules: set[str], index: ModuleIndex) -> set[str]:
+    """The names ``importer`` binds by importing any of ``modules`` (or a symbol defined in one)."""
+    tree = ast.parse(text)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            for alias, target in zip(node.names, import_targets(node, importer, index)):
+                if target.module in modules:
+                    names.add(bound_name(alias, node))
+        elif isinstance(node, ast.Import):
+            names.update(bound_name(a, node) for a in node.names if a.name in modules)
+    return names
+
+
+def stub_functions_using(text: str, names: set[str], message: str,
+                         function_name: re.Pattern[str]) -> tuple[str, list[str], list[str]]:
+    """Cut the code that reads ``names`` (bound by imports that were dropped) so the module still imports.
+
+    A function whose name matches ``function_name`` (a multi-device path such as ``_tensor_parallel_spec``)
+    and whose code reads one of ``names`` keeps its signature and docstring, and its body becomes
+    ``raise NotImplementedError(message)``. A name still read anywhere else gets a placeholder class that
+    raises the same error when called or instantiated, so a shared path (``A(...) if one_device else B(...)``)
+    keeps working on one device. Returns the text, the stubbed functions and the placeholder names.
+    """
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    stubbed: list[tuple[ast.AST, str]] = []
+
+    def visit(node: ast.AST, qualname: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                name = f"{qualname}{child.name}"
+                if function_name.search(child.name) and names & names_used(child.body):
+                    stubbed.append((child, name))
+                    continue
+                visit(child, name + ".")
+            elif isinstance(child, ast.ClassDef):
+                visit(child, f"{qualname}{child.name}.")
+
+    visit(tree, "")
+    edits: list[tuple[int, int, str]] = []
+    for func, _ in stubbed:
+        body = func.body  # type: ignore[attr-defined]
+        keep_doc = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str))
+        first = body[1] if keep_doc and len(body) > 1 else (None if keep_doc else body[0])
+        indent = " " * body[0].col_offset
+        raise_line = f"{indent}raise NotImplementedError({message!r})\n"
+        if first is None:  # only a docstring: add the raise after it
+            edits.append((body[0].end_lineno + 1, body[0].end_lineno, raise_line))
+            continue
+        edits.append((_statement_start(first), body[-1].end_lineno, raise_line))
+    new_text = _insertions_and_edits(lines, edits)
+    new_text = _redescribe_dispatchers(new_text, {name.rpartition(".")[2] for _, name in stubbed})
+    still_read = sorted(names & names_used([n for n in ast.parse(new_text).body
+                                            if not isinstance(n, (ast.Import, ast.ImportFrom))]))
+    if still_read:
+        new_text = _insert_after_imports(new_text, "".join(_placeholder(n, message) for n in still_read))
+    return new_text, [name for _, name in stubbed], still_read
+
+
+DISPATCHER_DOC = ("Builds the graph spec this port runs, the single-device one; every other branch below\n"
+                  "raises NotImplementedError, since the scaffold copied no graph for more devices.")
+
+
+def _redescribe_dispatchers(text: str, stubbed: set[str]) -> str:
+    """Rewrite the docstring of each function that calls a stubbed one: it no longer dispatches as described."""
+    if not stubbed:
+        return text
+    edits: list[tuple[ast.AST, str]] = []
+    for node in ast.walk(ast.parse(text)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name in stubbed:
+            continue
+        calls = {c.func.attr if isinstance(c.func, ast.Attribute) else getattr(c.func, "id", None)
+                 for c in ast.walk(node) if isinstance(c, ast.Call)}
+        first = node.body[0]
+        if calls & stubbed and isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                and isinstance(first.value.value, str):
+            indent = " " * first.col_offset
+            edits.append((first, '"""' + DISPATCHER_DOC.replace("\n", "\n" + indent) + '"""'))
+    return replace_spans(text, edits) if edits else text
+
+
+def _placeholder(name: str, message: str) -> str:
+    return (f"\n\nclass {name}:\n"
+            f'    """Placeholder for a name whose module was not copied; using it raises."""\n\n'
+            f"    def __init__(self, *args: object, **kwargs: object) -> None:\n"
+            f"        raise NotImplementedError({message!r})\n")
+
+
+def _insert_after_imports(text: str, block: str) -> str:
+    """Insert ``block`` after the last top-level import (or at the top when there is none)."""
+    tree = ast.parse(text)
+    last = None
+    for node in tree.body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            last = node
+        elif last is not None:
+            break
+    lines = text.splitlines(keepends=True)
+    at = last.end_lineno if last is not None else 0  # type: ignore[union-attr]
+    lines.insert(at, block + "\n")
+    return _tidy_blank_lines("".join(lines))
+
+
+def _insertions_and_edits(lines: list[str], edits: list[tuple[int, int, str]]) -> str:
+    """Apply line-range edits; a range whose end precedes its start is an insertion before line ``start``."""
+    for start, end, new in sorted(edits, key=lambda e: e[0], reverse=True):
+        if end < start:
+            lines[start - 1:start - 1] = [new]
+        else:
+            lines[start - 1:end] = [new]
+    return "".join(lines)
+
+
+def top_level_definitions(tree: ast.Module) -> dict[str, ast.stmt]:
+    """Name -> statement for the module's top-level classes, functions and single-name assignments."""
+    found: dict[str, ast.stmt] = {}
+    for node in tree.body:
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            found[node.name] = node
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = node
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            found[node.target.id] = node
+    return found
+
+
+def remove_unused_definitions(texts: dict[str, str], candidates: dict[str, set[str]]) -> tuple[dict[str, str], list[str]]:
+    """Remove candidate top-level definitions no kept code reads, and imports only they used.
+
+    ``candidates`` maps a file to names defined at its top level. A candidate read by any code that stays
+    (in its own file or another) stays too, with everything it reads. Returns the new texts and the removed
+    ``file:name`` entries.
+    """
+    trees = {path: ast.parse(text) for path, text in texts.items()}
+    defs = {path: top_level_definitions(tree) for path, tree in trees.items()}
+    pool = {(path, name) for path, names in candidates.items() for name in names if name in defs.get(path, {})}
+    kept_reads: set[str] = set()
+    for path, tree in trees.items():
+        doomed_nodes = {id(defs[path][n]) for p, n in pool if p == path}
+        kept_reads |= names_used([node for node in tree.body if id(node) not in doomed_nodes])
+    removed = set(pool)
+    changed = True
+    while changed:
+        changed = False
+        for path, name in sorted(removed):
+            if name in kept_reads:
+                removed.discard((path, name))
+                kept_reads |= names_used([defs[path][name]])
+                changed = True
+    new_texts = dict(texts)
+    for path in sorted({p for p, _ in removed}):
+        names = {n for p, n in removed if p == path}
+        nodes = [defs[path][n] for n in names]
+        read_by_removed = names_used(nodes)
+        edits = [(_statement_start(node), node.end_lineno or node.lineno, "") for node in nodes]
+        text = _tidy_blank_lines(_line_edits(texts[path], edits))
+        still_read = names_used([n for n in ast.parse(text).body if not isinstance(n, (ast.Import, ast.ImportFrom))])
+        imported = {bound_name(a, n) for n in ast.parse(text).body if isinstance(n, (ast.Import, ast.ImportFrom))
+                    for a in n.names}
+        text, _ = remove_import_names(text, (read_by_removed & imported) - still_read - {"annotations"})
+        new_texts[path] = text
+    return new_texts, [f"{p}:{n}" for p, n in sorted(removed)]
+
+
+def _tidy_blank_lines(text: str) -> str:
+    """Collapse runs of more than two blank lines (left by removed definitions) to two."""
+    text = re.sub(r"\n{4,}", "\n\n\n", text)
+    return text.rstrip("\n") + "\n"
+
+
+@dataclass(frozen=True)
+class Renames:
+    """How a port copied from another port is renamed.
+
+    ``class_prefix`` maps the old class-name prefix (``StableLm``) to the new one, ``slug`` the old package
+    and graph-module name to the new one, ``arch_name`` the registered architecture name. Identifiers are
+    renamed in code; in strings and comments only the architecture name, prefixed class names and
+    ``<slug>.py`` file names are, so string values the graph carries (its name) stay as they were.
+    """
+
+    class_prefix: tuple[str, str]
+    slug: tuple[str, str]
+    arch_name: tuple[str, str]
+
+    def identifier(self, name: str) -> str:
+        old_prefix, new_prefix = self.class_prefix
+        if old_prefix != new_prefix and re.match(rf"{re.escape(old_prefix)}(?![a-z])", name):
+            return new_prefix + name[len(old_prefix):]
+        old_slug, new_slug = self.slug
+        for old, new in ((old_slug, new_slug), (old_slug.upper(), new_slug.upper())):
+            name = re.sub(rf"(?<![A-Za-z0-9]){re.escape(old)}(?![A-Za-z0-9])", new, name)
+        return name
+
+    def prose(self, text: str) -> str:
+        old_arch, new_arch = self.arch_name
+        text = re.sub(rf"\b{re.escape(old_arch)}\b", new_arch, text)
+        old_prefix, new_prefix = self.class_prefix
+        text = re.sub(rf"\b{re.escape(old_prefix)}(?![a-z])(\w*)", lambda m: new_prefix + m.group(1), text)
+        old_slug, new_slug = self.slug
+        return re.sub(rf"(?<![\w.]){re.escape(old_slug)}\.py\b", f"{new_slug}.py", text)
+
+    def path(self, rel_path: str) -> str:
+        parts = rel_path.split("/")
+        parts[-1] = self.identifier(parts[-1][:-3]) + ".py" if parts[-1].endswith(".py") else parts[-1]
+        return "/".join([*(self.identifier(p) for p in parts[:-1]), parts[-1]])
+
+
+def rename_source(text: str, renames: Renames) -> tuple[str, list[str]]:
+    """Apply ``renames`` token by token; returns the text and one ``old -> new`` line per distinct rename."""
+    import io
+    import tokenize
+
+    tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    lines = text.splitlines(keepends=True)
+    edits: list[tuple[int, int, int, str]] = []  # (row, start col, end col, new) on one-line tokens
+    multi: list[tuple[tuple[int, int], tuple[int, int], str]] = []
+    changes: dict[str, str] = {}
+    for token in tokens:
+        if token.type == tokenize.NAME:
+            new = renames.identifier(token.string)
+        elif token.type in (tokenize.STRING, tokenize.COMMENT):
+            new = renames.prose(token.string)
+        else:
+            continue
+        if new == token.string:
+            continue
+        if token.type == tokenize.NAME:
+            changes[token.string] = new
+        if token.start[0] == token.end[0]:
+            edits.append((token.start[0], token.start[1], token.end[1], new))
+        else:
+            multi.append((token.start, token.end, new))
+    text = _apply_token_edits(lines, edits, multi)
+    return text, [f"{old} -> {new}" for old, new in sorted(changes.items())]
+
+
+def _apply_token_edits(lines: list[str], edits: list[tuple[int, int, int, str]],
+                       multi: list[tuple[tuple[int, int], tuple[int, int], str]]) -> str:
+    offsets = [0]
+    for line in lines:
+        offsets.append(offsets[-1] + len(line))
+    text = "".join(lines)
+    spans = [(offsets[r - 1] + a, offsets[r - 1] + b, new) for r, a, b, new in edits]
+    spans += [(offsets[s[0] - 1] + s[1], offsets[e[0] - 1] + e[1], new) for s, e, new in multi]
+    for start, end, new in sorted(spans, reverse=True):
+        text = text[:start] + new + text[end:]
+    return text

@@ -9,7 +9,10 @@ and the *_ModuleV3 alternates, which are flagged.
 --match CLASS checks one class (the native-architecture guard). --donors
 lists the text-generation families a port can start from, with their block
 shape, whether they build their own graph, and whether they were measured to
-build and match transformers on the CPU in float32.
+build and match transformers on the CPU in float32; and, in a separate
+``verified_ports`` field, the verified ports the skill ships
+(templates/ports/<slug>), with the deltas each implements, which
+``scaffold --start-from <path>`` copies as well.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import sys
 
 import cli_support
 import max_registry
+import port_layout
 
 EXIT_CODES = {
     1: "--match: the class is not registered in the installed MAX (close names are printed)",
@@ -31,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--match", metavar="CLASS",
                        help="print every slug and task registered for this architecture class")
     group.add_argument("--donors", action="store_true",
-                       help="list text-generation slugs usable as donors, with block shape and CPU fp32 status")
+                       help="list text-generation slugs usable as donors, with block shape and CPU fp32 status, "
+                            "and (field verified_ports) the verified ports under templates/ports")
     parser.add_argument("--include-module-v3", action="store_true",
                         help="with --donors, also list *_ModuleV3 alternates")
     cli_support.add_json_flag(parser)
@@ -90,9 +95,10 @@ def _match(args: argparse.Namespace, entries: list, version: str | None) -> int:
 
 def _donors(args: argparse.Namespace, entries: list, version: str | None) -> int:
     donors = max_registry.donors(entries, include_module_v3=args.include_module_v3)
+    ports = [p.to_dict() for p in port_layout.verified_ports()]
     if args.json:
         cli_support.print_json({"max_version": version, "measured_on": max_registry.MEASURED_MAX_VERSION,
-                                "donors": donors})
+                                "donors": donors, "verified_ports": ports})
         return 0
     print(f"Text-generation donors in MAX {version} (CPU fp32 status measured on MAX "
           f"{max_registry.MEASURED_MAX_VERSION}; others unmeasured):")
@@ -101,6 +107,14 @@ def _donors(args: argparse.Namespace, entries: list, version: str | None) -> int
         print(f"  {donor.slug:<20} cpu-fp32: {donor.cpu_fp32}{note}; graph: {donor.graph}; "
               f"classes: {', '.join(donor.names)}")
         print(f"  {'':<20} attention: {donor.attention}; mlp: {donor.mlp}; norm: {donor.norm}")
+    print(f"Verified ports (scaffold --start-from <path>; each matched transformers, see its manifest): "
+          f"{len(ports) or 'none'}")
+    for port in ports:
+        verified = port["verified"] or {}
+        print(f"  {port['path']:<28} {port['arch_name']} (from {port['donor']}); verified by "
+              f"{verified.get('by', '?')}: {verified.get('verdict', '?')}")
+        for item in port["implements"]:
+            print(f"  {'':<28} implements {item.get('signal', '?')}: {item.get('what', '')}")
     return 0
 
 

@@ -829,12 +829,20 @@ NORM_EPS_ATTRS = ("variance_epsilon", "eps", "epsilon")
 
 
 def norm_eps(module: Any) -> float | None:
-    """The eps a norm module uses (the first float among ``NORM_EPS_ATTRS``)."""
+    """The eps a norm module uses (the first float among ``NORM_EPS_ATTRS``).
+
+    A container of per-head norms (StableLM's ``StableLmLayerNormPerHead``) has no eps of its own: its
+    children's eps counts when they all agree.
+    """
     for attr in NORM_EPS_ATTRS:
         value = getattr(module, attr, None)
         if isinstance(value, float):
             return value
-    return None
+    children = getattr(module, "children", None)
+    if children is None:
+        return None
+    found = {eps for eps in map(norm_eps, module.children()) if eps is not None}
+    return found.pop() if len(found) == 1 else None
 
 
 def _projection(module: Any, path: str) -> Projection | None:

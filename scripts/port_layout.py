@@ -19,15 +19,20 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import model_anatomy
 import model_source
 from cli_support import ScriptError
-from input_files import describe_path_problem, parse_python, read_text
+from input_files import describe_path_problem, load_json, parse_python, read_text
 
 # Files every scaffolded port has besides its graph module ``<slug>.py``.
 STANDARD_MODULES = ("__init__", "arch", "model_config", "model", "weight_adapters", "computed_buffers")
 
 # Written by the scaffold into every port; the gates read it.
 MANIFEST_NAME = "scaffold_manifest.json"
+
+# Where the skill ships verified ports, the folders ``scaffold --start-from`` accepts besides native slugs.
+SKILL_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_PORTS_DIR = SKILL_ROOT / "templates" / "ports"
 
 # How ``importable_origin`` names a namespace package (a folder without ``__init__.py``).
 NAMESPACE_ORIGIN = "a namespace package"
@@ -48,7 +53,7 @@ def checkpoint_encoding(source: model_source.ModelSource, config: dict) -> tuple
     if tensors:
         dominant = model_source.checkpoint_summary(tensors)["dominant_dtype"]
         return FLOAT_ENCODINGS.get(dominant), f"dominant tensor dtype {dominant}"
-    dtype = model_source.normalize_config(config).dtype
+    dtype = model_anatomy.config_view(config).dtype
     return (dtype if dtype in FLOAT_ENCODINGS.values() else None), f"config dtype {dtype}"
 
 
@@ -256,3 +261,83 @@ def _literal_strings(node: ast.expr | None) -> tuple[str, ...] | None:
         if all(v is not None for v in values):
             return tuple(sorted(v for v in values if v is not None))
     return None
+
+
+# --- ports as donors: a port folder scaffold --start-from copies, and the verified ones the skill ships ----
+
+
+@dataclass(frozen=True)
+class PortDonor:
+    """A port folder usable as ``scaffold --start-from``: its manifest says what it is and what it implements."""
+
+    path: Path
+    slug: str
+    arch_name: str
+    donor: str  # the native MAX family at the root of its lineage
+    implements: tuple[dict, ...]  # each: signal (a delta_signals name) and what (how the port does it)
+    verified: dict | None  # how it was verified (test, verdict, versions), None when unverified
+    lineage: tuple[dict, ...]
+
+    def to_dict(self) -> dict:
+        return {"slug": self.slug, "arch_name": self.arch_name, "path": display_path(self.path),
+                "donor": self.donor, "implements": list(self.implements), "verified": self.verified,
+                "lineage": list(self.lineage), "start_from": display_path(self.path)}
+
+
+def display_path(path: Path) -> str:
+    """``path`` relative to the skill root when it lies inside it (as the docs spell it), else absolute."""
+    try:
+        return Path(path).resolve().relative_to(SKILL_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def looks_like_port_folder(value: str) -> bool:
+    """True when a ``--start-from`` value names a folder (a path, or an existing folder) rather than a slug."""
+    text = str(value).strip()
+    if not text:
+        return False
+    return "/" in text or "\\" in text or text.startswith(".") or text.startswith("~") or Path(text).is_dir()
+
+
+def read_port_donor(value: str | Path) -> PortDonor:
+    """The port folder ``value`` as a donor; ScriptError when it is not a port with a scaffold manifest."""
+    port = resolve_port_dir(str(value), "--start-from")
+    manifest_path = port.path / MANIFEST_NAME
+    problem = describe_path_problem(manifest_path)
+    if problem == "does not exist":
+        raise ScriptError(f"--start-from {value}: {port.path} has no {MANIFEST_NAME}; only a scaffolded port "
+                          "(or a native slug, see list-archs --donors) can be a donor")
+    if problem:
+        raise ScriptError(f"{manifest_path} {problem}")
+    manifest = load_json(manifest_path, "scaffold manifest")
+    for key in ("slug", "arch_name", "donor"):
+        if not isinstance(manifest.get(key), str) or not manifest[key]:
+            raise ScriptError(f"{manifest_path}: {key!r} must be a non-empty string")
+    implements = manifest.get("implements", [])
+    if not (isinstance(implements, list) and all(isinstance(i, dict) for i in implements)):
+        raise ScriptError(f"{manifest_path}: 'implements' must be a list of objects")
+    verified = manifest.get("verified")
+    if verified is not None and not isinstance(verified, dict):
+        raise ScriptError(f"{manifest_path}: 'verified' must be an object or absent")
+    lineage = manifest.get("lineage") or [{"kind": "native", "slug": manifest["donor"]}]
+    if not (isinstance(lineage, list) and all(isinstance(i, dict) for i in lineage)):
+        raise ScriptError(f"{manifest_path}: 'lineage' must be a list of objects")
+    return PortDonor(port.path, port.slug, manifest["arch_name"], manifest["donor"], tuple(implements),
+                     verified, tuple(lineage))
+
+
+def verified_ports(root: Path = SHIPPED_PORTS_DIR) -> list[PortDonor]:
+    """The verified ports under ``root`` (default: the skill's templates/ports), sorted by slug.
+
+    A port counts when its scaffold manifest carries a ``verified`` record; the rest are not listed.
+    Inspect and list-archs --donors call this to show ports beside the native donors.
+    """
+    if not root.is_dir():
+        return []
+    found = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / MANIFEST_NAME).is_file()):
+        donor = read_port_donor(folder)
+        if donor.verified is not None:
+            found.append(donor)
+    return found

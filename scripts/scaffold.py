@@ -1,13 +1,24 @@
-"""Copy a native MAX architecture into a new, editable port package DIR/<slug>/ for MODEL.
+"""Copy a native MAX architecture, or a verified port, into a new editable port package DIR/<slug>/ for MODEL.
 
-The port owns a copy of every MAX architecture module the donor uses, including
-the graph classes a donor borrows from another family (phi3, granite, qwen2 and
-olmo borrow llama3's), so ``<slug>.py`` is always the graph MAX compiles. Imports
-are rewritten to point at the copies, weights load strictly (only the computed
-buffers in ``computed_buffers.py`` may be absent or extra), ``arch.py`` is
-renamed to the checkpoint's architecture with float32 always supported, and each
-module docstring says what the module is, which donor file it came from, and
-which deltas are still TODO. Serve the result with
+From a native slug (``--start-from llama3``) the port owns a copy of every MAX
+architecture module the donor uses, including the graph classes a donor borrows
+from another family (phi3, granite, qwen2 and olmo borrow llama3's), so
+``<slug>.py`` is always the graph MAX compiles. Imports are rewritten to point
+at the copies, weights load strictly (only the computed buffers in
+``computed_buffers.py`` may be absent or extra), ``arch.py`` is renamed to the
+checkpoint's architecture with float32 always supported, and each module
+docstring says what the module is, which donor file it came from, and which
+deltas are still TODO. The copy is single-device: multi-device graphs and
+expert-parallel batch processors come only with ``--multi-device``, GGUF and
+GPTQ adapters only with ``--keep-adapters``.
+
+From a port folder (``--start-from templates/ports/stablelm``, any folder with a
+``scaffold_manifest.json``) the port's files are copied with its classes, slug
+and architecture name renamed, and the manifest records the lineage.
+
+Either way the pipeline model builds its graph from the config class
+``arch.py`` registers (the one ``model_config.py`` defines), and config-class
+encoding defaults agree with ``arch.py``. Serve the result with
 ``max serve --custom-architectures DIR/<slug>``.
 """
 
@@ -16,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,11 +40,18 @@ from cli_support import ScriptError
 from import_rewrite import (
     ARCH_PACKAGE,
     ModuleIndex,
+    Renames,
     SourceModule,
     architecture_imports,
+    imports_of_modules,
     relative_prefix,
+    remove_import_names,
+    remove_unused_definitions,
+    rename_source,
     replace_spans,
     rewrite_imports,
+    stub_functions_using,
+    top_level_definitions,
 )
 
 EXIT_CODES = {
@@ -99,19 +118,43 @@ class PortPlan:
 
     slug: str
     arch_name: str
-    donor: str
+    donor: str  # the native family at the root of the lineage (what the audit calls the donor)
     default_encoding: str
     supported_encodings: list[str]
     port_dir: str
     files: list[PortFile]
     texts: dict[str, str]
     borrowed_families: list[str]
+    start_from: dict = field(default_factory=dict)  # kind native|port, slug, path (and arch_name for a port)
+    lineage: list[dict] = field(default_factory=list)  # oldest first, start_from last
+    renames: dict[str, str] = field(default_factory=dict)
+    trimmed: list[dict] = field(default_factory=list)  # what was left out, why, and the flag that keeps it
+    config_wiring: dict = field(default_factory=dict)
+    implements: list[dict] = field(default_factory=list)  # inherited from a port donor, to re-check
+    model_type: str | None = None  # the target's config.json model_type (its own family name for the audit)
+
+
+# Module leaf names (after any family prefix) of multi-device graphs: copied only with --multi-device.
+MULTI_DEVICE_MODULE = re.compile(r"(^|_)(distributed|data_parallel|pipeline_parallel)(_|$)")
+# Class names of expert-parallel batch processors (``Llama3EpBatchProcessor``): copied only with --multi-device.
+EXPERT_PARALLEL_CLASS = re.compile(r"(Ep|ExpertParallel)(?=[A-Z])")
+# Top-level names of non-safetensors weight paths (GGUF files, GPTQ checkpoints): copied only with --keep-adapters.
+NON_SAFETENSORS_NAME = re.compile(r"gguf|gptq", re.IGNORECASE)
+# Encodings served only through those paths (GGUF block quantizations and GPTQ), dropped with them.
+NON_SAFETENSORS_ENCODINGS = frozenset({"q4_0", "q4_k", "q6_k", "gptq"})
+# Names of functions that build only a multi-device graph: their bodies become a raise when the graph is left out.
+MULTI_DEVICE_FUNCTION = re.compile(r"data_parallel|tensor_parallel|distributed|multi_device|pipeline_parallel")
+TRIM_MESSAGE = ("not copied: the scaffold is single-device by default; rescaffold with --multi-device to keep "
+                "the multi-device graphs")
+# Suffixes of architecture names; what precedes one is the class-name prefix (StableLmForCausalLM -> StableLm).
+ARCH_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "Model")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_support.add_model_arguments(parser)
     parser.add_argument("--start-from", required=True, metavar="DONOR",
-                        help="native MAX architecture folder to copy (e.g. llama3, olmo2, phi3; see list-archs)")
+                        help="native MAX architecture slug to copy (e.g. llama3, olmo2, phi3), or a port folder "
+                             "holding scaffold_manifest.json (e.g. templates/ports/stablelm); see list-archs --donors")
     parser.add_argument("--output-dir", required=True, metavar="DIR",
                         help="folder that will hold the port package DIR/<slug>/")
     parser.add_argument("--slug", default=None,
@@ -120,6 +163,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="architecture name to register (default: architectures[0] of config.json)")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing DIR/<slug>, moving it to DIR/<slug>.bak-<timestamp> first")
+    parser.add_argument("--multi-device", action="store_true",
+                        help="also copy the native donor's multi-device graphs and expert-parallel batch processors")
+    parser.add_argument("--keep-adapters", action="store_true",
+                        help="also copy the native donor's GGUF and GPTQ weight paths and their encodings")
     parser.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
     cli_support.add_json_flag(parser)
 
@@ -130,6 +177,12 @@ def main(args: argparse.Namespace) -> int:
             raise ScriptError(f"{flag} is empty; give a name or leave the flag out")
     output_dir = input_files.check_output_dir(args.output_dir, "--output-dir")
     check_not_in_skill(output_dir)
+    port_donor = None
+    if port_layout.looks_like_port_folder(args.start_from):
+        port_donor = port_layout.read_port_donor(args.start_from)
+        for flag, on in (("--multi-device", args.multi_device), ("--keep-adapters", args.keep_adapters)):
+            if on:
+                raise ScriptError(f"{flag} applies to a native donor; a port folder is copied as it is")
     source = model_source.resolve(args.model, args.revision)
     config = model_source.read_config(source)
     arch_name = args.arch_name if args.arch_name is not None else config["architectures"][0]
@@ -137,27 +190,40 @@ def main(args: argparse.Namespace) -> int:
         raise ScriptError(f"architecture name {arch_name!r} is not a valid identifier (ASCII letters, digits and _)")
     index = ModuleIndex(ARCH_PACKAGE, Path(cli_support.max_package_dir()) / "pipelines" / "architectures")
     cli_support.warn_if_untested_max()
-    donor = args.start_from.strip().strip("/")
-    donor_pkg = index.find(f"{ARCH_PACKAGE}.{donor}") if donor.isidentifier() else None
-    if donor_pkg is None or not donor_pkg.is_package or not (donor_pkg.path.parent / "arch.py").is_file():
-        raise ScriptError(f"--start-from {args.start_from!r} is not a MAX architecture folder with an arch.py "
-                          "(run list-archs for the native ones)")
     slug = args.slug if args.slug is not None else port_layout.slug_from_name(source.name)
     port_dir = output_dir / slug
-    mapping_preview = plan_mapping(index, donor, slug)
-    problem = port_layout.slug_problem(slug, reserved=reserved_names(mapping_preview, slug))
+    if port_donor is not None:
+        reserved = port_reserved_names(port_donor, slug)
+    else:
+        donor = args.start_from.strip().strip("/")
+        donor_pkg = index.find(f"{ARCH_PACKAGE}.{donor}") if donor.isidentifier() else None
+        if donor_pkg is None or not donor_pkg.is_package or not (donor_pkg.path.parent / "arch.py").is_file():
+            raise ScriptError(f"--start-from {args.start_from!r} is neither a MAX architecture folder with an arch.py "
+                              "nor a port folder (run list-archs --donors for both kinds)")
+        mapping_preview = plan_mapping(index, donor, slug, multi_device=args.multi_device)
+        # The full copy's module names stay reserved too, so the same slug works with --multi-device.
+        reserved = tuple(sorted(set(reserved_names(mapping_preview, slug))
+                                | set(reserved_names(plan_mapping(index, donor, slug, multi_device=True), slug))))
+    problem = port_layout.slug_problem(slug, reserved=reserved)
     if problem:
         raise ScriptError(problem + " (choose another with --slug)")
     if source.local_dir is not None:
         input_files.check_not_inside(port_dir, Path(source.local_dir), "the port folder", "model folder")
+    if port_donor is not None and port_dir.resolve() == port_donor.path:
+        raise ScriptError(f"--output-dir and --slug name the donor port {port_donor.path} itself; choose another")
     if (port_dir.exists() or port_dir.is_symlink()) and not args.force:
         raise ScriptError(f"{port_dir} already exists; pass --force to move it to a timestamped backup")
     encoding = default_encoding(source, config)
     try:
-        plan = build_plan(index, donor, slug, arch_name, encoding, source, mapping_preview)
+        if port_donor is not None:
+            plan = build_port_plan(port_donor, slug, arch_name, encoding, source)
+        else:
+            plan = build_plan(index, donor, slug, arch_name, encoding, source, mapping_preview,
+                              multi_device=args.multi_device, keep_adapters=args.keep_adapters)
     except ValueError as exc:
-        return cli_support.report_error(f"cannot scaffold from {donor}: {exc}", args, 2)
+        return cli_support.report_error(f"cannot scaffold from {args.start_from}: {exc}", args, 2)
     plan.port_dir = str(port_dir)
+    plan.model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
     backup = None
     if not args.dry_run:
         backup = write_port(plan, port_dir)
@@ -181,10 +247,19 @@ def check_not_in_skill(output_dir: Path) -> None:
             raise ScriptError(f"--output-dir {output_dir} lies in the skill's {name} folder; choose another folder")
 
 
-def plan_mapping(index: ModuleIndex, donor: str, slug: str) -> dict[str, str]:
-    """Source module name -> port module name for the donor and every architecture module it reaches."""
+def is_multi_device_module(name: str) -> bool:
+    """True for a module holding a multi-device graph (``distributed_llama``, ``data_parallel_llama``)."""
+    return bool(MULTI_DEVICE_MODULE.search(name.rpartition(".")[2]))
+
+
+def plan_mapping(index: ModuleIndex, donor: str, slug: str, *, multi_device: bool = False) -> dict[str, str]:
+    """Source module name -> port module name for the donor and every architecture module it reaches.
+
+    Without ``multi_device`` the multi-device graph modules are left out, and so is whatever only they reach.
+    """
     donor_pkg = f"{ARCH_PACKAGE}.{donor}"
-    donor_modules = index.package_modules(donor_pkg)
+    donor_modules = [m for m in index.package_modules(donor_pkg)
+                     if multi_device or not is_multi_device_module(m.name)]
     mapping: dict[str, str] = {}
     for module in donor_modules:
         rel = module.name[len(donor_pkg):].lstrip(".")
@@ -199,6 +274,8 @@ def plan_mapping(index: ModuleIndex, donor: str, slug: str) -> dict[str, str]:
             found = index.find(name)
             if name in seen or found is None or found.is_package:
                 continue  # package inits of other families are not copied; their imports stay absolute
+            if not multi_device and is_multi_device_module(name):
+                continue
             seen.add(name)
             borrowed.append(found)
             queue.append(found)
@@ -237,23 +314,41 @@ def default_encoding(source: model_source.ModelSource, config: dict) -> str:
 
 
 def build_plan(index: ModuleIndex, donor: str, slug: str, arch_name: str, encoding: str,
-               source: model_source.ModelSource, mapping: dict[str, str]) -> PortPlan:
+               source: model_source.ModelSource, mapping: dict[str, str], *, multi_device: bool = False,
+               keep_adapters: bool = False) -> PortPlan:
     max_root = Path(cli_support.max_package_dir())
     files: list[PortFile] = []
     texts: dict[str, str] = {}
     donor_supported = donor_encodings(index, mapping)
+    if not keep_adapters:
+        donor_supported = [e for e in donor_supported if e not in NON_SAFETENSORS_ENCODINGS]
     supported = sorted(set(donor_supported) | {"float32", encoding})
+    left_out = sorted(set(plan_mapping(index, donor, slug, multi_device=True)) - set(mapping))
+    trimmed: list[dict] = []
+    if left_out:
+        trimmed.append({"what": [_max_relative(index.find(n), max_root) for n in left_out],
+                        "why": "multi-device graph modules (and what only they import)", "flag": "--multi-device",
+                        "stubbed": [], "placeholders": []})
     for name, port_name in sorted(mapping.items(), key=lambda kv: kv[1]):
         module = index.find(name)
         assert module is not None
         rel_path = _port_path(port_name, module.is_package)
         text = module.path.read_text(encoding="utf-8")
+        if left_out:
+            dropped = imports_of_modules(text, module, set(left_out), index)
+            if dropped:
+                text, _ = remove_import_names(text, dropped)
+                text, stubbed, placeholders = stub_functions_using(text, dropped, TRIM_MESSAGE,
+                                                                   MULTI_DEVICE_FUNCTION)
+                trimmed[0]["stubbed"] += [f"{rel_path}:{n}" for n in stubbed]
+                trimmed[0]["placeholders"] += [f"{rel_path}:{n}" for n in placeholders]
         result = rewrite_imports(text, module, port_name, mapping, index)
         text = result.text
         text, strict_loads = make_loading_strict(text, port_name, module.is_package)
         role = role_of(port_name, slug, module.is_package)
         if port_name == "arch":
-            text = edit_arch(text, arch_name, encoding, supported, source)
+            text = edit_arch(text, arch_name, encoding, supported, source, single_device=not multi_device,
+                             safetensors_only=not keep_adapters)
         if port_name == "" and module.is_package:
             text = add_architectures_export(text, mapping, index)
         text = set_module_docstring(text, role, arch_name, module.path.relative_to(max_root.parent), donor,
@@ -261,11 +356,285 @@ def build_plan(index: ModuleIndex, donor: str, slug: str, arch_name: str, encodi
         files.append(PortFile(rel_path, str(module.path.relative_to(max_root.parent)), role,
                               result.changes, strict_loads))
         texts[rel_path] = text
+    candidates: dict[str, set[str]] = {}
+    for rel_path, text in texts.items():
+        names = set(top_level_names(text))
+        chosen = {n for n in names if not multi_device and EXPERT_PARALLEL_CLASS.search(n)}
+        chosen |= {n for n in names if not keep_adapters and NON_SAFETENSORS_NAME.search(n)}
+        if chosen:
+            candidates[rel_path] = chosen
+    texts, removed = remove_unused_definitions(texts, candidates)
+    for label, pattern, flag in (("expert-parallel batch processors", EXPERT_PARALLEL_CLASS, "--multi-device"),
+                                 ("GGUF and GPTQ weight paths", NON_SAFETENSORS_NAME, "--keep-adapters")):
+        gone = [r for r in removed if pattern.search(r.partition(":")[2])]
+        if gone:
+            trimmed.append({"what": gone, "why": label, "flag": flag})
+    if not keep_adapters and set(donor_encodings(index, mapping)) & NON_SAFETENSORS_ENCODINGS:
+        trimmed.append({"what": sorted(set(donor_encodings(index, mapping)) & NON_SAFETENSORS_ENCODINGS),
+                        "why": "encodings served only through GGUF or GPTQ weights", "flag": "--keep-adapters"})
+    texts, wiring = wire_config_class(texts, slug)
+    texts = align_config_encodings(texts, encoding, supported)
     allow_path = f"{ALLOWLIST_MODULE}.py"
     texts[allow_path] = ALLOWLIST_SOURCE.format(arch=arch_name)
     files.append(PortFile(allow_path, None, "computed-buffer allowlist"))
     families = sorted({n[len(ARCH_PACKAGE) + 1:].split(".")[0] for n in mapping} - {donor})
-    return PortPlan(slug, arch_name, donor, encoding, supported, "", files, texts, families)
+    start = {"kind": "native", "slug": donor, "path": f"max/pipelines/architectures/{donor}"}
+    return PortPlan(slug, arch_name, donor, encoding, supported, "", files, texts, families, start_from=start,
+                    lineage=[start], trimmed=trimmed, config_wiring=wiring)
+
+
+def _max_relative(module: SourceModule | None, max_root: Path) -> str:
+    return "?" if module is None else module.path.relative_to(max_root.parent).as_posix()
+
+
+def top_level_names(text: str) -> list[str]:
+    """Names of the module's top-level classes, functions and single-name assignments."""
+    return list(top_level_definitions(ast.parse(text)))
+
+
+# --- scaffolding from a port folder ------------------------------------------------------------------
+
+
+def class_prefix(arch_name: str) -> str:
+    """The class-name prefix of an architecture name (``StableLmForCausalLM`` -> ``StableLm``)."""
+    for suffix in ARCH_SUFFIXES:
+        if arch_name.endswith(suffix) and len(arch_name) > len(suffix):
+            return arch_name[: -len(suffix)]
+    return arch_name
+
+
+def port_renames(donor: port_layout.PortDonor, slug: str, arch_name: str) -> Renames:
+    return Renames((class_prefix(donor.arch_name), class_prefix(arch_name)), (donor.slug, slug),
+                   (donor.arch_name, arch_name))
+
+
+def port_reserved_names(donor: port_layout.PortDonor, slug: str) -> tuple[str, ...]:
+    """Module names the new slug must not take: the donor port's modules other than its graph module."""
+    names = set()
+    for path in port_layout.port_python_files(donor.path):
+        rel = path.relative_to(donor.path).with_suffix("")
+        if rel.parts[-1] != "__init__" and rel.as_posix() != donor.slug:
+            names.add(rel.parts[-1])
+    return tuple(sorted(names))
+
+
+def build_port_plan(donor: port_layout.PortDonor, slug: str, arch_name: str, encoding: str,
+                    source: model_source.ModelSource) -> PortPlan:
+    """Copy a port folder with its classes, slug and architecture name renamed (no trimming: it is a port)."""
+    renames = port_renames(donor, slug, arch_name)
+    declared = port_layout.read_arch_declaration(donor.path / "arch.py")
+    supported = sorted(set(declared.supported_encodings or ()) | {"float32", encoding})
+    manifest = input_files.load_json(donor.path / port_layout.MANIFEST_NAME, "scaffold manifest")
+    roles = {f.get("path"): f.get("role") for f in manifest.get("files", []) if isinstance(f, dict)}
+    shown = port_layout.display_path(donor.path)
+    originals: dict[str, str] = {}
+    texts: dict[str, str] = {}
+    files: list[PortFile] = []
+    changes: dict[str, str] = {}
+    for path in port_layout.port_python_files(donor.path):
+        rel = path.relative_to(donor.path).as_posix()
+        text = input_files.read_text(path, "port file")
+        originals[rel] = text
+        new_rel = renames.path(rel)
+        text, renamed = rename_source(text, renames)
+        changes.update(line.split(" -> ", 1) for line in renamed)  # type: ignore[arg-type]
+        role = roles.get(rel) or role_of(new_rel[:-3], slug, rel.endswith("__init__.py"))
+        if role == "graph" or new_rel == f"{slug}.py":
+            role = "graph"
+        if new_rel == "arch.py":
+            text = edit_arch(text, arch_name, encoding, supported, source)
+        text = add_port_lineage(text, shown, donor, arch_name)
+        texts[new_rel] = text
+        files.append(PortFile(new_rel, f"{shown}/{rel}", role, renamed, 0))
+    check_no_rename_collisions(originals, changes)
+    texts, wiring = wire_config_class(texts, slug)
+    texts = align_config_encodings(texts, encoding, supported)
+    start = {"kind": "port", "slug": donor.slug, "arch_name": donor.arch_name, "path": shown}
+    return PortPlan(slug, arch_name, donor.donor, encoding, supported, "", files, texts,
+                    list(manifest.get("borrowed_families") or []), start_from=start,
+                    lineage=[*donor.lineage, start], renames=changes, config_wiring=wiring,
+                    implements=list(donor.implements))
+
+
+def check_no_rename_collisions(originals: dict[str, str], changes: dict[str, str]) -> None:
+    """ValueError when a renamed identifier takes a name the donor port already uses for something else."""
+    import io
+    import tokenize
+
+    existing: set[str] = set()
+    for text in originals.values():
+        existing |= {t.string for t in tokenize.generate_tokens(io.StringIO(text).readline)
+                     if t.type == tokenize.NAME}
+    clashes = sorted(new for old, new in changes.items() if new in existing and new not in changes)
+    if clashes:
+        raise ValueError(f"renaming would reuse names the donor port already has: {', '.join(clashes)}; "
+                         "choose another --arch-name or --slug")
+
+
+def add_port_lineage(text: str, shown: str, donor: port_layout.PortDonor, arch_name: str) -> str:
+    """Add a lineage paragraph after the first paragraph of the module docstring (or a new docstring)."""
+    paragraph = (f"Copied by scaffold.py from the port {shown} {LINEAGE_MARKER}\n"
+                 f"(which implements {donor.arch_name}), renamed for {arch_name}. {LINEAGE_MARKER}\n"
+                 f"TODO deltas: the deltas below are {donor.arch_name}'s; re-check each against this model. "
+                 f"{LINEAGE_MARKER}")
+    tree = ast.parse(text)
+    first = tree.body[0] if tree.body else None
+    if not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+            and isinstance(first.value.value, str)):
+        lines = text.splitlines(keepends=True)
+        at = first.lineno - 1 if first is not None else len(lines)
+        lines.insert(at, f'"""{paragraph}\n"""\n\n')
+        return "".join(lines)
+    raw = ast.get_source_segment(text, first) or ""
+    quote = raw[-3:] if raw[-3:] in ('"""', "'''") else raw[-1]
+    body = raw[: -len(quote)]
+    cut = body.find("\n\n")
+    new_raw = (body[:cut] + "\n\n" + paragraph + body[cut:] + quote) if cut >= 0 else (
+        body.rstrip() + "\n\n" + paragraph + "\n" + quote)
+    return replace_spans(text, [(first, new_raw)])
+
+
+# --- the port's config class reaches the graph; config defaults agree with arch.py --------------------
+
+
+def _class_index(texts: dict[str, str]) -> dict[str, dict[str, ast.ClassDef]]:
+    return {path: {n.name: n for n in ast.parse(text).body if isinstance(n, ast.ClassDef)}
+            for path, text in texts.items()}
+
+
+def _local_origin(texts: dict[str, str], path: str, name: str) -> str | None:
+    """The port file that defines class ``name`` as seen from ``path`` (defined there or imported relatively)."""
+    tree = ast.parse(texts[path])
+    if any(isinstance(n, ast.ClassDef) and n.name == name for n in tree.body):
+        return path
+    package = Path(path).parent.parts
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and any(
+                (a.asname or a.name) == name and a.name == name for a in node.names):
+            base = list(package[: len(package) - (node.level - 1)] if node.level > 1 else package)
+            target = "/".join([*base, *(node.module or "").split(".")]) if node.module else "/".join(base)
+            for candidate in (f"{target}.py", f"{target}/__init__.py"):
+                if candidate in texts:
+                    return _local_origin(texts, candidate, name)
+    return None
+
+
+def _arch_keyword(texts: dict[str, str], keyword: str) -> str | None:
+    for node in ast.walk(ast.parse(texts.get("arch.py", ""))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == \
+                "SupportedArchitecture":
+            for kw in node.keywords:
+                if kw.arg == keyword and isinstance(kw.value, ast.Name):
+                    return kw.value.id
+    return None
+
+
+def wire_config_class(texts: dict[str, str], slug: str) -> tuple[dict[str, str], dict]:
+    """Make the pipeline model build its config (and so its graph) from the config class arch.py registers.
+
+    Donors that borrow the llama3 pipeline inherit ``_create_model_config`` calling
+    ``Llama3Config.initialize`` and ``model_config_cls = Llama3Config``, so the port's own config class
+    would never be used. Such calls become ``self.model_config_cls.initialize`` and the pipeline model
+    class in ``model.py`` sets ``model_config_cls`` (and ``config_class``) to the registered class.
+    """
+    config_name = _arch_keyword(texts, "config")
+    model_name = _arch_keyword(texts, "pipeline_model")
+    if config_name is None or model_name is None:
+        return texts, {"status": "not applicable: arch.py names no config= or pipeline_model= class"}
+    config_file = _local_origin(texts, "arch.py", config_name)
+    model_file = _local_origin(texts, "arch.py", model_name)
+    if config_file is None or model_file is None:
+        return texts, {"status": f"not applicable: {config_name} or {model_name} is not defined in the port"}
+    classes = _class_index(texts)
+    chain: list[tuple[str, ast.ClassDef]] = []
+    path, name = model_file, model_name
+    while path is not None and name in classes.get(path, {}) and len(chain) < len(texts):
+        node = classes[path][name]
+        chain.append((path, node))
+        bases = [b.id for b in node.bases if isinstance(b, ast.Name)]
+        nxt = next(((p, b) for b in bases if (p := _local_origin(texts, path, b)) is not None), None)
+        path, name = nxt if nxt else (None, "")
+    edits: dict[str, list[tuple[ast.AST, str]]] = {}
+    changes: list[str] = []
+    settings = {"model_config_cls": None, "config_class": None}
+    for path, node in chain:
+        for stmt in node.body:
+            target = stmt.target if isinstance(stmt, ast.AnnAssign) else (
+                stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else None)
+            if isinstance(target, ast.Name) and target.id in settings and settings[target.id] is None:
+                value = getattr(stmt, "value", None)
+                settings[target.id] = value.id if isinstance(value, ast.Name) else "?"
+            if isinstance(stmt, ast.FunctionDef) and stmt.name == "_create_model_config":
+                for call in ast.walk(stmt):
+                    if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                            and call.func.attr in ("initialize", "initialize_from_config")
+                            and isinstance(call.func.value, ast.Name) and call.func.value.id != config_name):
+                        edits.setdefault(path, []).append((call.func.value, "self.model_config_cls"))
+                        changes.append(f"{path}: {node.name}._create_model_config builds "
+                                       f"self.model_config_cls instead of {call.func.value.id}")
+    texts = dict(texts)
+    for path, spans in edits.items():
+        texts[path] = replace_spans(texts[path], spans)
+    missing = [attr for attr, value in settings.items() if value is not None and value != config_name]
+    if missing or edits:
+        texts[model_file], added = _set_class_attributes(texts[model_file], model_name,
+                                                         missing or ["model_config_cls"], config_name,
+                                                         config_file, model_file)
+        changes += added
+    return texts, {"status": "wired" if changes else "already wired", "config_class": config_name,
+                   "config_file": config_file, "pipeline_model": model_name, "model_file": model_file,
+                   "changes": changes}
+
+
+def _set_class_attributes(text: str, class_name: str, attributes: list[str], config_name: str,
+                          config_file: str, model_file: str) -> tuple[str, list[str]]:
+    """Put ``<attr> = <config_name>`` at the top of class ``class_name``'s body, importing the class if needed."""
+    tree = ast.parse(text)
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    body = node.body
+    has_doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    anchor = body[0] if has_doc else None
+    indent = " " * body[0].col_offset
+    lines = [f"{indent}# The port's own config class ({config_file}) builds the graph. {LINEAGE_MARKER}\n"]
+    lines += [f"{indent}{attr} = {config_name}\n" for attr in attributes]
+    src = text.splitlines(keepends=True)
+    at = anchor.end_lineno if anchor is not None else body[0].lineno - 1
+    src[at:at] = (["\n"] if anchor is not None else []) + lines
+    text = "".join(src)
+    bound = {(a.asname or a.name) for n in ast.walk(ast.parse(text)) if isinstance(n, ast.ImportFrom)
+             for a in n.names} | {n.name for n in ast.parse(text).body if isinstance(n, ast.ClassDef)}
+    changes = [f"{model_file}: {class_name}.{attr} = {config_name}" for attr in attributes]
+    if config_name not in bound:
+        depth = model_file.count("/")
+        module = config_file[:-3].replace("/", ".")
+        text = insert_after_imports(text, f"from {'.' * (depth + 1)}{module} import {config_name}\n")
+        changes.append(f"{model_file}: imports {config_name} from {config_file}")
+    return text, changes
+
+
+def align_config_encodings(texts: dict[str, str], encoding: str, supported: list[str]) -> dict[str, str]:
+    """Config classes' ``DEFAULT_ENCODING`` / ``SUPPORTED_ENCODINGS`` literals set to what arch.py declares."""
+    new_values = {"DEFAULT_ENCODING": json.dumps(encoding),
+                  "SUPPORTED_ENCODINGS": "{" + ", ".join(json.dumps(e) for e in supported) + "}"}
+    out = dict(texts)
+    for path, text in texts.items():
+        edits: list[tuple[ast.AST, str]] = []
+        for node in ast.walk(ast.parse(text)):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for stmt in node.body:
+                target = stmt.target if isinstance(stmt, ast.AnnAssign) else (
+                    stmt.targets[0] if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 else None)
+                value = getattr(stmt, "value", None)
+                if not (isinstance(target, ast.Name) and target.id in new_values and value is not None):
+                    continue
+                literal = (isinstance(value, ast.Constant) and isinstance(value.value, str)) or (
+                    isinstance(value, (ast.Set, ast.List, ast.Tuple)))
+                if literal and ast.get_source_segment(text, value) != new_values[target.id]:
+                    edits.append((value, new_values[target.id]))
+        if edits:
+            out[path] = replace_spans(text, edits)
+    return out
 
 
 def _port_path(port_name: str, is_package: bool) -> str:
@@ -354,23 +723,37 @@ def insert_after_imports(text: str, line: str) -> str:
 
 
 def edit_arch(text: str, arch_name: str, encoding: str, supported: list[str],
-              source: model_source.ModelSource) -> str:
+              source: model_source.ModelSource, *, single_device: bool = False,
+              safetensors_only: bool = False) -> str:
+    """Rename the SupportedArchitecture and set its encodings; optionally single-device and safetensors-only."""
     tree = ast.parse(text)
     call = next((n for n in ast.walk(tree) if isinstance(n, ast.Call)
                  and getattr(n.func, "id", getattr(n.func, "attr", None)) == "SupportedArchitecture"), None)
     if call is None:
         raise ValueError("the donor's arch.py has no SupportedArchitecture(...) call")
-    repo_ids = [] if source.is_local else [source.repo_id]
+    repo_ids = [] if source is None or source.is_local else [source.repo_id]
     new_values = {
         "name": json.dumps(arch_name),
         "default_encoding": json.dumps(encoding),
         "supported_encodings": "{" + ", ".join(json.dumps(e) for e in supported) + "}",
         "example_repo_ids": json.dumps(repo_ids),
     }
+    if single_device:
+        new_values["multi_gpu_supported"] = "False"
     edits: list[tuple[ast.AST, str]] = []
     for kw in call.keywords:
         if kw.arg in new_values:
             edits.append((kw.value, new_values.pop(kw.arg)))
+        elif safetensors_only and kw.arg == "weight_adapters" and isinstance(kw.value, ast.Dict):
+            kept = [(k, v) for k, v in zip(kw.value.keys, kw.value.values)
+                    if isinstance(k, ast.Attribute) and k.attr == "safetensors"]
+            if len(kept) != len(kw.value.keys):
+                inner = "".join(f"        {ast.get_source_segment(text, k)}: {ast.get_source_segment(text, v)},\n"
+                                for k, v in kept)
+                edits.append((kw.value, "{\n" + inner + "    }"))
+        elif (safetensors_only and kw.arg == "default_weights_format" and isinstance(kw.value, ast.Attribute)
+              and kw.value.attr != "safetensors"):
+            edits.append((kw.value, "WeightsFormat.safetensors"))
     if "name" in new_values:
         raise ValueError("the donor's SupportedArchitecture(...) has no name= keyword")
     return replace_spans(text, edits)
@@ -464,7 +847,14 @@ def manifest(plan: PortPlan, backup: str | None, dry_run: bool = False) -> dict:
         "port_dir": plan.port_dir,
         "slug": plan.slug,
         "arch_name": plan.arch_name,
+        "model_type": plan.model_type,
         "donor": plan.donor,
+        "start_from": plan.start_from,
+        "lineage": plan.lineage,
+        "renames": plan.renames,
+        "implements": plan.implements,
+        "trimmed": plan.trimmed,
+        "config_wiring": plan.config_wiring,
         "borrowed_families": plan.borrowed_families,
         "default_encoding": plan.default_encoding,
         "supported_encodings": plan.supported_encodings,
@@ -482,14 +872,23 @@ def report(plan: PortPlan, args: argparse.Namespace, backup: str | None) -> None
         cli_support.print_json(document)
         return
     verb = "would write" if args.dry_run else "wrote"
-    print(f"{verb} {plan.port_dir} ({len(plan.files)} files) from donor {plan.donor}")
+    origin = plan.start_from.get("path") if plan.start_from.get("kind") == "port" else plan.donor
+    print(f"{verb} {plan.port_dir} ({len(plan.files)} files) from {plan.start_from.get('kind', 'native')} "
+          f"donor {origin}")
     for f in plan.files:
         origin = f"<- {f.source}" if f.source else "(generated)"
-        extra = f", {len(f.import_changes)} imports rewritten" if f.import_changes else ""
+        what = "names renamed" if plan.start_from.get("kind") == "port" else "imports rewritten"
+        extra = f", {len(f.import_changes)} {what}" if f.import_changes else ""
         strict = f", {f.strict_loads} strict load(s)" if f.strict_loads else ""
         print(f"  {f.path:28s} {origin}{extra}{strict}")
     print(f"architecture {plan.arch_name}, default encoding {plan.default_encoding}, "
           f"supported {', '.join(plan.supported_encodings)}")
+    for entry in plan.trimmed:
+        print(f"left out ({entry['why']}; {entry['flag']} keeps them): {', '.join(entry['what'])}")
+    wiring = plan.config_wiring
+    print(f"config class: {wiring.get('config_class', '?')} ({wiring.get('status')})")
+    for change in wiring.get("changes", []):
+        print(f"  {change}")
     if backup:
         print(f"previous port moved to {backup}")
     if not args.dry_run:

@@ -652,8 +652,8 @@ def test_exit_claims_in_prose_use_codes_the_script_uses():
 
 def test_exit_claim_check_catches_a_false_claim():
     text = ("Run `audit` and it exits 2 on a bad port. `check-walls` exits 2 on a blocker. "
-            "`inspect` exits 1 when native.")
-    assert false_exit_claims(text, "x") == ["x: audit never exits 2", "x: inspect never exits 1"]
+            "`serve` exits 1 when native.")
+    assert false_exit_claims(text, "x") == ["x: audit never exits 2", "x: serve never exits 1"]
 
 
 # ================================================================ tests: MAX facts and templates
@@ -733,3 +733,51 @@ def test_pytest_does_not_collect_the_template_outside_tests(tmp_path):
     )
     assert "test_port_template" not in done.stdout
     assert done.returncode == 5, done.stdout + done.stderr  # 5: no tests collected
+
+
+# ================================================================ tests: the worked port, ports and verdicts
+
+SHIPPED_PORTS = REPO_ROOT / "templates" / "ports"
+# A fixed server port in a shown command (`--port 8000`, `--control-port=8001`): serve picks a free one.
+FIXED_PORT = re.compile(r"--(?:control-)?port[ =]\d+")
+
+
+def test_the_worked_port_lives_where_users_copy_from():
+    manifest = json.loads((SHIPPED_PORTS / "stablelm" / "scaffold_manifest.json").read_text(encoding="utf-8"))
+    assert manifest["verified"]["by"] == "tests/test_stablelm_port_e2e.py"
+    assert (REPO_ROOT / manifest["verified"]["by"]).is_file()
+    for key in ("port_dir", "custom_architectures"):
+        assert manifest[key] == "templates/ports/stablelm", key  # relative: the checkout may live anywhere
+    listed = {entry["path"] for entry in manifest["files"]}
+    present = {p.relative_to(SHIPPED_PORTS / "stablelm").as_posix()
+               for p in (SHIPPED_PORTS / "stablelm").rglob("*.py") if "__pycache__" not in p.parts}
+    assert listed == present, "the manifest's files list must match the shipped files"
+    worked = (REPO_ROOT / "references" / "worked-example-stablelm.md").read_text(encoding="utf-8")
+    assert "(../templates/ports/stablelm)" in worked
+    stale = [relative(p) for p in [*markdown_files(), *sorted(SCRIPTS_DIR.glob("*.py"))]
+             if "tests/ports" in p.read_text(encoding="utf-8")]
+    assert not stale, "still naming the old tests/ports location: " + ", ".join(stale)
+
+
+def test_no_shown_command_fixes_a_server_port():
+    found = [f"{relative(path)}: {match}" for path in markdown_files()
+             for snippet in code_snippets(path.read_text(encoding="utf-8"))
+             for match in FIXED_PORT.findall(snippet)]
+    assert not found, "\n".join(found)
+    assert FIXED_PORT.findall("serve M --port 8000 && eval M --control-port=8001") == ["--port 8000",
+                                                                                        "--control-port=8001"]
+    assert not FIXED_PORT.findall("compare M --port <port> --port-dir d")
+
+
+def test_the_verdict_rule_names_the_users_model():
+    rule = "verdict that counts is on the model the user named"
+    for path in (SKILL_MD, REPO_ROOT / "references" / "serve-and-iterate.md"):
+        text = " ".join(path.read_text(encoding="utf-8").split())
+        assert rule in text.lower() or rule in text, relative(path)
+        assert "compile-cache hit" in text, relative(path)
+
+
+def test_port_donors_are_documented_where_donors_are_chosen():
+    for path in (SKILL_MD, REPO_ROOT / "references" / "map-to-max.md"):
+        text = path.read_text(encoding="utf-8")
+        assert "--start-from templates/ports/stablelm" in text and "verified_ports" in text, relative(path)

@@ -73,3 +73,10 @@ def test_a_model_without_qk_norms_records_the_step_as_not_applicable(tmp_path):
     manifest = json.loads((folder / "tiny_replica.json").read_text())
     text = json.dumps(manifest)
     assert '"qk_norms"' in text and "no q/k norms" in text
+
+
+def test_per_head_norm_containers_are_calibrated_through_their_children(tmp_path):
+    """StableLM's q/k layernorm is a list of per-head LayerNorms with no eps of its own (was exit 3)."""
+    folder = build(tmp_path, "StableLmConfig", "StableLmForCausalLM", qk_layernorm=True)
+    manifest = json.loads((folder / "tiny_replica.json").read_text())
+    assert manifest["init"]["calibration"]["qk_norms"]["status"] == "applied"

@@ -1,9 +1,14 @@
-"""Unit tests for scaffold.py, import_rewrite.py and port_layout.py (no MAX import, no compile)."""
+"""Unit tests for scaffold.py, import_rewrite.py and port_layout.py (no compile).
+
+Everything runs on source text without importing MAX, except the last test, which builds graph objects
+(no compile) of scaffolded ports in one subprocess.
+"""
 
 from __future__ import annotations
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,12 +23,14 @@ ARCH_DIR = Path(cli_support.max_package_dir()) / "pipelines" / "architectures"
 INDEX = ModuleIndex(ARCH_PACKAGE, ARCH_DIR)
 
 
-def plan_for(donor: str, slug: str = "zz_port", source: object = None) -> scaffold.PortPlan:
+def plan_for(donor: str, slug: str = "zz_port", source: object = None, *, full: bool = False) -> scaffold.PortPlan:
+    """The plan for ``donor``; ``full`` keeps the multi-device modules and the GGUF/GPTQ paths."""
     import model_source
 
-    mapping = scaffold.plan_mapping(INDEX, donor, slug)
+    mapping = scaffold.plan_mapping(INDEX, donor, slug, multi_device=full)
     src = source or model_source.ModelSource(spec="x", local_dir=Path("."))
-    return scaffold.build_plan(INDEX, donor, slug, "ZzForCausalLM", "float32", src, mapping)
+    return scaffold.build_plan(INDEX, donor, slug, "ZzForCausalLM", "float32", src, mapping, multi_device=full,
+                               keep_adapters=full)
 
 
 def relative_imports(text: str):
@@ -49,9 +56,10 @@ def assert_self_contained(plan: scaffold.PortPlan) -> None:
         assert f"{ARCH_PACKAGE}.{plan.donor}" not in text.replace(f"architectures/{plan.donor}/", ""), rel_path
 
 
-@pytest.mark.parametrize("donor", ["llama3", "olmo2", "phi3", "granite", "qwen2", "olmo"])
-def test_every_donor_gives_a_self_contained_port_with_its_own_graph(donor):
-    plan = plan_for(donor)
+@pytest.mark.parametrize("full", [False, True], ids=["single-device", "full"])
+@pytest.mark.parametrize("donor", ["llama3", "olmo2", "phi3", "granite", "qwen2", "olmo", "mistral"])
+def test_every_donor_gives_a_self_contained_port_with_its_own_graph(donor, full):
+    plan = plan_for(donor, full=full)
     assert_self_contained(plan)
     for name in (*port_layout.STANDARD_MODULES, "zz_port"):
         assert f"{name}.py" in plan.texts, f"{donor}: {name}.py missing"
@@ -59,11 +67,11 @@ def test_every_donor_gives_a_self_contained_port_with_its_own_graph(donor):
         ast.parse(text)
         assert "strict=False" not in text, rel_path
     graph = plan.texts["zz_port.py"]
-    assert "class Llama3(" in graph or "class Olmo2(" in graph
+    assert "class Llama3(" in graph or "class Olmo2(" in graph or "class Mistral(" in graph
 
 
 def test_llama3_imports_point_at_the_copies():
-    plan = plan_for("llama3")
+    plan = plan_for("llama3", full=True)
     model = plan.texts["model.py"]
     assert "from .zz_port import Llama3" in model
     assert "from .distributed_llama import DistributedLlama3" in model
@@ -75,7 +83,7 @@ def test_llama3_imports_point_at_the_copies():
 
 
 def test_olmo2_absolute_and_parent_relative_imports_become_port_relative():
-    plan = plan_for("olmo2")
+    plan = plan_for("olmo2", full=True)
     graph = plan.texts["zz_port.py"]
     # absolute imports of copied modules point at the copies
     assert "from .layers.attention import Olmo2Attention" in graph
@@ -110,7 +118,8 @@ def test_parent_relative_import_of_uncopied_code_becomes_absolute():
 def test_strict_loading_allowlist_and_license_and_docstrings():
     plan = plan_for("llama3")
     model = plan.texts["model.py"]
-    assert model.count("drop_computed_buffers(self.state_dict)") == 2
+    assert model.count("drop_computed_buffers(self.state_dict)") == 1  # the single-device load
+    assert plan_for("llama3", full=True).texts["model.py"].count("drop_computed_buffers(self.state_dict)") == 2
     assert "strict=True" in model and "from .computed_buffers import drop_computed_buffers" in model
     allow = plan.texts["computed_buffers.py"]
     namespace: dict = {}
@@ -163,7 +172,7 @@ def test_modele_is_an_identifier_but_not_a_slug():
                                                   ("olmo2", "layers", True), ("llama3", "zz_free", False),
                                                   ("phi3", "zz_free", False)])
 def test_reserved_names_keep_two_modules_off_one_file(donor, slug, clashes):
-    mapping = scaffold.plan_mapping(INDEX, donor, slug)
+    mapping = scaffold.plan_mapping(INDEX, donor, slug, multi_device=True)
     assert (slug in scaffold.reserved_names(mapping, slug)) is clashes
 
 
@@ -221,7 +230,7 @@ def test_existing_port_refused_then_backed_up_with_force(tmp_path, checkpoint_fa
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--start-from", "no_such_family"], "not a MAX architecture folder"),
+    (["--start-from", "no_such_family"], "neither a MAX architecture folder"),
     (["--start-from", "llama3", "--slug", "json"], "already importable"),
     (["--start-from", "llama3", "--slug", "bad-name"], "not a valid Python identifier"),
     (["--start-from", "llama3", "--arch-name", "Not An Id"], "not a valid identifier"),
@@ -256,6 +265,274 @@ def test_unportable_donor_is_a_hard_stop(tmp_path, checkpoint_factory, monkeypat
     monkeypatch.setattr(scaffold, "build_plan", refuse)
     args = argparse.Namespace(model=str(checkpoint_factory("llama")), revision=None, start_from="llama3",
                               output_dir=str(tmp_path / "out"), slug="zz_stop", arch_name=None, force=False,
-                              dry_run=False, json=True)
+                              dry_run=False, json=True, multi_device=False, keep_adapters=False)
     assert scaffold.main(args) == 2
     assert capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+# --- single-device by default: multi-device graphs, EP batch processors, GGUF/GPTQ paths left out ---------
+
+# What the full copy of a llama3-pipeline donor has and the default one must not.
+MULTI_DEVICE_AND_ADAPTER_TEXT = ("DistributedLlama3", "create_data_parallel_model", "Llama3EpBatchProcessor",
+                                 "EPCommInitializer", "convert_gguf_state_dict", "GGUF_", "WeightsFormat.gguf")
+
+
+def _functions(text: str) -> dict[str, ast.FunctionDef]:
+    return {n.name: n for n in ast.walk(ast.parse(text)) if isinstance(n, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize("donor, model_file", [("llama3", "model.py"), ("qwen2", "llama3_model.py"),
+                                               ("olmo", "llama3_model.py")])
+def test_single_device_by_default_and_the_rest_only_with_flags(tmp_path, donor, model_file):
+    plan, full = plan_for(donor), plan_for(donor, full=True)
+    assert {"distributed_llama.py", "data_parallel_llama.py"} <= set(full.texts)
+    assert not [p for p in plan.texts if scaffold.is_multi_device_module(Path(p).stem)]
+    trimmed_text, full_text = "\n".join(plan.texts.values()), "\n".join(full.texts.values())
+    for name in MULTI_DEVICE_AND_ADAPTER_TEXT:
+        assert name in full_text and name not in trimmed_text, name
+    # the multi-device graph builders keep their signatures and say how to get them back
+    functions = _functions(plan.texts[model_file])
+    for name in ("_data_parallel_spec", "_tensor_parallel_spec"):
+        last = functions[name].body[-1]
+        assert isinstance(last, ast.Raise) and "--multi-device" in ast.unparse(last), name
+    assert not isinstance(functions["_single_device_spec"].body[-1], ast.Raise)
+    assert "the single-device one" in ast.get_docstring(functions["graph_specs"])  # no longer claims dispatch
+    (tmp_path / "arch.py").write_text(plan.texts["arch.py"])
+    declared = port_layout.read_arch_declaration(tmp_path / "arch.py")
+    assert not set(declared.supported_encodings) & scaffold.NON_SAFETENSORS_ENCODINGS
+    assert "multi_gpu_supported=False" in plan.texts["arch.py"]
+    assert {t["flag"] for t in plan.trimmed} == {"--multi-device", "--keep-adapters"} and full.trimmed == []
+
+
+def test_a_shared_path_keeps_working_through_a_placeholder():
+    """mistral picks its graph inline (``A(...) if several devices else B(...)``): only the left-out class raises."""
+    plan = plan_for("mistral")
+    model = plan.texts["model.py"]
+    assert "distributed_mistral.py" not in plan.texts and "class DistributedMistral:" in model
+    assert not isinstance(_functions(model)["graph_specs"].body[-1], ast.Raise)
+    placeholder = next(n for n in ast.parse(model).body if isinstance(n, ast.ClassDef) and n.name == "DistributedMistral")
+    namespace: dict = {}
+    exec(compile(ast.Module([placeholder], []), "placeholder", "exec"), namespace)
+    with pytest.raises(NotImplementedError, match="--multi-device"):
+        namespace["DistributedMistral"]("config")
+
+
+def test_ep_batch_processors_stay_when_the_port_uses_them():
+    plan = plan_for("qwen3")  # Qwen3BatchProcessor subclasses Llama3EpBatchProcessor
+    assert "class Llama3EpBatchProcessor(" in plan.texts["llama3_batch_processor.py"]
+    assert not any(t["flag"] == "--multi-device" and "batch" in t["why"] for t in plan.trimmed)
+
+
+# --- the pipeline model builds the config class arch.py registers; config defaults agree with arch.py --------
+
+
+@pytest.mark.parametrize("donor, config_class, status", [("qwen2", "Qwen2Config", "wired"),
+                                                         ("olmo", "OlmoConfig", "wired"),
+                                                         ("llama3", "Llama3Config", "already wired"),
+                                                         ("phi3", "Llama3Config", "already wired")])
+def test_pipeline_model_builds_the_registered_config_class(donor, config_class, status):
+    plan = plan_for(donor)
+    wiring = plan.config_wiring
+    assert (wiring["config_class"], wiring["config_file"], wiring["status"]) == (config_class, "model_config.py",
+                                                                                  status)
+    for rel_path, text in plan.texts.items():
+        for name, func in _functions(text).items():
+            if name != "_create_model_config":
+                continue
+            built = [ast.unparse(c.func.value) for c in ast.walk(func)
+                     if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "initialize"]
+            assert built and set(built) <= {config_class, "self.model_config_cls"}, (rel_path, built)
+    if status == "wired":
+        assert f"model_config_cls = {config_class}" in plan.texts["model.py"]
+        assert f"from .model_config import {config_class}" in plan.texts["model.py"]
+
+
+@pytest.mark.parametrize("donor", ["llama3", "qwen2", "olmo"])
+def test_config_class_encoding_defaults_agree_with_arch_py(tmp_path, donor):
+    plan = plan_for(donor)
+    (tmp_path / "arch.py").write_text(plan.texts["arch.py"])
+    declared = port_layout.read_arch_declaration(tmp_path / "arch.py")
+    seen = 0
+    for text in plan.texts.values():
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if node.target.id == "DEFAULT_ENCODING":
+                    seen += 1
+                    assert ast.literal_eval(node.value) == declared.default_encoding == "float32"
+                elif node.target.id == "SUPPORTED_ENCODINGS":
+                    assert tuple(sorted(ast.literal_eval(node.value))) == declared.supported_encodings
+    assert seen  # llama3's own config said "q4_k" before the rewrite
+    assert '"q4_k"' not in plan.texts["model_config.py" if donor == "llama3" else "llama3_model_config.py"]
+
+
+# --- a port folder as the donor --------------------------------------------------------------------------
+
+WORKED_PORT = Path(port_layout.SHIPPED_PORTS_DIR) / "stablelm"
+NEW_ARCH = "ZzNeoStableForCausalLM"
+
+
+@pytest.fixture(scope="module")
+def neo_model(checkpoint_factory) -> Path:
+    return checkpoint_factory("stablelm", weights="none", tokenizer=False, raw_config_edits={"architectures": [NEW_ARCH]})
+
+
+def name_tokens(text: str) -> set[str]:
+    import io
+    import tokenize
+
+    return {t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.NAME}
+
+
+def test_scaffold_from_the_worked_port_renames_classes_slug_and_architecture(tmp_path, neo_model):
+    result = run_script("scaffold", neo_model, "--start-from", WORKED_PORT, "--output-dir", tmp_path,
+                        "--slug", "zz_neo", "--json")
+    assert result.returncode == 0, result.stderr
+    doc, port = result.json(), tmp_path / "zz_neo"
+    texts = {p.relative_to(port).as_posix(): p.read_text() for p in port.rglob("*.py")}
+    source_files = {p.relative_to(WORKED_PORT).as_posix() for p in WORKED_PORT.rglob("*.py")
+                    if "__pycache__" not in p.parts}
+    assert set(texts) == (source_files - {"stablelm.py"}) | {"zz_neo.py"}
+    for rel_path, text in texts.items():
+        names = name_tokens(text)
+        assert not [n for n in names if n.startswith("StableLm") or "stablelm" in n.lower().split("_")], rel_path
+        assert "StableLmForCausalLM" in text  # the lineage paragraph names the port it came from
+        assert "Copied by scaffold.py from the port templates/ports/stablelm" in (ast.get_docstring(ast.parse(text))
+                                                                                   or "").replace("\n", " ")
+    assert "class ZzNeoStable(Transformer)" in texts["zz_neo.py"] and "from .zz_neo import ZzNeoStable" in texts["model.py"]
+    # The graph keeps the name it is compiled under, so a replica with the worked port's shapes reuses its graph.
+    assert '"stablelm",' in texts["model.py"]
+    declared = port_layout.read_arch_declaration(port / "arch.py")
+    assert (declared.name, declared.default_encoding) == (NEW_ARCH, "float32")
+    assert "ARCHITECTURES = [zz_neo_arch]" in texts["__init__.py"]
+    worked = json.loads((WORKED_PORT / port_layout.MANIFEST_NAME).read_text())
+    manifest = json.loads((port / port_layout.MANIFEST_NAME).read_text())
+    assert manifest["donor"] == "llama3" and manifest["model_type"] == "stablelm"
+    assert manifest["start_from"] == {"kind": "port", "slug": "stablelm", "arch_name": "StableLmForCausalLM",
+                                      "path": "templates/ports/stablelm"}
+    assert [step["kind"] for step in manifest["lineage"]] == ["native", "port"]
+    assert manifest["implements"] == worked["implements"] and "verified" not in manifest
+    assert manifest["renames"]["StableLmConfig"] == "ZzNeoStableConfig" and doc["config_wiring"]["status"] == "already wired"
+    # a port of that port records the whole chain
+    again = run_script("scaffold", neo_model, "--start-from", port, "--output-dir", tmp_path / "again",
+                       "--slug", "zz_neo2", "--arch-name", "ZzNeoTwoForCausalLM", "--json")
+    assert again.returncode == 0, again.stderr
+    assert [s.get("slug") for s in again.json()["lineage"]] == ["llama3", "stablelm", "zz_neo"]
+    assert "class ZzNeoTwo(Transformer)" in (tmp_path / "again" / "zz_neo2" / "zz_neo2.py").read_text()
+
+
+def test_port_donor_refusals(tmp_path, neo_model):
+    base = [neo_model, "--start-from", WORKED_PORT, "--output-dir", tmp_path / "out", "--json"]
+    flag = run_script("scaffold", *base, "--multi-device")
+    assert flag.returncode == 3 and "applies to a native donor" in flag.json()["error"]
+    # a renamed class would take a name the port already uses (its PerHeadLayerNorm class)
+    clash = run_script("scaffold", *base, "--arch-name", "PerHeadLayerNormForCausalLM", "--slug", "zz_clash")
+    assert clash.returncode == 2 and "PerHeadLayerNorm" in clash.json()["error"]
+    bare = tmp_path / "zz_bare"
+    shutil.copytree(WORKED_PORT, bare, ignore=shutil.ignore_patterns("__pycache__", port_layout.MANIFEST_NAME))
+    missing = run_script("scaffold", neo_model, "--start-from", bare, "--output-dir", tmp_path / "out", "--json")
+    assert missing.returncode == 3 and "has no scaffold_manifest.json" in missing.json()["error"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_verified_ports_are_listed_beside_native_donors_in_their_own_field(tmp_path):
+    result = run_script("list_native_archs", "--donors", "--json")
+    assert result.returncode == 0, result.stderr
+    doc = result.json()
+    (port,) = [p for p in doc["verified_ports"] if p["slug"] == "stablelm"]
+    assert port["path"] == "templates/ports/stablelm" and port["donor"] == "llama3"
+    assert {"layernorm", "partial_rotary", "parallel_block"} <= {i["signal"] for i in port["implements"]}
+    assert port["verified"]["verdict"] == "MATCH"
+    assert "stablelm" not in {d["slug"] for d in doc["donors"]}  # donors stays the native list --match guards
+    assert run_script("list_native_archs", "--match", "StableLmForCausalLM").returncode == 1
+    # a port without a verification record is not a verified port
+    shutil.copytree(WORKED_PORT, tmp_path / "zz_unverified", ignore=shutil.ignore_patterns("__pycache__"))
+    manifest = tmp_path / "zz_unverified" / port_layout.MANIFEST_NAME
+    manifest.write_text(json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "verified"}))
+    assert port_layout.verified_ports(tmp_path) == []
+
+
+# --- built graph objects (imports MAX in one subprocess, no compile) -----------------------------------
+
+# Builds each port's config and graph module as the pipeline model does (port_probe), and for the ports
+# marked "check" also runs the import and traced dry-build smoke checks.
+BUILD_DRIVER = r"""
+import json, sys
+import model_source, port_layout, port_probe
+report = {}
+for label, model, port_dir, check in json.loads(sys.argv[1]):
+    port = port_layout.resolve_port_dir(port_dir)
+    source = model_source.resolve(model, None)
+    loaded = port_probe.load_port(port, source, "float32")
+    graph = port_probe.build_graph(port, loaded, port_probe.adapted_state_dict(loaded, source))
+    first = vars(graph.layers[0])
+    entry = {"final_norm_eps": float(graph.norm.eps),
+             "layer_norm_eps": sorted({float(v.eps) for v in first.values() if hasattr(v, "eps")})}
+    if check:
+        entry["checks"] = {name: port_probe.run_check(name, port, source, "float32")["passed"]
+                           for name in ("import", "dry-build")}
+    report[label] = entry
+print(json.dumps(report))
+"""
+
+EDITED_EPS = 0.125
+EPS_EDIT = '''
+
+# Test edit of model_config.py only: every norm of the graph gets a new eps.
+_finalize_before_edit = {cls}.finalize
+
+
+def _finalize_with_edited_eps(self, *args, **kwargs):
+    _finalize_before_edit(self, *args, **kwargs)
+    self.rms_norm_eps = {eps}
+
+
+{cls}.finalize = _finalize_with_edited_eps
+'''
+
+
+def _edit_eps(port: Path) -> None:
+    config_class = json.loads((port / port_layout.MANIFEST_NAME).read_text())["config_wiring"]["config_class"]
+    path = port / "model_config.py"
+    path.write_text(path.read_text() + EPS_EDIT.format(cls=config_class, eps=EDITED_EPS))
+
+
+def _unwire(port: Path) -> None:
+    """Undo the scaffold's wiring (the pipeline builds Llama3Config again), as the scaffold once left it."""
+    base = port / "llama3_model.py"
+    base.write_text(base.read_text().replace("self.model_config_cls.initialize(", "Llama3Config.initialize("))
+    model = port / "model.py"
+    model.write_text("".join(line for line in model.read_text().splitlines(keepends=True)
+                             if not line.strip().startswith(("model_config_cls = ", "config_class = "))))
+
+
+def test_an_edit_of_model_config_reaches_the_built_graph_and_trimmed_ports_dry_build(tmp_path, checkpoint_factory):
+    import subprocess
+    import sys
+
+    from conftest import SCRIPTS_DIR
+    from hub_standin import subprocess_env
+
+    runs = []
+    for donor, model_type in (("llama3", "llama"), ("qwen2", "qwen2")):
+        model = checkpoint_factory(model_type, tokenizer=False)
+        for variant in ("plain", "edited", "unwired") if donor == "qwen2" else ("plain", "edited"):
+            slug = f"zz_{donor}_{variant}"
+            done = run_script("scaffold", model, "--start-from", donor, "--output-dir", tmp_path, "--slug", slug)
+            assert done.returncode == 0, done.stderr
+            if variant != "plain":
+                _edit_eps(tmp_path / slug)
+            if variant == "unwired":
+                _unwire(tmp_path / slug)
+            runs.append([f"{donor}_{variant}", str(model), str(tmp_path / slug), variant == "plain"])
+    env = subprocess_env({"PYTHONPATH": str(SCRIPTS_DIR)})
+    done = subprocess.run([sys.executable, "-c", BUILD_DRIVER, json.dumps(runs)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    built = json.loads(done.stdout.strip().splitlines()[-1])
+    for donor in ("llama3", "qwen2"):
+        plain, edited = built[f"{donor}_plain"], built[f"{donor}_edited"]
+        assert plain["checks"] == {"import": True, "dry-build": True}, donor  # the trimmed port imports and traces
+        assert plain["final_norm_eps"] != EDITED_EPS
+        assert edited["final_norm_eps"] == EDITED_EPS and edited["layer_norm_eps"] == [EDITED_EPS], donor
+    # Control: without the wiring the same edit never reaches qwen2's graph, so this test can fail.
+    assert built["qwen2_unwired"]["final_norm_eps"] == built["qwen2_plain"]["final_norm_eps"]

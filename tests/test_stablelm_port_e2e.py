@@ -1,4 +1,4 @@
-"""The worked StableLM port (tests/ports/stablelm) against Hugging Face, on the CPU.
+"""The worked StableLM port (templates/ports/stablelm) against Hugging Face, on the CPU.
 
 Two tiny replicas are built with make_tiny_model from StableLM configs: one
 with every optional flag off (shaped like stabilityai/stablelm-3b-4e1t) and
@@ -6,8 +6,12 @@ one with every flag on (QKV bias, per-head QK LayerNorm, parallel residual).
 Each is served with the port and compared with transformers: both must
 MATCH. A copy of the port with a planted bug (RoPE over the whole head
 instead of its first quarter) must give DIVERGED with the first divergent
-position reported. The port is compiled three times in all (two replicas
-plus the planted bug); one server runs at a time.
+position reported. A port scaffolded from the worked port onto a new
+architecture name (``scaffold --start-from templates/ports/stablelm``), served
+unmodified on a renamed copy of the flags-on replica, must MATCH too: it is the
+same graph as the flags-on run, so its serve is a compile-cache hit. The port
+is compiled three times in all (two replicas plus the planted bug); one server
+runs at a time.
 
 The fast tests (no MAX compile) check the replicas really exercise each
 flag, the port's gates and docstring audit, and that the planted bug edits
@@ -24,7 +28,7 @@ import pytest
 
 from conftest import REPO_ROOT, run_script
 
-PORT_DIR = REPO_ROOT / "tests" / "ports" / "stablelm"
+PORT_DIR = REPO_ROOT / "templates" / "ports" / "stablelm"
 GRAPH_FILE = "stablelm.py"
 PROMPTS = ["The capital of France is Paris.", "Once upon a time there was a little robot"]
 FLAGS = ("use_qkv_bias", "qk_layernorm", "use_parallel_residual")
@@ -65,6 +69,10 @@ FLAGS_ON = {
 
 # The planted bug: build the RoPE table as wide as the whole head, so every
 # dim of each head is rotated instead of the first partial_rotary_factor.
+# The architecture name and slug of the port scaffolded from the worked port.
+COPY_ARCH = "ZzStableCopyForCausalLM"
+COPY_SLUG = "zz_stablelm_copy"
+
 PLANTED_FROM = "        head_dim=config.rotary_dim,\n"
 PLANTED_TO = "        head_dim=config.hidden_size // config.num_attention_heads,\n"
 
@@ -105,6 +113,21 @@ def planted_port(tmp_path_factory):
     return copy
 
 
+@pytest.fixture(scope="module")
+def scaffolded_copy(replicas, tmp_path_factory):
+    """(replica, port): the flags-on replica renamed to COPY_ARCH and a port scaffolded onto it from PORT_DIR."""
+    root = tmp_path_factory.mktemp("from_port")
+    replica = root / "replica_on_renamed"
+    shutil.copytree(replicas["on"], replica)
+    config = json.loads((replica / "config.json").read_text())
+    config["architectures"] = [COPY_ARCH]
+    (replica / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    result = run_script("scaffold", replica, "--start-from", PORT_DIR, "--output-dir", root / "ports",
+                        "--slug", COPY_SLUG, "--json")
+    assert result.returncode == 0, result.stderr
+    return replica, root / "ports" / COPY_SLUG
+
+
 # --- fast checks (no MAX compile) ---------------------------------------------------
 
 
@@ -129,7 +152,16 @@ def test_port_passes_preflight_and_audit(replicas):
         assert gates.returncode == 0, gates.stdout + gates.stderr
     audit = run_script("audit_docstrings", PORT_DIR, "--json")
     assert audit.returncode == 0, audit.stdout
-    assert audit.json()["hits"] and all(hit["marked"] for hit in audit.json()["hits"])
+    assert audit.json()["unmarked"] == 0
+
+
+def test_scaffolded_copy_is_renamed_and_passes_preflight(scaffolded_copy):
+    replica, port = scaffolded_copy
+    manifest = json.loads((port / "scaffold_manifest.json").read_text())
+    assert manifest["arch_name"] == COPY_ARCH and manifest["start_from"]["path"] == "templates/ports/stablelm"
+    assert (port / f"{COPY_SLUG}.py").is_file() and not (port / GRAPH_FILE).exists()
+    gates = run_script("run_oss_gates", replica, "--port-dir", port, "--phase", "preflight", "--json")
+    assert gates.returncode == 0, gates.stdout + gates.stderr
 
 
 def test_planted_bug_changes_only_the_rope_width(planted_port):
@@ -151,18 +183,26 @@ def test_plant_refuses_a_port_without_the_rope_line(tmp_path):
 @pytest.fixture(scope="module")
 def compare_reports(replicas, planted_port):
     """{"off", "on", "planted"}: compare reports, each from its own short-lived server."""
+    runs = {"off": (replicas["off"], PORT_DIR), "on": (replicas["on"], PORT_DIR),
+            "planted": (replicas["on"], planted_port)}
+    return {name: serve_and_compare(replica, port_dir) for name, (replica, port_dir) in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def copy_report(scaffolded_copy):
+    """The compare report of the port scaffolded from the worked port (the flags-on graph: a cache hit)."""
+    return serve_and_compare(*scaffolded_copy)
+
+
+def serve_and_compare(replica: Path, port_dir: Path):
+    """Serve ``replica`` with ``port_dir`` on the CPU in float32 and compare it with transformers."""
     import port_compare
     import serve_port
 
-    runs = {"off": (replicas["off"], PORT_DIR), "on": (replicas["on"], PORT_DIR),
-            "planted": (replicas["on"], planted_port)}
-    reports = {}
-    for name, (replica, port_dir) in runs.items():
-        with serve_port.served_model(str(replica), port_dir=str(port_dir), devices="cpu",
-                                     encoding="float32", progress=False, timeout=SERVE_TIMEOUT) as server:
-            reports[name] = port_compare.run_compare(
-                str(replica), server.base_url, server.served_name, prompts=PROMPTS, chat_template=False)
-    return reports
+    with serve_port.served_model(str(replica), port_dir=str(port_dir), devices="cpu",
+                                 encoding="float32", progress=False, timeout=SERVE_TIMEOUT) as server:
+        return port_compare.run_compare(str(replica), server.base_url, server.served_name, prompts=PROMPTS,
+                                        chat_template=False)
 
 
 @pytest.mark.e2e
@@ -172,6 +212,12 @@ def test_port_matches_hf(compare_reports, name):
     assert report.verdict == "MATCH", report.first_divergence
     assert report.first_divergence is None
     assert len(report.runs) == len(PROMPTS)
+
+
+@pytest.mark.e2e
+def test_port_scaffolded_from_the_worked_port_matches_hf_unmodified(copy_report):
+    assert copy_report.verdict == "MATCH", copy_report.first_divergence
+    assert copy_report.first_divergence is None and len(copy_report.runs) == len(PROMPTS)
 
 
 @pytest.mark.e2e
