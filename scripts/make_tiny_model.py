@@ -1,11 +1,15 @@
 """Build a tiny random replica of a Hugging Face causal LM that still catches port bugs.
 
-The replica keeps the architecture and every semantic config field, shrinks
-the sizes (layers, hidden size, heads with the same GQA ratio, experts, vocab)
-unless the source is already small (then its shapes are kept, so the source
-reuses the replica's compiled graph; the manifest's ``shapes`` says which),
-draws peaked position-sensitive weights, and saves safetensors, a working
-tokenizer and a tiny_replica.json manifest listing every changed field. With
+The replica keeps the architecture, every semantic config field and the size
+relations a port must honor (head_dim vs hidden / heads, the KV-head ratio,
+the rotated share of a head, the per-layer pattern, top-k vs experts), shrinks
+the sizes (layers, hidden size, heads, experts, vocab) unless the source is
+already small (then its shapes are kept, so the source reuses the replica's
+compiled graph; the manifest's ``shapes`` says which), sets a sliding window
+to the smallest one MAX compiles with its native mask and probes it with a
+prompt twice as long, draws peaked position-sensitive weights, and saves
+safetensors, a working tokenizer and a tiny_replica.json manifest listing
+every changed field and every kept relation. With
 --sensitivity it then checks that known port bugs (mutations) move the
 replica's logprobs far beyond the comparison tolerance.
 
@@ -30,8 +34,11 @@ from typing import Any
 import cli_support
 import hf_reference
 import input_files
+import max_compat
+import model_anatomy
 import model_source
 import tiny_config
+import tiny_tokenizer
 from cli_support import ScriptError
 from replica_init import PROMPT, InitOptions
 from tiny_config import ShrinkOptions, shrink_config
@@ -39,7 +46,9 @@ from tiny_config import ShrinkOptions, shrink_config
 EXIT_CODES = {1: "the replica failed the sensitivity report (--sensitivity)", 2: "not used"}
 
 MANIFEST = "tiny_replica.json"
-# A fixed prompt: long enough to exceed the shrunk sliding window many times over.
+# A replica with a sliding window is probed with a prompt this many windows long, so half of its
+# positions attend past the window and a port that ignores the window moves their logprobs.
+PROBE_WINDOWS = 2
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 TRAINED_VOCAB = 512
 DTYPES = ("float32", "bfloat16", "float16")
@@ -81,9 +90,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bias-std", type=float, default=0.1, help="std of biases and other vectors (default: 0.1)")
     parser.add_argument("--layers", type=int, default=2, help="minimum number of layers (default: 2)")
     parser.add_argument("--hidden-size", type=int, default=64,
-                        help="hidden size when it is not heads x head_dim (default: 64)")
+                        help="hidden size when the config names no attention heads (default: 64; otherwise "
+                             "hidden follows heads x head_dim and the source's ratio between them)")
     parser.add_argument("--head-dim", type=int, default=16, help="head dimension (default: 16)")
-    parser.add_argument("--sliding-window", type=int, default=4, help="sliding window of the replica (default: 4)")
+    parser.add_argument("--sliding-window", type=int, default=None,
+                        help="sliding window of a replica whose source has one (default: the smallest window "
+                             "MAX compiles with its native mask in --dtype, "
+                             f"{max_compat.sliding_window_floor('float32')} in float32; smaller ones are refused)")
     parser.add_argument("--always-shrink", action="store_true",
                         help="shrink even a source small enough to keep its shapes (default: keep them)")
     parser.add_argument("--sensitivity", action="store_true",
@@ -114,17 +127,19 @@ def check_options(options: ReplicaOptions) -> None:
         "--layers": (shrink.min_layers, 1, tiny_config.MAX_REPLICA_LAYERS),
         "--hidden-size": (shrink.hidden_size, 1, tiny_config.MAX_REPLICA_HIDDEN),
         "--head-dim": (shrink.head_dim, 2, tiny_config.MAX_REPLICA_HEAD_DIM),
-        "--sliding-window": (shrink.sliding_window, 1, tiny_config.MAX_POSITIONS),
         "--seed": (options.seed, 0, MAX_SEED),
         "max_positions": (shrink.max_positions, 1, tiny_config.MAX_POSITIONS),
         "experts": (shrink.experts, 1, tiny_config.MAX_SOURCE_WIDTH),
         "experts_per_tok": (shrink.experts_per_tok, 1, tiny_config.MAX_SOURCE_WIDTH),
     }
+    if shrink.sliding_window is not None:
+        bounds["--sliding-window"] = (shrink.sliding_window, _window_floor(options.dtype), tiny_config.MAX_POSITIONS)
     for flag, (value, low, high) in bounds.items():
         if not tiny_config.is_int(value):
             raise ScriptError(f"{flag} is {value!r}, expected a whole number")
         if not low <= value <= high:
-            raise ScriptError(f"{flag} is {value}, expected {low} to {high}")
+            why = " (MAX's native sliding-window mask refuses smaller windows)" if flag == "--sliding-window" else ""
+            raise ScriptError(f"{flag} is {value}, expected {low} to {high}{why}")
     if shrink.head_dim % 2:
         raise ScriptError("--head-dim must be even (RoPE rotates pairs of dimensions)")
     init = options.init
@@ -142,6 +157,11 @@ def check_options(options: ReplicaOptions) -> None:
         raise ScriptError(f"unknown dtype {options.dtype!r}; choose from {', '.join(DTYPES)}")
     if init.mode not in ("peaked", "default"):
         raise ScriptError(f"unknown init mode {init.mode!r}")
+
+
+def _window_floor(dtype: str) -> int:
+    """MAX's smallest native sliding window for a replica saved in ``dtype`` (float32 for an unknown one)."""
+    return max_compat.sliding_window_floor(dtype if dtype in max_compat.SLIDING_WINDOW_FLOOR else "float32")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -265,8 +285,10 @@ def _build_in(staging: Path, source: model_source.ModelSource | None, original: 
         torch.manual_seed(options.seed)
         config = transformers.AutoConfig.from_pretrained(staging, trust_remote_code=options.trust_remote_code)
         hf_model = hf_reference.from_config(config, trust_remote_code=options.trust_remote_code)
+        _check_hf_layer_types(config, hf_layer_types, shrunk)
         tokenizer = transformers.AutoTokenizer.from_pretrained(staging, trust_remote_code=options.trust_remote_code)
-        ids = torch.tensor([tokenizer(PROMPT)["input_ids"]])
+        prompt, prompt_rule = probe_prompt(shrunk.config, lambda text: len(tokenizer(text)["input_ids"]))
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         init_settings = initialize(hf_model, config, options.init, ids)
         # A flat replica is a failed build: compare and layer-diff would refuse it after a compile.
         spread = hf_reference.check_not_flat(
@@ -285,12 +307,14 @@ def _build_in(staging: Path, source: model_source.ModelSource | None, original: 
                         "kept_layers": shrunk.kept_layers, "layer_types": shrunk.layer_signatures},
             "shapes": shrunk.shapes,
             "changes": [asdict(change) for change in shrunk.changes],
+            "relations": shrunk.relations,
             "seed": options.seed,
             "init": init_settings,
             "tokenizer": tokenizer_info,
-            "prompt": PROMPT,
+            "prompt": prompt,
             "prompt_tokens": int(ids.shape[1]),
-            "reference_spread": spread,  # mean (top - mean) logprob over PROMPT, float32 eager
+            "prompt_rule": prompt_rule,
+            "reference_spread": spread,  # mean (top - mean) logprob over the prompt, float32 eager
         }
         _write_json(staging / MANIFEST, manifest)
     except ScriptError:
@@ -298,6 +322,35 @@ def _build_in(staging: Path, source: model_source.ModelSource | None, original: 
     except Exception as exc:  # noqa: BLE001 - transformers errors become one line
         raise ScriptError(f"transformers could not build the replica: {type(exc).__name__}: {exc}") from None
     return manifest
+
+
+def probe_prompt(config: dict[str, Any], count_tokens) -> tuple[str, str]:
+    """The replica's probe prompt and why it has that length: longer than the sliding window when there is one.
+
+    ``count_tokens`` gives a text's length in the replica tokenizer's tokens.
+    """
+    window = tiny_config.replica_sliding_window(config)
+    if not window:
+        return PROMPT, "the fixed probe prompt (the replica has no sliding window)"
+    positions = model_anatomy.config_view(config).max_positions
+    target = PROBE_WINDOWS * window if not positions else min(PROBE_WINDOWS * window, positions)
+    if target <= window:
+        return PROMPT, (f"the fixed probe prompt: the sliding window ({window}) is not below the position limit "
+                        f"({positions}), so no prompt can reach past it")
+    text = tiny_tokenizer.probe_text(PROMPT, count_tokens, target)
+    return text, (f"at least {target} tokens ({PROBE_WINDOWS} x the sliding window of {window}, capped at the "
+                  "position limit), so positions past the window show whether a port honors it")
+
+
+def _check_hf_layer_types(config: Any, source_types: list[str] | None, shrunk: tiny_config.ShrunkConfig) -> None:
+    """Refuse a replica whose per-layer attention types (as transformers derives them) are not the kept layers'."""
+    if not source_types or not shrunk.kept_layers:
+        return
+    replica = getattr(config, "layer_types", None)
+    expected = [source_types[i] for i in shrunk.kept_layers]
+    if isinstance(replica, (list, tuple)) and list(replica) != expected:
+        raise ScriptError(f"the replica's layer types {list(replica)} are not those of the kept source layers "
+                          f"{shrunk.kept_layers} ({expected}); a pattern field did not follow the kept layers")
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
@@ -365,6 +418,14 @@ def describe_shapes(shapes: dict[str, Any]) -> str:
     return f"shapes: shrunk (the source is not small enough to keep: {reasons})"
 
 
+def describe_relations(relations: dict[str, Any]) -> str:
+    """One line: which size relations of the source the replica kept (a lost one is named)."""
+    lost = [f"{name} ({r['source']} -> {r['replica']})" for name, r in relations.items() if not r.get("kept")]
+    if lost:
+        return "relations NOT kept: " + "; ".join(lost)
+    return "relations kept: " + (", ".join(relations) or "none recorded")
+
+
 def describe_manifest(manifest: dict[str, Any]) -> str:
     """Human-readable summary of a replica manifest."""
     replica = manifest["replica"]
@@ -374,6 +435,7 @@ def describe_manifest(manifest: dict[str, Any]) -> str:
         f"tokenizer: {manifest['tokenizer']['kind']} (vocab {manifest['tokenizer']['vocab_size']}); "
         f"init: {manifest['init']['mode']}; seed {manifest['seed']}",
         describe_shapes(manifest.get("shapes") or {}),
+        describe_relations(manifest.get("relations") or {}),
         "changed fields:",
     ]
     for change in manifest["changes"]:

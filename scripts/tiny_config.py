@@ -2,9 +2,16 @@
 
 The replica keeps the architecture's semantics (RoPE type/theta/scaling,
 norms and eps, activations, biases, softcaps, tie flag, multipliers) and
-shrinks only sizes. Fields whose validity depends on the new sizes get a
-rescaling rule; each rule is in ``RULES`` and every applied change is
-returned as a :class:`FieldChange` for the replica manifest.
+every relation between sizes a port must honor: head_dim x heads vs hidden
+(an explicit head_dim keeps its ratio), the query/KV head ratio (MHA, GQA,
+multi-query), the rotated share of each head, the per-layer pattern
+(attention types, NoPE and MoE layers), the top-k vs expert-count relation.
+It shrinks only sizes. Every field is found through ``model_anatomy``'s one
+alias table, so GPT-2 spellings (``n_embd``, ``n_head``, ``n_layer``) shrink
+like Llama's. A sliding window becomes the smallest one MAX compiles with
+its native mask (``max_compat``). Each rule is in ``RULES`` and every
+applied change is returned as a :class:`FieldChange` for the replica
+manifest.
 
 Pure dict manipulation: imports neither torch nor transformers.
 """
@@ -14,8 +21,11 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
+import max_compat
+import model_anatomy
 import model_source
 from cli_support import ScriptError
 
@@ -25,17 +35,28 @@ RULES = {
               "(attention type, dense/MoE, NoPE), at least --layers; per-layer lists are cut to that prefix",
     "layers_representative": "the prefix would be too long, so the first layer of each per-layer type is kept "
                              "and per-layer fields are rewritten for the kept layers",
-    "heads": "GQA ratio kept: MHA -> 4/4 heads, MQA -> 4/1, GQA (ratio g) -> 2g query heads / 2 KV heads",
-    "head_dim": "set to --head-dim",
-    "hidden_size": "query heads x head_dim when the original had hidden = heads x head_dim, else --hidden-size",
-    "intermediate_size": "2 x the new hidden_size",
-    "expert_intermediate_size": "new hidden_size / 2",
+    "heads": "query/KV head ratio kept: MHA -> 4/4 heads, multi-query -> 4/1, GQA (ratio g) -> 2g query heads / "
+             "2 KV heads",
+    "head_dim": "set to --head-dim, doubled while a partial rotary would rotate an odd number of dims (an "
+                "explicit head_dim stays explicit)",
+    "hidden_size": "query heads x head_dim when the original had hidden = heads x head_dim",
+    "hidden_size_ratio": "query heads x head_dim / r, where r is the original's ratio heads x head_dim / hidden, "
+                         "so an explicit head_dim still differs from hidden / heads in the same direction",
+    "hidden_size_no_heads": "--hidden-size (the config names no attention heads)",
+    "intermediate_size": "2 x the new hidden size",
+    "width_follows_hidden": "a width tied to the hidden size, scaled by the same factor (equal stays equal)",
+    "expert_intermediate_size": "new hidden size / 2",
     "experts": "at most 4 experts",
-    "experts_per_tok": "at most 2 experts per token (and never more than the experts kept)",
+    "experts_per_tok": "at most 2 experts per token and fewer than the experts kept, unless every expert was "
+                       "used (then all kept experts are)",
+    "expert_groups": "group-limited routing kept with 2 groups of the kept experts (one group picked when fewer "
+                     "groups than all were picked)",
+    "rotary_dim": "rotated dims per head scaled with head_dim (the same share of each head, even, at least 2)",
     "vocab_size": "the size of the replica's tokenizer (the real vocab size is kept with the real tokenizer)",
     "max_position_embeddings": "at most 2048 (never below original_max_position_embeddings), unchanged when "
                                "the RoPE scaling type reads it (yarn, longrope, dynamic)",
-    "sliding_window": "shrunk to --sliding-window so sliding and full attention differ on a short prompt",
+    "sliding_window": "set to the sliding-window floor of the replica dtype (max_compat.SLIDING_WINDOW_FLOOR)",
+    "sliding_window_flag": "set to --sliding-window",
     "query_pre_attn_scalar": "followed head_dim (or hidden/heads) when it equalled it, else scaled by the "
                              "head_dim ratio",
     "rope_factor_list": "longrope factor lists resampled (evenly spaced entries) to rotary_dim / 2",
@@ -71,25 +92,45 @@ SMALL_SOURCE_MAX_VOCAB = 32768
 # RoPE tables and the KV cache for this many positions are a few MB at these widths.
 SMALL_SOURCE_MAX_POSITIONS = 32768
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
-INDEX_LIST_KEYS = ("mlp_only_layers",)
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-TOPK_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
-EXPERT_SIZE_KEYS = ("moe_intermediate_size", "shared_expert_intermediate_size", "expert_intermediate_size")
+ALIASES = model_anatomy.ALIASES
+# The config keys tiny reads, from model_anatomy's one alias table (first present spelling wins).
+LAYER_COUNT_KEYS = ALIASES["num_layers"]
+# Lists of layer indices (not one entry per layer): remapped to the kept layers.
+INDEX_LIST_KEYS = ALIASES["moe_dense_layers"] + ALIASES["moe_layers"]
+EXPERT_COUNT_KEYS = ALIASES["num_experts"]
+TOPK_KEYS = ALIASES["experts_per_token"]
+EXPERT_SIZE_KEYS = ALIASES["expert_intermediate_size"] + ALIASES["shared_expert_intermediate_size"]
+# Widths defined relative to the hidden size that no alias names (OPT projects embeddings to this width).
+WIDTH_FOLLOWS_HIDDEN_KEYS = ("word_embed_proj_dim",)
+# Group-limited MoE routing (DeepSeek-V3): experts split into n_group groups, topk_group of them searched.
+EXPERT_GROUP_KEY = "n_group"
+EXPERT_TOPK_GROUP_KEY = "topk_group"
+# Leading-layer counts: the first k layers are dense (DeepSeek); remapped like max_window_layers.
+LEADING_DENSE_KEY = "first_k_dense_replace"
 TOKEN_ID_ROLES = {"bos_token_id": "bos", "eos_token_id": "eos", "pad_token_id": "pad"}
 SCALING_READS_MAX_POSITIONS = ("yarn", "longrope", "dynamic")
 MAX_PREFIX_LAYERS = 8
 NOT_PER_LAYER = ("architectures", "eos_token_id", "long_factor", "short_factor")
+# The smallest hidden size a ratio-kept replica gets (below it norms and projections degenerate).
+MIN_REPLICA_HIDDEN = 8
+# The smallest expert FFN width (a few multiply-adds per token still route through every expert).
+MIN_EXPERT_WIDTH = 8
+# Rotated dims per head come in pairs; a partial rotary keeps at least one pair.
+MIN_ROTARY_DIM = 2
+# Shrunk group-limited routing: two groups of the kept experts.
+REPLICA_EXPERT_GROUPS = 2
+# The rotated share of a head is compared at this precision (an absolute rotary_dim rounds to whole pairs).
+ROTARY_SHARE_DIGITS = 4
 
 
 @dataclass
 class ShrinkOptions:
-    """Target sizes of the replica."""
+    """Target sizes of the replica (sliding_window None: MAX's floor for the replica dtype)."""
 
     hidden_size: int = 64
     head_dim: int = 16
     min_layers: int = 2
-    sliding_window: int = 4
+    sliding_window: int | None = None
     max_positions: int = 2048
     experts: int = 4
     experts_per_tok: int = 2
@@ -108,7 +149,7 @@ class FieldChange:
 
 @dataclass
 class ShrunkConfig:
-    """The replica's config.json and what changed from the original."""
+    """The replica's config.json, what changed from the original, and which relations it kept."""
 
     config: dict[str, Any]
     changes: list[FieldChange] = field(default_factory=list)
@@ -116,6 +157,7 @@ class ShrunkConfig:
     layer_signatures: list[str] = field(default_factory=list)
     text_only: bool = False
     shapes: dict[str, Any] = field(default_factory=dict)  # kept or shrunk, the rule, and why
+    relations: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> source / replica values
 
 
 def shrink_config(
@@ -135,7 +177,8 @@ def shrink_config(
     ``vocab_size`` replaces the vocab (None keeps it). ``special_ids`` maps the
     roles bos/eos/pad to replica token ids; ids are rewritten when given.
     ``causal_lm_architecture`` names the text-only class when ``original``
-    nests a ``text_config`` (multimodal).
+    nests a ``text_config`` (multimodal). Raises ScriptError when a per-layer
+    pattern cannot be kept.
     """
     result = ShrunkConfig(config={})
     config = copy.deepcopy(original)
@@ -152,60 +195,32 @@ def shrink_config(
 
     changes = result.changes
 
-    def set_field(key: str, new: Any, rule: str) -> None:
-        old = config.get(key)
+    def set_field(key: str, new: Any, rule: str, reason: str | None = None) -> None:
+        old = model_anatomy.get_config_value(config, key)
         if old != new:
-            changes.append(FieldChange(key, old, new, RULES[rule]))
-        config[key] = new
+            changes.append(FieldChange(key, old, new, reason or RULES[rule]))
+        model_anatomy.set_config_value(config, key, new)
 
+    source_view = model_anatomy.config_view(config)
     too_big = small_source_problems(config, options, layer_types, vocab_size)
     keep = options.keep_small_source and not too_big
     result.shapes = {"kept": keep, "rule": keep_shapes_rule(),
                      "reasons": ["--always-shrink"] if not options.keep_small_source else too_big}
     _shrink_layers(config, options, layer_types, result, set_field)
-    if keep:
-        _set_token_ids_and_dtype(config, special_ids, dtype, set_field)
-        result.config = config
-        return result
-    old_heads = config.get("num_attention_heads")
-    old_hidden = config.get("hidden_size")
-    old_head_dim = config.get("head_dim") or (old_hidden // old_heads if old_hidden and old_heads else None)
-    if old_heads:
-        heads, kv_heads = _head_counts(old_heads, config.get("num_key_value_heads") or old_heads)
-        set_field("num_attention_heads", heads, "heads")
-        if "num_key_value_heads" in config:
-            set_field("num_key_value_heads", kv_heads, "heads")
-        implicit = "head_dim" not in config or config["head_dim"] is None or old_head_dim * old_heads == old_hidden
-        new_hidden = heads * options.head_dim if implicit else options.hidden_size
-        set_field("hidden_size", new_hidden, "hidden_size")
-        if config.get("head_dim") is not None:
-            set_field("head_dim", options.head_dim, "head_dim")
-        _rescale_query_pre_attn_scalar(config, old_head_dim, old_hidden, old_heads, options.head_dim,
-                                       new_hidden, heads, set_field)
-        _rescale_rope_lists(config, options.head_dim, changes)
-    hidden = config.get("hidden_size") or options.hidden_size
-    if "intermediate_size" in config:
-        set_field("intermediate_size", 2 * hidden, "intermediate_size")
-    for key in EXPERT_SIZE_KEYS:
-        if config.get(key):
-            set_field(key, max(8, hidden // 2), "expert_intermediate_size")
-    experts = None
-    for key in EXPERT_COUNT_KEYS:
-        if config.get(key):
-            experts = min(config[key], options.experts)
-            set_field(key, experts, "experts")
-    for key in TOPK_KEYS:
-        if config.get(key) and isinstance(config[key], int):
-            cap = min(options.experts_per_tok, experts or options.experts_per_tok)
-            set_field(key, min(config[key], cap), "experts_per_tok")
-    if vocab_size is not None and "vocab_size" in config:
-        set_field("vocab_size", vocab_size, "vocab_size")
-    _shrink_max_positions(config, options, set_field)
-    window = config.get("sliding_window")
-    if isinstance(window, int) and not isinstance(window, bool) and window > options.sliding_window:
-        set_field("sliding_window", options.sliding_window, "sliding_window")
+    if not keep:
+        _shrink_attention(config, source_view, options, set_field, changes)
+        hidden = model_anatomy.get_config_value(config, source_view.key("hidden_size") or "") or options.hidden_size
+        _shrink_widths(config, source_view, hidden, set_field)
+        _shrink_experts(config, source_view, options, set_field)
+        vocab_key = source_view.key("vocab_size")
+        if vocab_size is not None and vocab_key:
+            set_field(vocab_key, vocab_size, "vocab_size")
+        _shrink_max_positions(config, source_view, options, set_field)
+        _set_sliding_window(config, source_view, options, dtype, set_field)
     _set_token_ids_and_dtype(config, special_ids, dtype, set_field)
     result.config = config
+    result.relations = kept_relations(source_view, model_anatomy.config_view(config))
+    _check_layer_pattern(config, layer_types, result)
     return result
 
 
@@ -221,28 +236,31 @@ def small_source_problems(config: dict[str, Any], options: ShrinkOptions, layer_
                           tokenizer_vocab: int | None = None) -> list[str]:
     """Why ``config`` is not small enough to keep its shapes (empty: keep them)."""
     problems = []
-    count = _layer_count(config)
+    view = model_anatomy.config_view(config)
+    count = view.num_layers or 0
     kept = _kept_layers(config, options, layer_types)[0] if count else []
     if len(kept) != count:
         problems.append(f"{count} layers, of which the layer rule keeps {len(kept)}")
-    heads = config.get("num_attention_heads")
-    hidden = config.get("hidden_size")
-    head_dim = config.get("head_dim") or (hidden // heads if is_int(hidden) and is_int(heads) and heads else None)
-    limits = [("hidden_size", hidden, SMALL_SOURCE_MAX_HIDDEN),
-              ("intermediate_size", config.get("intermediate_size"), SMALL_SOURCE_MAX_INTERMEDIATE),
-              *((key, config.get(key), SMALL_SOURCE_MAX_INTERMEDIATE) for key in EXPERT_SIZE_KEYS),
-              ("num_attention_heads", heads, SMALL_SOURCE_MAX_HEADS),
-              ("num_key_value_heads", config.get("num_key_value_heads"), SMALL_SOURCE_MAX_HEADS),
-              ("head_dim", head_dim, SMALL_SOURCE_MAX_HEAD_DIM),
-              *((key, config.get(key), SMALL_SOURCE_MAX_EXPERTS) for key in EXPERT_COUNT_KEYS),
-              ("vocab_size", config.get("vocab_size"), SMALL_SOURCE_MAX_VOCAB),
-              ("max_position_embeddings", config.get("max_position_embeddings"), SMALL_SOURCE_MAX_POSITIONS)]
-    for key, value, limit in limits:
+
+    def named(name: str) -> str:
+        return view.key(name) or name
+
+    limits = [("hidden_size", view.hidden_size, SMALL_SOURCE_MAX_HIDDEN),
+              ("intermediate_size", view.intermediate_size, SMALL_SOURCE_MAX_INTERMEDIATE),
+              ("expert_intermediate_size", view.expert_intermediate_size, SMALL_SOURCE_MAX_INTERMEDIATE),
+              ("shared_expert_intermediate_size", view.shared_expert_intermediate_size, SMALL_SOURCE_MAX_INTERMEDIATE),
+              ("num_heads", view.num_heads, SMALL_SOURCE_MAX_HEADS),
+              ("num_kv_heads", view.num_kv_heads, SMALL_SOURCE_MAX_HEADS),
+              ("head_dim", view.head_dim, SMALL_SOURCE_MAX_HEAD_DIM),
+              ("num_experts", view.num_experts, SMALL_SOURCE_MAX_EXPERTS),
+              ("vocab_size", view.vocab_size, SMALL_SOURCE_MAX_VOCAB),
+              ("max_positions", view.max_positions, SMALL_SOURCE_MAX_POSITIONS)]
+    for name, value, limit in limits:
         if is_int(value) and value > limit:
-            problems.append(f"{key} {value} > {limit}")
-    vocab = config.get("vocab_size")
+            problems.append(f"{named(name)} {value} > {limit}")
+    vocab = view.vocab_size
     if tokenizer_vocab is not None and is_int(vocab) and tokenizer_vocab > vocab:
-        problems.append(f"vocab_size {vocab} is below the trained tokenizer's {tokenizer_vocab} tokens")
+        problems.append(f"{named('vocab_size')} {vocab} is below the trained tokenizer's {tokenizer_vocab} tokens")
     return problems
 
 
@@ -260,7 +278,7 @@ def _set_token_ids_and_dtype(config: dict[str, Any], special_ids: dict[str, int]
 
 
 def _head_counts(heads: int, kv_heads: int) -> tuple[int, int]:
-    """New (query heads, KV heads) with the same GQA ratio."""
+    """New (query heads, KV heads) with the same query/KV ratio."""
     if kv_heads >= heads:
         return 4, 4
     if kv_heads == 1:
@@ -269,34 +287,191 @@ def _head_counts(heads: int, kv_heads: int) -> tuple[int, int]:
     return 2 * ratio, 2
 
 
+def _replica_head_dim(view: model_anatomy.ConfigView, wanted: int) -> int:
+    """--head-dim, doubled until a partial rotary fraction rotates a whole, even number of dims."""
+    fraction = view.rotary_fraction
+    if view.key("rotary_dim") or not fraction or fraction >= 1:
+        return wanted
+    head_dim = wanted
+    while head_dim < MAX_REPLICA_HEAD_DIM and (int(head_dim * fraction) % 2 or int(head_dim * fraction) == 0):
+        head_dim *= 2
+    return head_dim
+
+
+def _replica_hidden(view: model_anatomy.ConfigView, heads: int, head_dim: int) -> tuple[int, str]:
+    """The replica's hidden size and its rule: heads x head_dim, or that over the source's ratio r."""
+    if not view.head_dim_differs:
+        return heads * head_dim, "hidden_size"
+    ratio = Fraction(view.num_heads * view.head_dim, view.hidden_size)
+    hidden = max(MIN_REPLICA_HIDDEN, round(Fraction(heads * head_dim) / ratio))
+    if ratio < 1 and hidden // heads == head_dim:
+        hidden = heads * (head_dim + 1)  # hidden / heads must still differ from head_dim
+    if ratio > 1 and hidden >= heads * head_dim:
+        hidden = heads * head_dim - heads
+    return hidden, "hidden_size_ratio"
+
+
+def _shrink_attention(config, view: model_anatomy.ConfigView, options: ShrinkOptions, set_field, changes) -> None:
+    """Heads (ratio kept), head_dim (explicit stays explicit), hidden (the head_dim relation kept), rotary."""
+    heads_key, hidden_key = view.key("num_heads"), view.key("hidden_size")
+    if not heads_key or not view.num_heads:
+        if hidden_key:
+            set_field(hidden_key, options.hidden_size, "hidden_size_no_heads")
+        return
+    heads, kv_heads = _head_counts(view.num_heads, view.num_kv_heads or view.num_heads)
+    head_dim = _replica_head_dim(view, options.head_dim)
+    set_field(heads_key, heads, "heads")
+    kv_key = view.key("num_kv_heads")
+    if kv_key and not kv_key.endswith("multi_query"):  # multi_query=true already means one KV head
+        set_field(kv_key, kv_heads, "heads")
+    hidden, rule = _replica_hidden(view, heads, head_dim)
+    if hidden_key:
+        set_field(hidden_key, hidden, rule)
+    if view.head_dim_explicit:
+        set_field(view.key("head_dim"), head_dim, "head_dim")
+    rotary_key = view.key("rotary_dim")
+    if rotary_key and view.rotary_dim and view.head_dim:
+        if view.rotary_dim >= view.head_dim:
+            rotary = head_dim
+        else:
+            rotary = MIN_ROTARY_DIM * round(head_dim * view.rotary_dim / view.head_dim / MIN_ROTARY_DIM)
+            rotary = min(max(MIN_ROTARY_DIM, rotary), head_dim - MIN_ROTARY_DIM)
+        set_field(rotary_key, rotary, "rotary_dim")
+    _rescale_query_pre_attn_scalar(config, view.head_dim, view.hidden_size, view.num_heads, head_dim, hidden,
+                                   heads, set_field)
+    _rescale_rope_lists(config, head_dim, changes)
+
+
+def _shrink_widths(config, view: model_anatomy.ConfigView, hidden: int, set_field) -> None:
+    """The FFN width, expert widths and widths tied to hidden, for the new hidden size."""
+    ffn_key = view.key("intermediate_size")
+    if ffn_key and is_int(model_anatomy.get_config_value(config, ffn_key)):
+        set_field(ffn_key, 2 * hidden, "intermediate_size")
+    for key in EXPERT_SIZE_KEYS:
+        value = model_anatomy.get_config_value(config, key)
+        if is_int(value) and value:
+            set_field(key, max(MIN_EXPERT_WIDTH, hidden // 2), "expert_intermediate_size")
+    old_hidden = view.hidden_size
+    for key in WIDTH_FOLLOWS_HIDDEN_KEYS:
+        value = config.get(key)
+        if is_int(value) and value and old_hidden:
+            new = hidden if value == old_hidden else max(MIN_ROTARY_DIM, round(value * hidden / old_hidden))
+            set_field(key, new, "width_follows_hidden")
+
+
+def _shrink_experts(config, view: model_anatomy.ConfigView, options: ShrinkOptions, set_field) -> None:
+    """At most --experts experts; top-k below the kept experts unless every expert was picked."""
+    experts_key = view.key("num_experts")
+    if not experts_key or not view.num_experts:
+        return
+    experts = min(view.num_experts, options.experts)
+    set_field(experts_key, experts, "experts")
+    if not view.is_moe:
+        return
+    topk_key, top_k = view.key("experts_per_token"), view.experts_per_token
+    if topk_key and is_int(top_k) and top_k > 0:
+        new = experts if top_k >= view.num_experts else max(1, min(top_k, options.experts_per_tok, experts - 1))
+        set_field(topk_key, new, "experts_per_tok")
+    groups, picked = config.get(EXPERT_GROUP_KEY), config.get(EXPERT_TOPK_GROUP_KEY)
+    if is_int(groups) and groups > 1 and experts % REPLICA_EXPERT_GROUPS == 0:
+        set_field(EXPERT_GROUP_KEY, REPLICA_EXPERT_GROUPS, "expert_groups")
+        if is_int(picked):
+            set_field(EXPERT_TOPK_GROUP_KEY, REPLICA_EXPERT_GROUPS if picked >= groups else 1, "expert_groups")
+
+
+def _set_sliding_window(config, view: model_anatomy.ConfigView, options: ShrinkOptions, dtype: str,
+                        set_field) -> None:
+    """A source with a sliding window gets MAX's floor for the replica dtype (or --sliding-window)."""
+    key = view.key("sliding_window")
+    if not key or not view.sliding_window:
+        return
+    if options.sliding_window is not None:
+        set_field(key, options.sliding_window, "sliding_window_flag")
+        return
+    attention_dtype = dtype if dtype in max_compat.SLIDING_WINDOW_FLOOR else "float32"
+    set_field(key, max_compat.sliding_window_floor(attention_dtype), "sliding_window",
+              "set to the sliding-window floor: " + max_compat.sliding_window_reason(attention_dtype))
+
+
+def replica_sliding_window(config: dict[str, Any]) -> int | None:
+    """The sliding window of a (replica) config, None when it has none."""
+    return model_anatomy.config_view(config).sliding_window
+
+
+def kept_relations(source: model_anatomy.ConfigView, replica: model_anatomy.ConfigView) -> dict[str, dict[str, Any]]:
+    """The size relations a port must honor, on the source and on the replica (equal means kept)."""
+    def head_ratio(view):
+        if not (view.num_heads and view.head_dim and view.hidden_size):
+            return None
+        return str(Fraction(view.num_heads * view.head_dim, view.hidden_size))
+
+    def kv_ratio(view):
+        if not view.num_heads or not view.num_kv_heads:
+            return None
+        if view.num_kv_heads == 1 and view.num_heads > 1:
+            return "multi-query"
+        return str(Fraction(view.num_heads, view.num_kv_heads))
+
+    def rotary(view):
+        return None if view.rotary_fraction is None else round(view.rotary_fraction, ROTARY_SHARE_DIGITS)
+
+    def top_k(view):
+        if not view.is_moe or not view.experts_per_token:
+            return None
+        if view.experts_per_token >= view.num_experts:
+            return "all experts"
+        return "one expert" if view.experts_per_token == 1 else "some experts"
+
+    def window(view):
+        return "sliding" if view.sliding_window else None
+
+    rows = {
+        "heads x head_dim / hidden": head_ratio,
+        "head_dim explicit": lambda v: v.head_dim_explicit,
+        "query heads per KV head": kv_ratio,
+        "rotary share of a head": rotary,
+        "experts per token": top_k,
+        "tie_word_embeddings": lambda v: v.tie_word_embeddings,
+        "attention_bias": lambda v: v.attention_bias,
+        "mlp_bias": lambda v: v.mlp_bias,
+        "sliding window": window,
+    }
+    relations = {}
+    for name, read in rows.items():
+        old, new = read(source), read(replica)
+        if old is not None or new is not None:
+            relations[name] = {"source": old, "replica": new, "kept": old == new}
+    return relations
+
+
 def layer_signatures(config: dict[str, Any], layer_types: list[str] | None) -> list[str]:
     """A string per layer naming everything that makes that layer's type distinct."""
-    count = _layer_count(config)
-    only_mlp = set(config.get("mlp_only_layers") or [])
-    step = config.get("decoder_sparse_step") or 1
-    is_moe_model = any(config.get(k) for k in EXPERT_COUNT_KEYS)
-    first_dense = config.get("first_k_dense_replace") or 0
+    view = model_anatomy.config_view(config)
+    count = view.num_layers or 0
+    types = list(layer_types) if layer_types and len(layer_types) == count else None
+    if types is None and len(set(view.layer_types)) > 1 and len(view.layer_types) == count:
+        types = list(view.layer_types)
+    moe_layers = set(view.moe_layers)
+    nope = len(set(view.rope_layers)) > 1 and len(view.rope_layers) == count
     lists = {k: v for k, v in config.items()
              if isinstance(v, list) and len(v) == count and k not in ("layer_types", *INDEX_LIST_KEYS, *NOT_PER_LAYER)
              and all(isinstance(x, (int, str, bool, float)) or x is None for x in v)}
     signatures = []
     for i in range(count):
         parts = []
-        if layer_types and len(layer_types) == count:
-            parts.append(str(layer_types[i]))
-        if is_moe_model:
-            moe = i not in only_mlp and (i + 1) % step == 0 and i >= first_dense
-            parts.append("moe" if moe else "dense")
+        if types:
+            parts.append(str(types[i]))
+        if view.is_moe:
+            parts.append("moe" if i in moe_layers else "dense")
+        if nope and not view.rope_layers[i]:
+            parts.append("nope")
         parts.extend(f"{k}={lists[k][i]}" for k in sorted(lists))
         signatures.append(",".join(parts) or "uniform")
     return signatures
 
 
 def _layer_count(config: dict[str, Any]) -> int:
-    for key in LAYER_COUNT_KEYS:
-        if isinstance(config.get(key), int):
-            return config[key]
-    return 0
+    return model_anatomy.config_view(config).num_layers or 0
 
 
 def _kept_layers(config, options, layer_types) -> tuple[list[int], str, list[str]]:
@@ -319,7 +494,7 @@ def _shrink_layers(config, options, layer_types, result, set_field) -> None:
     kept, rule, signatures = _kept_layers(config, options, layer_types)
     result.kept_layers = kept
     result.layer_signatures = [signatures[i] for i in kept]
-    key = next(k for k in LAYER_COUNT_KEYS if isinstance(config.get(k), int))
+    key = model_anatomy.config_view(config).key("num_layers")
     set_field(key, len(kept), rule)
     for name, value in list(config.items()):
         if isinstance(value, list) and len(value) == count and name not in INDEX_LIST_KEYS + NOT_PER_LAYER:
@@ -334,6 +509,21 @@ def _shrink_layers(config, options, layer_types, result, set_field) -> None:
         sliding_used = config.get("use_sliding_window") and limit < count
         new = sum(1 for i in kept if i < limit) if sliding_used else len(kept)
         set_field("max_window_layers", new, "max_window_layers")
+    if is_int(config.get(LEADING_DENSE_KEY)):
+        set_field(LEADING_DENSE_KEY, sum(1 for i in kept if i < config[LEADING_DENSE_KEY]), "layer_index_list")
+
+
+def _check_layer_pattern(config: dict[str, Any], layer_types: list[str] | None, result: ShrunkConfig) -> None:
+    """Refuse a replica whose layers do not have the kept layers' types (a pattern field did not follow)."""
+    if not result.kept_layers:
+        return
+    kept_types = [layer_types[i] for i in result.kept_layers] if layer_types else None
+    replica = layer_signatures(config, kept_types)
+    if replica != result.layer_signatures:
+        raise ScriptError(f"the replica would not keep the per-layer pattern: source layers {result.kept_layers} are "
+                          f"{result.layer_signatures}, the replica's layers would be {replica} (a pattern field "
+                          "such as decoder_sparse_step or no_rope_layer_interval cannot follow the kept layers); "
+                          f"raise --layers to at least {result.kept_layers[-1] + 1} to keep a prefix")
 
 
 def _rescale_query_pre_attn_scalar(config, old_head_dim, old_hidden, old_heads, head_dim, hidden, heads,
@@ -395,9 +585,10 @@ def _rescale_rope_lists(config, head_dim, changes) -> None:
                     params[name] = new
 
 
-def _shrink_max_positions(config, options, set_field) -> None:
-    value = config.get("max_position_embeddings")
-    if not isinstance(value, int) or value <= options.max_positions:
+def _shrink_max_positions(config, view: model_anatomy.ConfigView, options, set_field) -> None:
+    key = view.key("max_positions")
+    value = model_anatomy.get_config_value(config, key) if key else None
+    if not is_int(value) or value <= options.max_positions:
         return
     rope_types = {str(p.get("rope_type") or p.get("type") or "default") for p in _rope_dicts(config)}
     if any(t.startswith(SCALING_READS_MAX_POSITIONS) for t in rope_types):
@@ -406,7 +597,7 @@ def _shrink_max_positions(config, options, set_field) -> None:
     pretraining.append(config.get("original_max_position_embeddings"))
     floor = max([options.max_positions] + [v for v in pretraining if isinstance(v, int)])
     if floor < value:
-        set_field("max_position_embeddings", floor, "max_position_embeddings")
+        set_field(key, floor, "max_position_embeddings")
 
 
 # --- input checks (run before torch is imported) ------------------------------------------
@@ -435,13 +626,11 @@ MAX_REPLICA_HEAD_DIM = 512
 # Source size fields: name -> (smallest allowed, largest allowed). null means "not set".
 SOURCE_INT_FIELDS: dict[str, tuple[int, int]] = {
     **{key: (1, MAX_SOURCE_LAYERS) for key in LAYER_COUNT_KEYS},
-    "num_attention_heads": (1, MAX_SOURCE_HEADS),
-    "num_key_value_heads": (1, MAX_SOURCE_HEADS),
-    "hidden_size": (1, MAX_SOURCE_WIDTH),
-    "intermediate_size": (1, MAX_SOURCE_WIDTH),
-    "head_dim": (1, MAX_SOURCE_WIDTH),
+    **{key: (1, MAX_SOURCE_HEADS) for key in ALIASES["num_heads"] + ALIASES["num_kv_heads"]},
+    **{key: (1, MAX_SOURCE_WIDTH) for key in ALIASES["hidden_size"] + ALIASES["intermediate_size"]
+       + ALIASES["head_dim"] + ALIASES["rotary_dim"]},
     "vocab_size": (1, MAX_VOCAB),
-    "max_position_embeddings": (1, MAX_POSITIONS),
+    **{key: (1, MAX_POSITIONS) for key in ALIASES["max_positions"]},
     "sliding_window": (1, MAX_POSITIONS),
     "max_window_layers": (0, MAX_SOURCE_LAYERS),
     "decoder_sparse_step": (0, MAX_SOURCE_LAYERS),
@@ -542,7 +731,8 @@ def check_replica_sizes(config: dict[str, Any], label: str = "the replica") -> N
     if layers > MAX_REPLICA_LAYERS:
         raise ScriptError(f"{label} would keep {layers} layers (more than {MAX_REPLICA_LAYERS}): the source has "
                           "too many distinct layer types, or --layers is too large")
-    hidden = config.get("hidden_size")
+    view = model_anatomy.config_view(config)
+    hidden = view.hidden_size
     if is_int(hidden) and hidden > MAX_REPLICA_HIDDEN:
-        raise ScriptError(f"{label} would have hidden_size {hidden} (more than {MAX_REPLICA_HIDDEN}); "
+        raise ScriptError(f"{label} would have {view.key('hidden_size')} {hidden} (more than {MAX_REPLICA_HIDDEN}); "
                           "lower --head-dim or --hidden-size")

@@ -1,14 +1,16 @@
-"""Train and save a small byte-level BPE tokenizer for offline test checkpoints.
+"""Train and save a small byte-level BPE tokenizer for offline test checkpoints; lengthen probe prompts.
 
 Used when a model's real tokenizer is not available (no Hub here): the
 tokenizer is trained on a fixed built-in English corpus, so the same call
-always gives the same vocabulary. Imports only ``tokenizers`` and
-``transformers``' tokenizer class (no torch).
+always gives the same vocabulary. The same corpus lengthens a replica's
+probe prompt past its sliding window (:func:`probe_text`). Imports only
+``tokenizers`` and ``transformers``' tokenizer class (no torch).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 # A fixed corpus: enough distinct words for a few hundred merges.
 CORPUS = """
@@ -53,3 +55,23 @@ def train_bpe_tokenizer(output_dir: str | Path, vocab_size: int = 512) -> int:
     )
     fast.save_pretrained(str(output_dir))
     return tokenizer.get_vocab_size()
+
+
+# Each corpus line adds tokens, so this many passes over it reach any length a replica can hold
+# (2048 positions at one token per character of a ~900-character corpus is about 3 passes).
+MAX_CORPUS_PASSES = 64
+
+
+def probe_text(base: str, count_tokens: Callable[[str], int], min_tokens: int) -> str:
+    """``base`` followed by corpus sentences (in order, repeating) until it is at least ``min_tokens`` long.
+
+    ``count_tokens`` gives a text's length in the replica tokenizer's tokens. The text is the
+    same for the same tokenizer and length, so a manifest's prompt can be rebuilt.
+    """
+    text = base
+    lines = CORPUS.splitlines()
+    for step in range(MAX_CORPUS_PASSES * len(lines)):
+        if count_tokens(text) >= min_tokens:
+            return text
+        text = f"{text} {lines[step % len(lines)]}"
+    raise ValueError(f"could not reach {min_tokens} tokens with {MAX_CORPUS_PASSES} passes over the corpus")

@@ -1,0 +1,193 @@
+"""Faithful shrinking (issue 14): a replica keeps the size relations a port must honor.
+
+Each test is a regression test for a measured defect of ``tiny``: an explicit head_dim reset to
+hidden / heads, GPT-2 names left at full width, kv-head and rotary keys other than Llama's left
+unshrunk, index lists taken for per-layer lists, a sliding window MAX cannot compile, a probe
+prompt shorter than the window. Sources are transformers' default configs or full-size Hub-shaped
+dicts; only the shrunk replicas are ever instantiated.
+"""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import pytest
+
+from family_configs import FAMILY_CONFIGS
+
+import max_compat
+import model_anatomy
+from cli_support import ScriptError
+from make_tiny_model import MANIFEST, ReplicaOptions, build_replica, check_options, probe_prompt
+from tiny_config import ShrinkOptions, shrink_config
+
+FLOOR = max_compat.sliding_window_floor("float32")
+# A 2-layer GPT-2 replica at full width (768) with a 512-token vocab has 15.4 M parameters (measured
+# before the fix); shrunk to hidden 64 it has about 0.2 M. A bound far below the first and far above
+# the second fails only when the widths are not shrunk.
+GPT2_REPLICA_MAX_PARAMETERS = 1_000_000
+TRAINED_VOCAB = 512
+
+
+def _default_config(model_type: str) -> dict:
+    """transformers' default config of ``model_type`` as a config.json dict with its causal-LM class."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = transformers.AutoConfig.for_model(model_type).to_dict()
+    config["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]]
+    return config
+
+
+def _shrunk(config: dict, **kwargs) -> dict:
+    return shrink_config(config, ShrinkOptions(keep_small_source=False), **kwargs).config
+
+
+def _head_relation(config: dict) -> tuple[Fraction, object, bool, bool]:
+    """heads x head_dim / hidden, query heads per KV head (or multi-query), hidden // heads == head_dim,
+    explicit head_dim."""
+    view = model_anatomy.config_view(config)
+    kv = "multi-query" if view.num_kv_heads == 1 else Fraction(view.num_heads, view.num_kv_heads)
+    return (Fraction(view.num_heads * view.head_dim, view.hidden_size), kv,
+            view.hidden_size // view.num_heads == view.head_dim, view.head_dim_explicit)
+
+
+# Llama-layout sources with an explicit head_dim that differs from hidden / heads (Gemma-7B is the MHA
+# one: 16 x 256 = 4096 over hidden 3072).
+EXPLICIT_HEAD_DIM_SOURCES = {
+    "mha": {"num_attention_heads": 16, "num_key_value_heads": 16, "head_dim": 256, "hidden_size": 3072},
+    "gqa2": {"num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 256, "hidden_size": 3072},
+    "gqa4": {"num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "hidden_size": 3072},
+    "mqa": {"num_attention_heads": 16, "num_key_value_heads": 1, "head_dim": 128, "hidden_size": 3072},
+    "narrow_heads": {"num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "hidden_size": 4096},
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPLICIT_HEAD_DIM_SOURCES))
+def test_explicit_head_dim_keeps_its_ratio_to_hidden_and_the_kv_ratio(case):
+    source = dict(FAMILY_CONFIGS["llama"], **EXPLICIT_HEAD_DIM_SOURCES[case])
+    replica = _shrunk(source)
+    ratio, kv_ratio, recomputable, explicit = _head_relation(replica)
+    assert (ratio, kv_ratio) == _head_relation(source)[:2]
+    assert explicit and replica["head_dim"] == ShrinkOptions().head_dim
+    assert not recomputable  # a port computing head_dim = hidden // heads is wrong on the replica too
+
+
+def test_falcon_kv_heads_key_shrinks_with_the_query_heads():
+    # Falcon-40B: new_decoder_architecture, 128 query heads over 8 KV heads under num_kv_heads.
+    source = dict(_default_config("falcon"), new_decoder_architecture=True, multi_query=False,
+                  num_attention_heads=128, num_kv_heads=8, hidden_size=8192)
+    replica = _shrunk(source)
+    assert (replica["num_attention_heads"], replica["num_kv_heads"]) == (32, 2)  # ratio 16 kept
+    assert _head_relation(replica)[:2] == _head_relation(source)[:2]
+
+
+def test_multi_query_sources_stay_multi_query_at_replica_width():
+    for model_type in ("gpt_bigcode", "falcon"):  # n_head / n_embd (left at 12 x 768 before) and Falcon's names
+        source = _default_config(model_type)
+        assert source["multi_query"] is True
+        view = model_anatomy.config_view(_shrunk(source))
+        assert view.num_kv_heads == 1 and view.num_heads == 4 and view.hidden_size == 4 * view.head_dim == 64
+
+
+def test_gpt2_names_are_shrunk_to_a_small_replica():
+    import transformers
+
+    replica = _shrunk(_default_config("gpt2"), vocab_size=TRAINED_VOCAB)
+    assert (replica["n_embd"], replica["n_head"], replica["n_layer"]) == (64, 4, 2)
+    assert replica["n_inner"] is None  # 4 x n_embd by the model's own rule, as in the source
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**replica))
+    assert sum(p.numel() for p in model.parameters()) < GPT2_REPLICA_MAX_PARAMETERS
+
+
+def test_an_absolute_rotary_dim_keeps_its_share_of_the_head():
+    source = _default_config("gptj")  # 16 heads of 256 dims, 64 of them rotated
+    replica = _shrunk(source)
+    view = model_anatomy.config_view(replica)
+    assert view.head_dim == 16 and replica["rotary_dim"] == 4  # a quarter, as in the source
+    assert view.rotary_fraction == model_anatomy.config_view(source).rotary_fraction
+
+
+def test_a_width_tied_to_hidden_follows_it():
+    replica = _shrunk(_default_config("opt"))  # word_embed_proj_dim == hidden: no projection
+    assert replica["word_embed_proj_dim"] == replica["hidden_size"] == 64
+    projected = _shrunk(dict(_default_config("opt"), hidden_size=1024, word_embed_proj_dim=512))
+    assert projected["word_embed_proj_dim"] * 2 == projected["hidden_size"]  # OPT-350m's half-width projection
+
+
+def test_an_index_list_of_moe_layers_is_remapped_not_cut_per_layer():
+    # Llama 4: moe_layers lists 48 layer indices in a 48-layer model; taken for a per-layer list it made
+    # every layer distinct and kept all 48.
+    shrunk = shrink_config(_default_config("llama4_text"), ShrinkOptions(keep_small_source=False))
+    assert len(shrunk.kept_layers) <= 8
+    assert shrunk.config["moe_layers"] == list(range(len(shrunk.kept_layers)))
+    assert any("nope" in s for s in shrunk.layer_signatures)  # the NoPE layer of the 4-layer period is kept
+
+
+def test_a_pattern_that_cannot_follow_representative_layers_is_refused():
+    # One MoE layer every 10: the representatives [0, 9] would become two dense layers under step 10.
+    source = dict(FAMILY_CONFIGS["qwen3_moe"], decoder_sparse_step=10, num_hidden_layers=20)
+    with pytest.raises(ScriptError, match="per-layer pattern"):
+        shrink_config(source, ShrinkOptions())
+    kept = shrink_config(source, ShrinkOptions(min_layers=10))
+    assert kept.layer_signatures[-1] == "moe" and kept.config["decoder_sparse_step"] == 10
+
+
+def test_top_k_keeps_its_relation_to_the_expert_count():
+    # Every expert used (8 of 8) became 2 of 4 before; below, one, and a small count stay as they were.
+    for experts, top_k, expected in ((8, 8, (4, 4)), (64, 8, (4, 2)), (16, 1, (4, 1)), (3, 2, (3, 2))):
+        replica = _shrunk(dict(FAMILY_CONFIGS["qwen3_moe"], num_experts=experts, num_experts_per_tok=top_k))
+        assert (replica["num_experts"], replica["num_experts_per_tok"]) == expected, (experts, top_k)
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "phi3"])
+def test_a_sliding_window_becomes_max_s_floor(family):
+    shrunk = shrink_config(FAMILY_CONFIGS[family], ShrinkOptions())
+    assert shrunk.config["sliding_window"] == FLOOR
+    change = next(c for c in shrunk.changes if c.field == "sliding_window")
+    assert "SIMD width of sliding window mask" in change.rule and str(FLOOR) in change.rule
+
+
+def test_gpt_neo_window_size_and_bf16_floor():
+    replica = _shrunk(_default_config("gpt_neo"))
+    assert replica["window_size"] == FLOOR and replica["attention_layers"] == ["global", "local"]
+    bf16 = shrink_config(FAMILY_CONFIGS["mistral"], ShrinkOptions(), dtype="bfloat16").config
+    assert bf16["sliding_window"] == max_compat.sliding_window_floor("bfloat16") > FLOOR
+
+
+def test_a_sliding_window_flag_below_the_floor_is_refused():
+    with pytest.raises(ScriptError, match="--sliding-window"):
+        check_options(ReplicaOptions(shrink=ShrinkOptions(sliding_window=FLOOR - 1)))
+    check_options(ReplicaOptions(shrink=ShrinkOptions(sliding_window=FLOOR)))
+
+
+def test_the_probe_prompt_reaches_past_the_window(tmp_path):
+    from tiny_tokenizer import train_bpe_tokenizer
+    from transformers import AutoTokenizer
+
+    train_bpe_tokenizer(tmp_path, vocab_size=TRAINED_VOCAB)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    count = lambda text: len(tokenizer(text)["input_ids"])  # noqa: E731
+    replica = shrink_config(FAMILY_CONFIGS["mistral"], ShrinkOptions()).config
+    prompt, rule = probe_prompt(replica, count)
+    assert count(prompt) >= 2 * FLOOR and str(FLOOR) in rule
+    assert probe_prompt(replica, count)[0] == prompt  # the same text every time
+    no_window = shrink_config(FAMILY_CONFIGS["llama"], ShrinkOptions()).config
+    assert count(probe_prompt(no_window, count)[0]) < FLOOR
+
+
+def test_the_manifest_lists_each_change_with_its_reason_and_the_kept_relations(tmp_path):
+    source = dict(FAMILY_CONFIGS["mistral"], head_dim=256)  # explicit, 32 x 256 = 2 x hidden
+    manifest = build_replica(source, tmp_path / "replica", ReplicaOptions())
+    config = json.loads((tmp_path / "replica" / "config.json").read_text())
+    assert json.loads((tmp_path / "replica" / MANIFEST).read_text()) == manifest
+    changes = {c["field"]: c for c in manifest["changes"]}
+    for key, value in config.items():
+        if source.get(key) != value:
+            assert key in changes and changes[key]["rule"], key
+            assert changes[key]["old"] == source.get(key) and changes[key]["new"] == value
+    assert "ratio" in changes["hidden_size"]["rule"] and changes["hidden_size"]["new"] == 8 * 16 // 2
+    assert manifest["relations"] and all(r["kept"] for r in manifest["relations"].values()), manifest["relations"]
+    assert manifest["relations"]["heads x head_dim / hidden"]["replica"] == "2"
+    assert config["sliding_window"] == FLOOR < manifest["prompt_tokens"] and str(FLOOR) in manifest["prompt_rule"]
