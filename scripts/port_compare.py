@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import hf_reference
@@ -34,6 +35,7 @@ import tolerances
 from cli_support import ScriptError
 
 
+REPLICA_MANIFEST = "tiny_replica.json"
 # A small coherence battery: short, varied prompts (facts, counting, code, story).
 COHERENCE_BATTERY = (
     "The capital of France is",
@@ -148,6 +150,24 @@ def check_answer(answer: openai_server.MaxScores, index: dict[str, list[int]], v
 # --- prompts ------------------------------------------------------------------------
 
 
+def window_prompts(source: model_source.ModelSource) -> list[str]:
+    """The replica's probe prompt when the model has a sliding window (the battery is shorter than any window).
+
+    ``tiny`` writes a prompt of at least twice the window into ``tiny_replica.json``; without it, positions
+    past the window are never scored and a port that ignores the window matches.
+    """
+    import model_anatomy
+
+    if not model_anatomy.config_view(model_source.read_config(source)).sliding_window or not source.local_dir:
+        return []
+    manifest = Path(source.local_dir) / REPLICA_MANIFEST
+    if not manifest.is_file():
+        return []
+    document = input_files.load_json(manifest, REPLICA_MANIFEST)
+    prompt = document.get("prompt") if isinstance(document, dict) else None
+    return [prompt] if isinstance(prompt, str) and prompt.strip() else []
+
+
 def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> list[str]:
     """Prompts from --prompt, --prompts-file (one per non-empty line, # comments), or the battery."""
     collected = list(prompts or [])
@@ -246,6 +266,8 @@ def run_compare(
     index = logprob_compare.text_index(decoded)
 
     texts = read_prompts(prompts, None) if prompts is None else list(prompts)
+    if prompts is None:
+        texts += window_prompts(source)
     encoded = [hf_reference.encode_prompt(tokenizer, text, chat_template) for text in texts]
     for text, ids in zip(texts, encoded):
         if len(ids) < 2:

@@ -191,3 +191,22 @@ def test_the_manifest_lists_each_change_with_its_reason_and_the_kept_relations(t
     assert manifest["relations"] and all(r["kept"] for r in manifest["relations"].values()), manifest["relations"]
     assert manifest["relations"]["heads x head_dim / hidden"]["replica"] == "2"
     assert config["sliding_window"] == FLOOR < manifest["prompt_tokens"] and str(FLOOR) in manifest["prompt_rule"]
+
+
+def test_compare_scores_the_replicas_window_prompt_when_the_model_slides(tmp_path):
+    """compare's default battery is shorter than any window; the manifest's probe prompt is added."""
+    import json
+
+    import model_source
+    import port_compare
+
+    folder = tmp_path / "replica"
+    folder.mkdir()
+    config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 128,
+              "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "vocab_size": 512}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tiny_replica.json").write_text(json.dumps({"prompt": "long " * 300}))
+    assert port_compare.window_prompts(model_source.resolve(str(folder))) == ["long " * 300]
+    config["sliding_window"] = None
+    (folder / "config.json").write_text(json.dumps(config))
+    assert port_compare.window_prompts(model_source.resolve(str(folder))) == []
