@@ -43,7 +43,8 @@ from cli_support import ScriptError
 from replica_init import PROMPT, InitOptions
 from tiny_config import ShrinkOptions, shrink_config
 
-EXIT_CODES = {1: "the replica failed the sensitivity report (--sensitivity)", 2: "not used"}
+EXIT_CODES = {1: "the replica failed the sensitivity report (--sensitivity)",
+              2: "refused: the model is not a decoder-only causal LM (encoder or encoder-decoder)"}
 
 MANIFEST = "tiny_replica.json"
 # A replica with a sliding window is probed with a prompt this many windows long, so half of its
@@ -222,6 +223,9 @@ def build_replica_with_backup(model: str | dict[str, Any], output_dir: str | Pat
     tiny_config.check_source_config(original, label)
     if not original.get("model_type"):
         raise ScriptError(f"config of {source_name} has no model_type")
+    from replica_sensitivity import check_decoder_only
+
+    check_decoder_only(original, source_name)  # exit 2 before any torch import: the tools port decoder-only LMs
     if "auto_map" in original and not options.trust_remote_code:
         raise ScriptError(f"{source_name} uses its own modeling code (auto_map); "
                           "rerun with --trust-remote-code if you trust it")

@@ -262,57 +262,23 @@ class Mutation:
 def decoder_only_refusal(config: dict[str, Any]) -> str | None:
     """Why a config (config.json dict) is not a decoder-only causal LM, or None when it is one.
 
-    Encoder-decoder configs say ``is_encoder_decoder`` (or their class does by
-    default). Encoder families that transformers runs as a decoder only when
-    ``is_decoder`` is set (BERT, RoBERTa, BigBird...) are refused while the
-    config leaves it unset or False: their config class declares ``is_decoder``
-    and their modeling code reads it (GPT-NeoX declares it but never reads it).
-    The same rule as ``wall_scan.not_causal_lm``. Reads the modeling code as
-    text; builds nothing.
+    The one rule is ``wall_scan.not_causal_lm`` (check-walls and inspect use it too), fed with the
+    modeling code as ``hf_source`` reads it: builds nothing, imports no torch.
     """
-    # TODO(H1 model_anatomy): move into the config view if it gains the same rule.
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    if config.get("is_encoder_decoder") is True or text.get("is_encoder_decoder") is True:
-        return "an encoder-decoder model (is_encoder_decoder=true)"
-    model_type = text.get("model_type") or config.get("model_type")
-    if not isinstance(model_type, str):
-        return None
-    import transformers
+    import hf_source
+    import wall_scan
 
-    try:
-        defaults = transformers.AutoConfig.for_model(model_type)
-    except Exception:  # noqa: BLE001 - an unknown model_type is left to the loader, which names it
-        return None
-    if getattr(defaults, "is_encoder_decoder", False) is True:
-        return f"an encoder-decoder model ({model_type}: is_encoder_decoder by default)"
-    if text.get("is_decoder") is not True and "is_decoder" in defaults.to_dict() and \
-            _modeling_reads_is_decoder(model_type):
-        return (f"an encoder architecture that transformers runs as a decoder only when is_decoder is set "
-                f"({model_type}; is_decoder={text.get('is_decoder', False)!r}), not a decoder-only causal LM")
-    return None
-
-
-_READS_IS_DECODER = re.compile(r"^(?!\s*>>>).*config\.is_decoder(?!\s*=[^=])", re.M)
-
-
-def _modeling_reads_is_decoder(model_type: str) -> bool:
-    """Whether transformers' modeling code for ``model_type`` reads config.is_decoder (doc examples aside)."""
-    import importlib.util
-
-    from transformers.models.auto.configuration_auto import model_type_to_module_name
-
-    spec = importlib.util.find_spec(f"transformers.models.{model_type_to_module_name(model_type)}")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    folder = Path(list(spec.submodule_search_locations)[0])
-    return any(_READS_IS_DECODER.search(path.read_text(errors="replace")) for path in folder.glob("modeling_*.py"))
+    architectures = config.get("architectures")
+    arch = architectures[0] if isinstance(architectures, list) and architectures and \
+        isinstance(architectures[0], str) else ""
+    return wall_scan.not_causal_lm(config, arch, hf_source.read_model(config))
 
 
 def check_decoder_only(config: dict[str, Any], label: str = "the replica") -> None:
     """Raise NotDecoderOnly (exit 2) when ``config`` is not a decoder-only causal LM."""
     reason = decoder_only_refusal(config)
     if reason:
-        raise NotDecoderOnly(f"{label} is {reason}; the sensitivity report and the port tools handle "
+        raise NotDecoderOnly(f"{label} {reason}; the sensitivity report and the port tools handle "
                              "decoder-only causal LMs only")
 
 

@@ -141,7 +141,8 @@ def not_causal_lm(config: dict[str, Any], arch: str, reading: hf_source.SourceRe
     mapping, or a class in it whose code reads ``is_decoder`` while the config leaves it False
     (BertLMHeadModel, by default an encoder). The class-name suffix decides nothing.
     """
-    if config.get("is_encoder_decoder") is True:
+    if config.get("is_encoder_decoder") is True or (
+            reading is not None and reading.effective.get("is_encoder_decoder") is True):
         return "is encoder-decoder (seq2seq), not a causal LM"
     if "diffusion" in arch.lower() or "_diffusers_version" in config:
         return "is a diffusion model, not a causal LM"

@@ -210,3 +210,21 @@ def test_compare_scores_the_replicas_window_prompt_when_the_model_slides(tmp_pat
     config["sliding_window"] = None
     (folder / "config.json").write_text(json.dumps(config))
     assert port_compare.window_prompts(model_source.resolve(str(folder))) == []
+
+
+@pytest.mark.parametrize("architecture, model_type", [("BertLMHeadModel", "bert"), ("BartForCausalLM", "bart")])
+def test_tiny_refuses_encoder_families_up_front_with_exit_2(tmp_path, architecture, model_type):
+    """BERT/BART are in transformers' causal-LM mapping; tiny refused them only after 40-160 s of building."""
+    import json
+
+    from conftest import run_script
+
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({
+        "architectures": [architecture], "model_type": model_type, "hidden_size": 64, "num_attention_heads": 4,
+        "num_hidden_layers": 2, "vocab_size": 100, "intermediate_size": 128}))
+    result = run_script("make_tiny_model", source, "--output", tmp_path / "out", "--json")
+    assert result.returncode == 2, result.stderr
+    assert "decoder-only" in result.json()["error"]
+    assert not (tmp_path / "out").exists()
