@@ -656,7 +656,8 @@ _LINE_RULES: tuple[tuple[DeltaCode, str, str, str | None], ...] = (
      r"(?<![\w.])(?:nn\.)?LayerNorm\(|\bF\.layer_norm\(|functional\.layer_norm\(|hidden_states\s*-\s*mean\b", "class"),
     (DeltaCode.LAYERNORM_WEIGHTLESS, "LayerNorm without learnable weight or bias",
      r"elementwise_affine\s*=\s*False|layer_norm\(.*,\s*None,\s*None\b", "class"),
-    (DeltaCode.NORM_OFFSET, "the norm multiplies by (1 + weight)", r"\(\s*1(?:\.0)?\s*\+\s*self\.weight", "class"),
+    (DeltaCode.NORM_OFFSET, "the norm multiplies by (1 + weight)",
+     r"\(\s*1(?:\.0)?\s*\+\s*self\.weight|\bself\.weight(?:\.\w+\(\))?\s*\+\s*1(?:\.0)?\b", "class"),
     (DeltaCode.EMBEDDING_SCALE, "token embeddings are multiplied by a constant",
      r"\*\s*self\.(?:embed_scale|embedding_multiplier|normalizer|scale_emb)\b|\bembed_scale\s*=\s*\S"
      r"|\*\s*normalizer\b", "class"),
@@ -762,12 +763,13 @@ _VALUE_GATES: dict[DeltaCode, Callable[[dict[str, Any]], bool | None]] = {
 
 
 def _nodes_at(source: _Source, scope: list[ast.AST]) -> dict[int, ast.AST]:
-    """For each line in scope, the innermost statement that starts on it."""
+    """For each line in scope, the innermost statement it belongs to (continuation lines included)."""
     at: dict[int, ast.AST] = {}
     for top in scope:
-        for node in ast.walk(top):  # breadth-first: a later statement on the same line is nested deeper
+        for node in ast.walk(top):  # breadth-first: a statement nested deeper overwrites its parent's lines
             if isinstance(node, ast.stmt):
-                at[node.lineno] = node
+                for line in range(node.lineno, (node.end_lineno or node.lineno) + 1):
+                    at[line] = node
     return at
 
 
