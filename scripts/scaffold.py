@@ -16,6 +16,11 @@ From a port folder (``--start-from templates/ports/stablelm``, any folder with a
 ``scaffold_manifest.json``) the port's files are copied with its classes, slug
 and architecture name renamed, and the manifest records the lineage.
 
+``--with NAME ...`` also copies the named building blocks of templates/blocks
+(catalog names: norms, attention, ...) into ``<port>/blocks/`` with an
+``__init__.py``; the manifest records each block's name, file, version and
+sha256, so a later check can tell a copy that drifted from the library.
+
 Either way the pipeline model builds its graph from the config class
 ``arch.py`` registers (the one ``model_config.py`` defines), and config-class
 encoding defaults agree with ``arch.py``. Serve the result with
@@ -26,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
+import importlib.util
 import json
 import re
 import sys
@@ -132,6 +139,7 @@ class PortPlan:
     config_wiring: dict = field(default_factory=dict)
     implements: list[dict] = field(default_factory=list)  # inherited from a port donor, to re-check
     model_type: str | None = None  # the target's config.json model_type (its own family name for the audit)
+    blocks: list[dict] = field(default_factory=list)  # copied building blocks: name, file, version, sha256
 
 
 # Module leaf names (after any family prefix) of multi-device graphs: copied only with --multi-device.
@@ -167,6 +175,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also copy the native donor's multi-device graphs and expert-parallel batch processors")
     parser.add_argument("--keep-adapters", action="store_true",
                         help="also copy the native donor's GGUF and GPTQ weight paths and their encodings")
+    parser.add_argument("--with", dest="with_blocks", nargs="+", default=[], metavar="NAME",
+                        help="also copy these building blocks of templates/blocks (catalog names, e.g. norms "
+                             "attention mlp) into <port>/blocks/, recorded in the manifest")
     parser.add_argument("--dry-run", action="store_true", help="list what would be written; write nothing")
     cli_support.add_json_flag(parser)
 
@@ -175,6 +186,7 @@ def main(args: argparse.Namespace) -> int:
     for flag, value in (("--slug", args.slug), ("--arch-name", args.arch_name)):
         if value is not None and not value.strip():
             raise ScriptError(f"{flag} is empty; give a name or leave the flag out")
+    blocks = selected_blocks(getattr(args, "with_blocks", None) or [])  # callers may build args by hand
     output_dir = input_files.check_output_dir(args.output_dir, "--output-dir")
     check_not_in_skill(output_dir)
     port_donor = None
@@ -222,6 +234,9 @@ def main(args: argparse.Namespace) -> int:
                               multi_device=args.multi_device, keep_adapters=args.keep_adapters)
     except ValueError as exc:
         return cli_support.report_error(f"cannot scaffold from {args.start_from}: {exc}", args, 2)
+    if port_donor is not None:
+        inherit_blocks(plan, port_donor)
+    add_blocks(plan, blocks)
     plan.port_dir = str(port_dir)
     plan.model_type = config.get("model_type") if isinstance(config.get("model_type"), str) else None
     backup = None
@@ -492,6 +507,119 @@ def add_port_lineage(text: str, shown: str, donor: port_layout.PortDonor, arch_n
     new_raw = (body[:cut] + "\n\n" + paragraph + body[cut:] + quote) if cut >= 0 else (
         body.rstrip() + "\n\n" + paragraph + "\n" + quote)
     return replace_spans(text, [(first, new_raw)])
+
+
+# --- building blocks copied with --with ------------------------------------------------------------
+
+BLOCKS_DIR = SKILL_ROOT / "templates" / "blocks"
+# sys.modules name of the block catalog: its dataclass needs the module registered while it executes.
+BLOCK_CATALOG_MODULE = "_import_model_block_catalog"
+BLOCKS_INIT_SOURCE = '''"""Building blocks of the {arch} port, copied from the import-model skill's templates/blocks.
+
+Written by scaffold.py --with. Each file is self-contained (max, numpy and the
+standard library only) and keeps its BLOCK_VERSION; scaffold_manifest.json
+records its version and sha256. Import them relatively (``from .blocks.norms
+import LayerNormF32``); edit a copy only knowing it then differs from the library.
+
+Copied:
+{listing}
+"""
+'''
+
+
+@dataclass(frozen=True)
+class SelectedBlock:
+    """A catalog block chosen with ``--with``: its name, file name and library path."""
+
+    name: str
+    file: str
+    path: Path
+
+
+def block_catalog():
+    """The templates/blocks catalog module, loaded from its file (the skill's templates are not a package)."""
+    module = sys.modules.get(BLOCK_CATALOG_MODULE)
+    if module is not None:
+        return module
+    init = BLOCKS_DIR / "__init__.py"
+    spec = importlib.util.spec_from_file_location(BLOCK_CATALOG_MODULE, init)
+    if spec is None or spec.loader is None or not init.is_file():
+        raise ScriptError(f"cannot read the block catalog {init}: the file is missing")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[BLOCK_CATALOG_MODULE] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[BLOCK_CATALOG_MODULE]
+        raise ScriptError(f"cannot load the block catalog {init}: {exc}") from None
+    return module
+
+
+def selected_blocks(names: list[str]) -> list[SelectedBlock]:
+    """The catalog blocks named by ``--with`` in the order given (repeats dropped); ScriptError on an unknown one."""
+    if not names:
+        return []
+    catalog = block_catalog()
+    known = [b.name for b in catalog.BLOCKS]
+    unknown = [n for n in dict.fromkeys(names) if n not in known]
+    if unknown:
+        raise ScriptError(f"--with: unknown block {', '.join(repr(n) for n in unknown)}; known blocks: "
+                          f"{', '.join(known)}")
+    chosen = []
+    for name in dict.fromkeys(names):
+        block = catalog.find(name)
+        chosen.append(SelectedBlock(block.name, block.file, BLOCKS_DIR / block.file))
+    return chosen
+
+
+def inherit_blocks(plan: PortPlan, donor: port_layout.PortDonor) -> None:
+    """Keep the donor port's block records for the block files copied with it.
+
+    A block file still matching its recorded sha256 is copied verbatim (no rename, no lineage paragraph), so
+    it stays the library's bytes; an edited one keeps the port copy's edits and is hashed as written here.
+    """
+    recorded = input_files.load_json(donor.path / port_layout.MANIFEST_NAME, "scaffold manifest").get("blocks")
+    shown = port_layout.display_path(donor.path)
+    for entry in recorded if isinstance(recorded, list) else []:
+        rel = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(rel, str) and rel in plan.texts:
+            original = input_files.read_text(donor.path / rel, "block file")
+            if hashlib.sha256(original.encode("utf-8")).hexdigest() == entry.get("sha256"):
+                plan.texts[rel] = original
+            plan.blocks.append({"name": entry.get("name"), "file": rel, "source": f"{shown}/{rel}",
+                                "version": entry.get("version"),
+                                "sha256": hashlib.sha256(plan.texts[rel].encode("utf-8")).hexdigest()})
+
+
+def add_blocks(plan: PortPlan, blocks: list[SelectedBlock]) -> None:
+    """Add the chosen blocks to the plan as ``blocks/<file>`` plus a generated ``blocks/__init__.py``."""
+    if not blocks:
+        return
+    folder = block_catalog().PORT_SUBPACKAGE
+    if f"{folder}.py" in plan.texts:
+        raise ScriptError(f"--with: the port already has a module {folder}.py, which the {folder}/ package "
+                          "of copied blocks would shadow; choose another --slug")
+    catalog = block_catalog()
+    for block in blocks:
+        data = input_files.read_text(block.path, "block file")
+        try:
+            version = catalog.block_version(block.path)
+        except ValueError as exc:
+            raise ScriptError(f"--with {block.name}: {exc}") from None
+        rel = f"{folder}/{block.file}"
+        if rel in plan.texts:  # a port donor's own copy: the library's current file replaces it
+            plan.files = [f for f in plan.files if f.path != rel]
+            plan.blocks = [b for b in plan.blocks if b.get("file") != rel]
+        plan.texts[rel] = data
+        shown = port_layout.display_path(block.path)
+        plan.files.append(PortFile(rel, shown, "block"))
+        plan.blocks.append({"name": block.name, "file": rel, "source": shown, "version": version,
+                            "sha256": hashlib.sha256(data.encode("utf-8")).hexdigest()})
+    init_rel = f"{folder}/__init__.py"
+    listing = "\n".join(f"- {b['name']}: {b['file']}, version {b['version']}" for b in plan.blocks)
+    plan.texts[init_rel] = BLOCKS_INIT_SOURCE.format(arch=plan.arch_name, listing=listing)
+    if not any(f.path == init_rel for f in plan.files):
+        plan.files.append(PortFile(init_rel, None, "blocks"))
 
 
 # --- the port's config class reaches the graph; config defaults agree with arch.py --------------------
@@ -861,6 +989,7 @@ def manifest(plan: PortPlan, backup: str | None, dry_run: bool = False) -> dict:
         "graph_module": f"{plan.slug}.py",
         "custom_architectures": plan.port_dir,
         "files": [asdict(f) for f in plan.files],
+        "blocks": plan.blocks,
         "backup": backup,
         "dry_run": dry_run,
     }
@@ -883,6 +1012,8 @@ def report(plan: PortPlan, args: argparse.Namespace, backup: str | None) -> None
         print(f"  {f.path:28s} {origin}{extra}{strict}")
     print(f"architecture {plan.arch_name}, default encoding {plan.default_encoding}, "
           f"supported {', '.join(plan.supported_encodings)}")
+    if plan.blocks:
+        print("blocks: " + ", ".join(f"{b['name']} {b['version']}" for b in plan.blocks))
     for entry in plan.trimmed:
         print(f"left out ({entry['why']}; {entry['flag']} keeps them): {', '.join(entry['what'])}")
     wiring = plan.config_wiring

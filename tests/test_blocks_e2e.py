@@ -1,5 +1,11 @@
 """The composed GPT-NeoX port (tests/composed_ports/neox_blocks, built from templates/blocks) against transformers, on the CPU.
 
+The port is generated at fixture time: ``scaffold --start-from
+templates/ports/stablelm --with <blocks>`` and then the overlay files and
+edits of tests/composed_ports/neox_blocks/compose.json (the graph module,
+model_config.py, weight_adapters.py). The generated graph keeps the name
+``neox_blocks`` and the same ops, so MAX's compile cache serves it warm.
+
 One strong-init replica is built by make_tiny_model from transformers' default
 GPTNeoXConfig (LayerNorm with weight and bias, partial rotate-half RoPE on the
 leading quarter of each head, biased q/k/v and dense, per-head interleaved
@@ -27,9 +33,10 @@ from pathlib import Path
 
 import pytest
 
+from composed_ports.compose import compose_port, read_spec
 from conftest import REPO_ROOT, run_script
 
-PORT_DIR = REPO_ROOT / "tests" / "composed_ports" / "neox_blocks"
+PORT_NAME = "neox_blocks"  # tests/composed_ports/<name>: compose.json and the overlay files
 BLOCKS_DIR = REPO_ROOT / "templates" / "blocks"
 PROMPTS = ["The capital of France is Paris.", "Once upon a time there was a little robot"]
 SERVE_TIMEOUT = 3600.0  # a cold compile on 2 shared cores can take tens of minutes
@@ -168,6 +175,12 @@ def replica(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def port_dir(replica, tmp_path_factory):
+    """The composed port, scaffolded from the worked port with its blocks and overlaid (no compile)."""
+    return compose_port(PORT_NAME, replica, tmp_path_factory.mktemp("composed"))
+
+
+@pytest.fixture(scope="module")
 def mutants(replica, tmp_path_factory):
     root = tmp_path_factory.mktemp("mutants")
     return {name: edited_copy(replica, root / name, w, c) for name, (w, c) in REFERENCE_MUTATIONS.items()}
@@ -191,14 +204,46 @@ def test_replica_exercises_every_block(replica):
     assert float(bias.abs().max()) > 0 and float(ln_bias.abs().max()) > 0, "zero biases would hide a dropped bias"
 
 
-def test_port_blocks_are_the_library_copies():
-    for copy in sorted((PORT_DIR / "blocks").glob("*.py")):
-        if copy.name != "__init__.py":
-            assert copy.read_bytes() == (BLOCKS_DIR / copy.name).read_bytes(), f"{copy.name} drifted from templates/blocks"
+def _catalog():
+    """templates/blocks/__init__.py, loaded by path (registered in sys.modules first, for its dataclass)."""
+    return _load_block("__init__")
 
 
-def test_port_dry_builds_and_keys_match(replica):
-    result = run_script("port_probe", replica, "--port-dir", PORT_DIR, "--check", "dry-build", "--check",
+def test_port_blocks_are_the_library_copies(port_dir):
+    """The manifest records every block the graph imports, with the library's version and sha256, and the copies
+    in the port hash to what the manifest says."""
+    import ast
+    import hashlib
+
+    manifest = json.loads((port_dir / "scaffold_manifest.json").read_text())
+    library = {row["name"]: row for row in _catalog().catalog()}
+    recorded = {b["name"]: b for b in manifest["blocks"]}
+    assert list(recorded) == read_spec(PORT_NAME)["with"]
+    for name, block in recorded.items():
+        assert (block["version"], block["sha256"]) == (library[name]["version"], library[name]["sha256"]), \
+            f"{name} drifted from templates/blocks"
+        assert hashlib.sha256((port_dir / block["file"]).read_bytes()).hexdigest() == block["sha256"], block["file"]
+    imported = set()  # blocks the port's own modules import (graph, config, adapter)
+    for module in port_dir.glob("*.py"):
+        imported |= {node.module.split(".", 1)[1] for node in ast.walk(ast.parse(module.read_text()))
+                     if isinstance(node, ast.ImportFrom) and node.level == 1
+                     and (node.module or "").startswith("blocks.")}
+    assert imported == set(recorded), (imported, set(recorded))
+
+
+def test_generated_port_keeps_the_compiled_names(port_dir):
+    """Graph name, graph class and registered architecture are those the compile cache holds the graph under."""
+    from port_layout import read_arch_declaration
+
+    assert read_arch_declaration(port_dir / "arch.py").name == "GPTNeoXForCausalLM"
+    assert '"neox_blocks",' in (port_dir / "model.py").read_text()
+    assert "class NeoxBlocks(Transformer)" in (port_dir / f"{PORT_NAME}.py").read_text()
+    composed = json.loads((port_dir / "scaffold_manifest.json").read_text())["composed"]
+    assert composed["overlay"] == sorted(read_spec(PORT_NAME)["overlay"])
+
+
+def test_port_dry_builds_and_keys_match(replica, port_dir):
+    result = run_script("port_probe", replica, "--port-dir", port_dir, "--check", "dry-build", "--check",
                         "key-diff", "--fork", "--json", timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
     assert all(r["document"]["passed"] for r in result.json()["results"])
@@ -240,7 +285,7 @@ def alone_and_together(server, prompt_ids: list[list[int]]):
 
 
 @pytest.fixture(scope="module")
-def served(replica, mutants, tmp_path_factory):
+def served(replica, port_dir, mutants, tmp_path_factory):
     """Reports: "port" (MATCH expected), one per reference mutation, and "served_bias_bug" from a second server."""
     import port_compare
     import serve_port
@@ -248,7 +293,7 @@ def served(replica, mutants, tmp_path_factory):
     timings = {}
     reports = {}
     started = time.monotonic()
-    with serve_port.served_model(str(replica), port_dir=str(PORT_DIR), devices="cpu", encoding="float32",
+    with serve_port.served_model(str(replica), port_dir=str(port_dir), devices="cpu", encoding="float32",
                                  progress=False, timeout=SERVE_TIMEOUT) as server:
         timings["first_serve_ready"] = time.monotonic() - started
         reports["port"] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
@@ -260,7 +305,7 @@ def served(replica, mutants, tmp_path_factory):
     timings["first_server_total"] = time.monotonic() - started
     bugged = edited_copy(replica, tmp_path_factory.mktemp("served") / "replica", zero_dense_bias)
     second = time.monotonic()
-    with serve_port.served_model(str(bugged), port_dir=str(PORT_DIR), devices="cpu", encoding="float32",
+    with serve_port.served_model(str(bugged), port_dir=str(port_dir), devices="cpu", encoding="float32",
                                  progress=False, timeout=SERVE_TIMEOUT) as server:
         timings["second_serve_ready"] = time.monotonic() - second
         reports["served_bias_bug"] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
@@ -320,7 +365,7 @@ def _load_block(name: str):
     import importlib.util
     import sys
 
-    module_name = f"blocks_e2e_{name}"
+    module_name = f"blocks_e2e_{name.strip('_')}"
     if module_name not in sys.modules:
         spec = importlib.util.spec_from_file_location(module_name, BLOCKS_DIR / f"{name}.py")
         module = importlib.util.module_from_spec(spec)

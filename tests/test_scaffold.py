@@ -536,3 +536,97 @@ def test_an_edit_of_model_config_reaches_the_built_graph_and_trimmed_ports_dry_b
         assert edited["final_norm_eps"] == EDITED_EPS and edited["layer_norm_eps"] == [EDITED_EPS], donor
     # Control: without the wiring the same edit never reaches qwen2's graph, so this test can fail.
     assert built["qwen2_unwired"]["final_norm_eps"] == built["qwen2_plain"]["final_norm_eps"]
+
+
+# --- scaffold --with NAME ...: building blocks copied into <port>/blocks/ -------------------------------------
+
+BLOCKS_DIR = scaffold.SKILL_ROOT / "templates" / "blocks"
+WITH_BLOCKS = ("attention", "norms", "mlp")
+
+
+@pytest.mark.parametrize("start_from", [WORKED_PORT, "llama3"], ids=["port", "native"])
+def test_with_copies_the_named_blocks_and_records_them(tmp_path, neo_model, start_from):
+    import hashlib
+
+    result = run_script("scaffold", neo_model, "--start-from", start_from, "--output-dir", tmp_path,
+                        "--slug", "zz_blocks", "--with", *WITH_BLOCKS, "norms", "--json")
+    assert result.returncode == 0, result.stderr
+    port = tmp_path / "zz_blocks"
+    library = {row["name"]: row for row in scaffold.block_catalog().catalog()}
+    manifest = json.loads((port / port_layout.MANIFEST_NAME).read_text())
+    assert manifest["blocks"] == result.json()["blocks"]
+    assert [b["name"] for b in manifest["blocks"]] == list(WITH_BLOCKS)  # order kept, the repeat dropped
+    for block in manifest["blocks"]:
+        row = library[block["name"]]
+        assert block["file"] == f"blocks/{row['file']}" and block["version"] == row["version"]
+        copy = (port / block["file"]).read_bytes()
+        assert copy == (BLOCKS_DIR / row["file"]).read_bytes()
+        assert block["sha256"] == row["sha256"] == hashlib.sha256(copy).hexdigest()
+    assert sorted(p.name for p in (port / "blocks").iterdir()) == sorted(
+        ["__init__.py", *(library[n]["file"] for n in WITH_BLOCKS)])
+    init = (port / "blocks" / "__init__.py").read_text()
+    assert ast.get_docstring(ast.parse(init)) and all(f"- {n}: blocks/" in init for n in WITH_BLOCKS)
+    listed = {f["path"]: f for f in manifest["files"]}
+    assert listed["blocks/norms.py"]["source"] == "templates/blocks/norms.py"
+    assert listed["blocks/__init__.py"]["source"] is None
+    # the copies import as the port's own subpackage (relative imports only; no skill module needed)
+    for block in manifest["blocks"]:
+        tree = ast.parse((port / block["file"]).read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 1], block["file"]
+
+
+def test_without_with_there_is_no_blocks_folder(tmp_path, neo_model):
+    result = run_script("scaffold", neo_model, "--start-from", WORKED_PORT, "--output-dir", tmp_path,
+                        "--slug", "zz_plain", "--json")
+    assert result.returncode == 0, result.stderr
+    assert result.json()["blocks"] == [] and not (tmp_path / "zz_plain" / "blocks").exists()
+
+
+def test_with_dry_run_lists_the_blocks_and_writes_nothing(tmp_path, neo_model):
+    out = tmp_path / "out"
+    result = run_script("scaffold", neo_model, "--start-from", WORKED_PORT, "--output-dir", out, "--slug", "zz_dry",
+                        "--with", "moe", "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert "blocks/moe.py" in result.stdout and "blocks/__init__.py" in result.stdout
+    assert "blocks: moe " in result.stdout
+    assert not (out / "zz_dry").exists()
+
+
+@pytest.mark.parametrize("json_flag", [False, True], ids=["text", "json"])
+def test_unknown_block_is_a_one_line_exit_3_before_anything_is_written(tmp_path, neo_model, json_flag):
+    out = tmp_path / "out"
+    result = run_script("scaffold", neo_model, "--start-from", WORKED_PORT, "--output-dir", out, "--slug", "zz_bad",
+                        "--with", "norms", "no_such_block", *(["--json"] if json_flag else []))
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    known = [b["name"] for b in scaffold.block_catalog().catalog()]
+    assert "'no_such_block'" in lines[0] and all(name in lines[0] for name in known)
+    if json_flag:
+        assert result.json()["exit_code"] == 3 and "no_such_block" in result.json()["error"]
+    assert not out.exists()
+
+
+def test_a_slug_named_like_the_blocks_folder_is_refused(tmp_path, neo_model):
+    out = tmp_path / "out"
+    result = run_script("scaffold", neo_model, "--start-from", "llama3", "--output-dir", out, "--slug", "blocks",
+                        "--with", "norms")
+    assert result.returncode == 3 and "already has a module blocks.py" in result.stderr
+    assert not (out / "blocks").exists()
+
+
+def test_a_port_of_a_port_with_blocks_keeps_them_verbatim_and_recorded(tmp_path, neo_model):
+    first = run_script("scaffold", neo_model, "--start-from", WORKED_PORT, "--output-dir", tmp_path / "a",
+                       "--slug", "zz_first", "--with", "norms", "mlp", "--json")
+    assert first.returncode == 0, first.stderr
+    second = run_script("scaffold", neo_model, "--start-from", tmp_path / "a" / "zz_first", "--output-dir",
+                        tmp_path / "b", "--slug", "zz_second", "--with", "moe", "--json")
+    assert second.returncode == 0, second.stderr
+    port = tmp_path / "b" / "zz_second"
+    library = {row["name"]: row for row in scaffold.block_catalog().catalog()}
+    blocks = second.json()["blocks"]
+    assert [b["name"] for b in blocks] == ["norms", "mlp", "moe"]
+    for block in blocks:  # the lineage paragraph and renames of a port copy never touch a block file
+        assert (port / block["file"]).read_bytes() == (BLOCKS_DIR / library[block["name"]]["file"]).read_bytes()
+        assert block["sha256"] == library[block["name"]]["sha256"]
+    assert blocks[0]["source"].endswith("zz_first/blocks/norms.py")
