@@ -36,7 +36,7 @@ from cli_support import ScriptError
 
 EXIT_CODES = {1: "some hits have no [audit-ok: <reason>] marker yet", 2: "not used"}
 
-MARKER = re.compile(r"\[audit-ok:\s*([^\]]*\S)\s*\]")
+MARKER = port_layout.REVIEW_MARKER
 MARKER_SYNTAX = "[audit-ok: <reason>]"
 
 # A reason longer than this no longer fits on the line beside the text it approves; say more in the worksheet.

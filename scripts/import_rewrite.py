@@ -586,9 +586,13 @@ def rename_source(text: str, renames: Renames) -> tuple[str, list[str]]:
     edits: list[tuple[int, int, int, str]] = []  # (row, start col, end col, new) on one-line tokens
     multi: list[tuple[tuple[int, int], tuple[int, int], str]] = []
     changes: dict[str, str] = {}
+    exports = _export_strings(tokens)
     for token in tokens:
         if token.type == tokenize.NAME:
             new = renames.identifier(token.string)
+        elif token.type == tokenize.STRING and token.start in exports:
+            quote = token.string[0]
+            new = quote + renames.identifier(token.string[1:-1]) + quote
         elif token.type in (tokenize.STRING, tokenize.COMMENT):
             new = renames.prose(token.string)
         else:
@@ -603,6 +607,26 @@ def rename_source(text: str, renames: Renames) -> tuple[str, list[str]]:
             multi.append((token.start, token.end, new))
     text = _apply_token_edits(lines, edits, multi)
     return text, [f"{old} -> {new}" for old, new in sorted(changes.items())]
+
+
+def _export_strings(tokens: list) -> set[tuple[int, int]]:
+    """Start positions of the plain-name strings listed in a module-level ``__all__ = [...]``: names, not prose."""
+    import tokenize
+
+    found: set[tuple[int, int]] = set()
+    depth, inside = 0, False
+    for previous, token in zip([None, *tokens], tokens):
+        if token.type == tokenize.NAME and token.string == "__all__" and token.start[1] == 0:
+            inside, depth = True, 0
+        elif inside and token.type == tokenize.OP and token.string in "([{":
+            depth += 1
+        elif inside and token.type == tokenize.OP and token.string in ")]}":
+            depth -= 1
+            inside = depth > 0
+        elif inside and token.type == tokenize.STRING and depth > 0 and \
+                re.fullmatch(r"(['\"])[A-Za-z_]\w*\1", token.string):
+            found.add(token.start)
+    return found
 
 
 def _apply_token_edits(lines: list[str], edits: list[tuple[int, int, int, str]],

@@ -24,6 +24,10 @@ import model_source
 from cli_support import ScriptError
 from input_files import describe_path_problem, load_json, parse_python, read_text
 
+# A reviewer's note that an audit hit is true: ``[audit-ok: <reason>]`` on the hit's line (audit reads it;
+# scaffold strips inherited ones, since a copied port must be reviewed afresh).
+REVIEW_MARKER = re.compile(r"\[audit-ok:\s*([^\]]*\S)\s*\]")
+
 # Files every scaffolded port has besides its graph module ``<slug>.py``.
 STANDARD_MODULES = ("__init__", "arch", "model_config", "model", "weight_adapters", "computed_buffers")
 

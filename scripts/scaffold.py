@@ -452,6 +452,7 @@ def build_port_plan(donor: port_layout.PortDonor, slug: str, arch_name: str, enc
         originals[rel] = text
         new_rel = renames.path(rel)
         text, renamed = rename_source(text, renames)
+        text = strip_review_markers(text)
         changes.update(line.split(" -> ", 1) for line in renamed)  # type: ignore[arg-type]
         role = roles.get(rel) or role_of(new_rel[:-3], slug, rel.endswith("__init__.py"))
         if role == "graph" or new_rel == f"{slug}.py":
@@ -904,6 +905,13 @@ def add_architectures_export(text: str, mapping: dict[str, str], index: ModuleIn
 
 
 LINEAGE_MARKER = "[audit-ok: lineage written by scaffold]"
+# A stripped marker and the blanks before it, so "text [audit-ok: why]" becomes "text".
+_INHERITED_MARKER = re.compile(r"[ \t]*" + port_layout.REVIEW_MARKER.pattern)
+
+
+def strip_review_markers(text: str) -> str:
+    """Drop the donor port's ``[audit-ok: ...]`` markers: its reviews do not hold for the renamed copy."""
+    return _INHERITED_MARKER.sub("", text)
 
 
 def set_module_docstring(text: str, role: str, arch_name: str, donor_file: Path, donor: str,

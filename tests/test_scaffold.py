@@ -404,6 +404,15 @@ def test_scaffold_from_the_worked_port_renames_classes_slug_and_architecture(tmp
     declared = port_layout.read_arch_declaration(port / "arch.py")
     assert (declared.name, declared.default_encoding) == (NEW_ARCH, "float32")
     assert "ARCHITECTURES = [zz_neo_arch]" in texts["__init__.py"]
+    # __all__ names what the module defines (the dogfood run found "stablelm_arch" left in it)
+    exported = ast.literal_eval(next(node.value for node in ast.parse(texts["__init__.py"]).body
+                                     if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "__all__"))
+    assert "zz_neo_arch" in exported and not [name for name in exported if "stablelm" in name.lower()]
+    # the worked port's review markers are not inherited: the renamed copy is reviewed afresh
+    assert any(port_layout.REVIEW_MARKER.search(p.read_text()) for p in WORKED_PORT.rglob("*.py"))
+    inherited = [(rel, m.group(0)) for rel, text in texts.items() for m in port_layout.REVIEW_MARKER.finditer(text)
+                 if "lineage" not in m.group(1)]
+    assert inherited == []
     worked = json.loads((WORKED_PORT / port_layout.MANIFEST_NAME).read_text())
     manifest = json.loads((port / port_layout.MANIFEST_NAME).read_text())
     assert manifest["donor"] == "llama3" and manifest["model_type"] == "stablelm"
