@@ -28,6 +28,7 @@ import hf_source
 import max_registry
 import model_anatomy
 import model_source
+import port_layout
 import wall_scan
 
 EXIT_CODES = {1: "wall warnings to review (check-walls exit 1); the report is complete",
@@ -271,8 +272,20 @@ def inspect(source: model_source.ModelSource, *, donor_slug: str | None = None,
             "unread_candidate_deltas": [r["key"] for r in rows if r["status"] == "unread"],
         },
         "config_keys": rows,
+        "verified_ports": port_starts(signals),
     })
     return report
+
+
+def port_starts(signals: list[Any]) -> list[dict[str, Any]]:
+    """The skill's verified ports (``scaffold --start-from PATH``), most of this model's deltas covered first."""
+    codes = {str(s.code) for s in signals}
+    starts = []
+    for port in port_layout.verified_ports():
+        implemented = {str(item.get("signal")) for item in port.implements if isinstance(item, dict)}
+        starts.append({"slug": port.slug, "path": port_layout.display_path(port.path), "donor": port.donor,
+                       "covers": sorted(codes & implemented), "implements": sorted(implemented)})
+    return sorted(starts, key=lambda start: (-len(start["covers"]), start["slug"]))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -323,6 +336,12 @@ def print_report(report: dict[str, Any]) -> None:
              else "") + ":")
     for rank, donor in enumerate(report["donor_ranking"], 1):
         print(f"  {rank}. {donor['slug']} (score {donor['score']}): " + "; ".join(donor["reasons"]))
+    starts = report.get("verified_ports") or []
+    if starts:
+        print("\nVerified ports to start from instead (scaffold --start-from PATH; see map-to-max.md):")
+        for start in starts:
+            covered = ", ".join(start["covers"]) or "none of this model's deltas"
+            print(f"  {start['slug']} ({start['path']}, from {start['donor']}): implements {covered}")
     chosen = report["chosen_donor"]
     if chosen:
         print(f"\nChosen donor: {chosen['slug']} (config class {chosen['config_class']})")

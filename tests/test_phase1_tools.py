@@ -530,3 +530,15 @@ def test_weightless_layernorm_signal_needs_a_checkpoint_without_norm_tensors():
     mamba = {s.code for s in delta_signals.detect({"architectures": ["X"], "layer_norm_epsilon": 1e-5},
                                                   tensors("backbone.layers.0.norm.weight"))}
     assert not {"layernorm", "layernorm_weightless"} & mamba
+
+
+def test_inspect_lists_verified_ports_with_the_deltas_they_cover(tmp_path, checkpoint_factory):
+    """The dogfood agent never saw the worked port from inspect: it printed only native donors."""
+    model = checkpoint_factory("stablelm")  # LayerNorm + partial rotary: what the worked port implements
+    result = run_script("inspect_hf", model, "--json")
+    assert result.returncode in (0, 1), result.stderr
+    starts = result.json()["verified_ports"]
+    assert starts and starts[0]["slug"] == "stablelm" and starts[0]["path"] == "templates/ports/stablelm"
+    assert {"layernorm", "partial_rotary"} <= set(starts[0]["covers"])
+    text = run_script("inspect_hf", model)
+    assert "scaffold --start-from PATH" in text.stdout and "templates/ports/stablelm" in text.stdout
