@@ -631,7 +631,7 @@ SOURCE_INT_FIELDS: dict[str, tuple[int, int]] = {
        + ALIASES["head_dim"] + ALIASES["rotary_dim"]},
     "vocab_size": (1, MAX_VOCAB),
     **{key: (1, MAX_POSITIONS) for key in ALIASES["max_positions"]},
-    "sliding_window": (1, MAX_POSITIONS),
+    "sliding_window": (0, MAX_POSITIONS),  # 0 is "no window" (Qwen2-MoE's default config, use_sliding_window off)
     "max_window_layers": (0, MAX_SOURCE_LAYERS),
     "decoder_sparse_step": (0, MAX_SOURCE_LAYERS),
     "first_k_dense_replace": (0, MAX_SOURCE_LAYERS),

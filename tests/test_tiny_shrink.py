@@ -228,3 +228,14 @@ def test_tiny_refuses_encoder_families_up_front_with_exit_2(tmp_path, architectu
     assert result.returncode == 2, result.stderr
     assert "decoder-only" in result.json()["error"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_zero_sliding_window_means_no_window():
+    """Qwen2-MoE's default config has sliding_window 0 (use_sliding_window off); tiny refused it."""
+    import tiny_config
+
+    config = {"architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "sliding_window": 0,
+              "use_sliding_window": False, "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+              "vocab_size": 512}
+    tiny_config.check_source_config(config)
+    assert tiny_config.replica_sliding_window(config) is None
