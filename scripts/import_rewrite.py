@@ -457,8 +457,8 @@ def _placeholder(name: str, message: str) -> str:
             f"        raise NotImplementedError({message!r})\n")
 
 
-def _insert_after_imports(text: str, block: str) -> str:
-    """Insert ``block`` after the last top-level import (or at the top when there is none)."""
+def insert_after_imports(text: str, line: str) -> str:
+    """Insert ``line`` (ending in a newline) after the last top-level import, or at the top when there is none."""
     tree = ast.parse(text)
     last = None
     for node in tree.body:
@@ -468,8 +468,13 @@ def _insert_after_imports(text: str, block: str) -> str:
             break
     lines = text.splitlines(keepends=True)
     at = last.end_lineno if last is not None else 0  # type: ignore[union-attr]
-    lines.insert(at, block + "\n")
-    return _tidy_blank_lines("".join(lines))
+    lines.insert(at, line)
+    return "".join(lines)
+
+
+def _insert_after_imports(text: str, block: str) -> str:
+    """``insert_after_imports`` of ``block``, then the blank lines tidied."""
+    return _tidy_blank_lines(insert_after_imports(text, block + "\n"))
 
 
 def _insertions_and_edits(lines: list[str], edits: list[tuple[int, int, str]]) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import enum
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable

@@ -50,6 +50,7 @@ from import_rewrite import (
     Renames,
     SourceModule,
     architecture_imports,
+    insert_after_imports,
     imports_of_modules,
     relative_prefix,
     remove_import_names,
@@ -836,19 +837,6 @@ def make_loading_strict(text: str, port_name: str, is_package: bool) -> tuple[st
     return text, sum(1 for _, new in edits if new.startswith("drop_computed_buffers("))
 
 
-def insert_after_imports(text: str, line: str) -> str:
-    """Insert a line after the last top-level import statement."""
-    tree = ast.parse(text)
-    last = None
-    for node in tree.body:
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            last = node
-        elif last is not None:
-            break
-    lines = text.splitlines(keepends=True)
-    at = last.end_lineno if last is not None else 0  # type: ignore[union-attr]
-    lines.insert(at, line)
-    return "".join(lines)
 
 
 def edit_arch(text: str, arch_name: str, encoding: str, supported: list[str],

@@ -175,8 +175,6 @@ def test_rope_leading_builds(rotary_dim, layout):
                                 rotary_dim=rotary_dim, layout=rope_layout)
 
     def forward(x, offsets, cache_lengths):
-        from max.graph import Graph  # noqa: F401  (inside the graph context)
-
         return attention.rope_leading(x.tensor, rope.freqs_cis, offsets.tensor, cache_lengths.tensor, rotary_dim,
                                       rope_layout)
 
