@@ -123,11 +123,12 @@ def refusal(config: dict) -> tuple[Refusal, str] | None:
 def missed_signals(report, replica: Path) -> list[str]:
     """Delta codes inspect reports whose every tied mutation was reported not applicable."""
     import delta_signals
+    import hf_source
     import model_source
 
     config = json.loads((replica / "config.json").read_text())
     tensors = model_source.read_tensor_infos(model_source.resolve(str(replica)))
-    codes = {s.code for s in delta_signals.detect(config, tensors)}
+    codes = {s.code for s in delta_signals.detect(config, tensors, hf_source.read_model(config))}
     tied: dict[str, list] = {}
     for row in report.mutations:
         if row.code:

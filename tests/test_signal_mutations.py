@@ -1,0 +1,51 @@
+"""Every delta signal inspect reports (config, tensors and HF code) is tied to a sensitivity mutation that moves.
+
+For families built from transformers' default configs, shrunk by tiny: inspect's signals come from
+``delta_signals.detect`` with the HF source reading, and each signal that has a tied mutation in
+``replica_sensitivity`` must be applicable on the family's replica and move the logits past the
+threshold. A signal whose mutation is "not applicable" (the tool missed a feature the model has) or
+"did not move" (the replica is blind to it) fails here. CPU only; no MAX.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import delta_signals
+import hf_source
+import model_source
+from bench_family_coverage import default_config
+from make_tiny_model import ReplicaOptions, build_replica
+from replica_sensitivity import Outcome, sensitivity_report
+
+FAMILIES = {
+    "gpt_neox": "GPTNeoXForCausalLM",
+    "phi": "PhiForCausalLM",
+    "starcoder2": "Starcoder2ForCausalLM",
+    "cohere": "CohereForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+    "falcon": "FalconForCausalLM",
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_each_reported_signal_has_a_mutation_that_moves(tmp_path, model_type):
+    replica = tmp_path / model_type
+    build_replica(default_config(model_type, FAMILIES[model_type]), replica, ReplicaOptions())
+    config = json.loads((replica / "config.json").read_text())
+    tensors = model_source.read_tensor_infos(model_source.resolve(str(replica)))
+    codes = {str(s.code) for s in delta_signals.detect(config, tensors, hf_source.read_model(config))}
+    report = sensitivity_report(replica, raise_on_tool_error=False)
+    tied: dict[str, list] = {}
+    for row in report.mutations:
+        if row.code:
+            tied.setdefault(str(row.code), []).append(row)
+    checked = sorted(codes & tied.keys())
+    assert checked, f"no reported signal of {model_type} has a tied mutation: the test would prove nothing"
+    unmoved = {code: [(r.name, r.outcome.value, r.reason) for r in tied[code]] for code in checked
+               if not any(r.outcome is Outcome.MOVED for r in tied[code])}
+    assert unmoved == {}, f"{model_type}: signals {codes}; tied mutations that did not move: {unmoved}"
