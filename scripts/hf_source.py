@@ -112,6 +112,8 @@ class SourceReading:
         if key in self.legacy_keys:
             attrs.add(self.legacy_keys[key])
             attrs.add("rope_parameters")  # the config class files legacy RoPE keys under rope_parameters
+        if key in SHARED_ROPE_KEYS and any(e.file == self.modeling_file for e in self.reads.get("rope_parameters", [])):
+            attrs.add("rope_parameters")  # only where the model's own code uses RoPE (OPT has none)
         found: list[Evidence] = []
         for attr in sorted(attrs):
             found += self.reads.get(attr, [])
@@ -119,6 +121,12 @@ class SourceReading:
 
 
 # --- parsing -------------------------------------------------------------------------------------
+
+
+# Top-level config.json keys transformers 5.12's shared RoPE config code (modeling_rope_utils,
+# convert_rope_params_to_dict) files under ``rope_parameters`` for every config class: read when
+# ``rope_parameters`` is (Nemotron's partial_rotary_factor was reported as a decoy).
+SHARED_ROPE_KEYS = ("rope_theta", "rope_scaling", "partial_rotary_factor")
 
 
 @dataclass

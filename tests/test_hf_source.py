@@ -284,3 +284,14 @@ def test_unknown_model_type_reads_nothing():
     start = time.perf_counter()
     hf_source.read_model({"model_type": "llama"})
     assert time.perf_counter() - start < 1.0
+
+
+def test_a_top_level_rope_key_the_shared_config_code_moves_is_not_a_decoy():
+    """Nemotron reads partial_rotary_factor only from rope_parameters, where the shared RoPE config code puts it."""
+    import transformers
+
+    config = transformers.NemotronConfig().to_dict()
+    config["architectures"] = ["NemotronForCausalLM"]
+    config["partial_rotary_factor"] = 0.5
+    reading = hf_source.read_model(config)
+    assert reading is not None and reading.key_is_read("partial_rotary_factor")
