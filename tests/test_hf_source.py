@@ -263,19 +263,14 @@ def test_norm_weightless_only_without_norm_tensors():
     assert "layernorm" in codes and "layernorm_weightless" not in codes
 
 
-def test_reading_imports_neither_torch_nor_max_and_is_fast():
-    code = ("import sys, time; sys.path.insert(0, %r); t = time.perf_counter(); import hf_source; "
-            "r = hf_source.read_model({'model_type': 'gpt_neox'}); print(time.perf_counter() - t, "
+def test_reading_imports_neither_torch_nor_max():
+    """Speed is tests/bench_metadata_scripts.py's figure; here only what the reading imports."""
+    code = ("import sys; sys.path.insert(0, %r); import hf_source; "
+            "r = hf_source.read_model({'model_type': 'gpt_neox'}); print("
             "'torch' in sys.modules, 'max' in sys.modules, 'transformers' in sys.modules, len(r.signals))"
             % str(REPO_ROOT / "scripts"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out[1:4] == ["False", "False", "False"] and int(out[4]) > 0
-    assert float(out[0]) < hf_source_budget_seconds()
-
-
-def hf_source_budget_seconds() -> float:
-    """Reading one family (parse + signals) must leave inspect under its 1 s budget; generous on a busy CI."""
-    return 1.0
+    assert out[:3] == ["False", "False", "False"] and int(out[3]) > 0
 
 
 def test_unknown_model_type_reads_nothing():
