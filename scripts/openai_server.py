@@ -184,7 +184,8 @@ def parse_completion(response: dict, prompt_ids: list[int]) -> MaxScores:
     if len(values) != total - 1 or len(tops) != total - 1:
         raise ScriptError(
             f"MAX returned {len(values)} logprobs and {len(tops)} top-k maps for {total} tokens; "
-            "is the server started with --enable-echo (use the serve command)?"
+            "is the server started with --enable-echo and --no-enable-prefix-caching (use the serve command; "
+            "with prefix caching a repeated long prompt is echoed only past its cached pages)?"
         )
     bad = next((i for i, v in enumerate(values) if not _is_logprob(v)), None)
     if bad is not None:

@@ -70,6 +70,7 @@ def test_serve_command_is_built_in_one_place_with_echo_and_slug(tmp_path):
     assert flags["--port"] == "8123" and flags["--host"] == "127.0.0.1"
     assert flags["--devices"] == "cpu" and flags["--quantization-encoding"] == "float32"
     assert "--enable-echo" in command
+    assert "--no-enable-prefix-caching" in command  # a re-compare of a long prompt needs every echoed logprob
     index = command.index("--custom-architectures")
     assert command[index + 1] == str(folder.resolve())
     assert command[command.index("--served-model-name") + 1] == "tiny_port"
