@@ -270,7 +270,10 @@ def decoder_only_refusal(config: dict[str, Any]) -> str | None:
     architectures = config.get("architectures")
     arch = architectures[0] if isinstance(architectures, list) and architectures and \
         isinstance(architectures[0], str) else ""
-    return wall_scan.not_causal_lm(config, arch, hf_source.read_model(config))
+    reading = hf_source.read_model(config)
+    if reading is None:
+        return None  # a model type transformers does not ship: not a refusal; its loader fails (exit 3)
+    return wall_scan.not_causal_lm(config, arch, reading)
 
 
 def check_decoder_only(config: dict[str, Any], label: str = "the replica") -> None:

@@ -269,7 +269,9 @@ def test_reading_imports_neither_torch_nor_max():
             "r = hf_source.read_model({'model_type': 'gpt_neox'}); print("
             "'torch' in sys.modules, 'max' in sys.modules, 'transformers' in sys.modules, len(r.signals))"
             % str(REPO_ROOT / "scripts"))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = done.stdout.split()
     assert out[:3] == ["False", "False", "False"] and int(out[3]) > 0
 
 
