@@ -180,7 +180,7 @@ def main(args: argparse.Namespace) -> int:
             steps.append(step)
             if not quiet:
                 print(f"  -> {step.outcome}  [{step.seconds}s]", flush=True)
-            if name == "check-walls" and step.exit_code == 2:
+            if name in ("inspect", "check-walls") and step.exit_code == 2:
                 return _finish(args, steps, "BLOCKED", workdir, workdir_owned, cli_support.EXIT_STOP)
             if name in ("scaffold", "gates") and step.exit_code not in (0,):
                 return _finish(args, steps, "GATE FAILED", workdir, workdir_owned, cli_support.EXIT_FINDINGS)

@@ -36,11 +36,12 @@ def test_demo_runs_every_phase_in_order(demo_run) -> None:
     assert [step["name"] for step in steps] == EXPECTED_STEPS
     codes = {step["name"]: step["exit_code"] for step in steps}
     # The demo architecture is unknown to MAX (list-archs exit 1) and not shipped by
-    # transformers under that name (check-walls warns, exit 1); nothing else fails.
+    # transformers under that name (check-walls and inspect warn, exit 1); nothing else fails.
     assert codes["list-archs"] == 1
     assert codes["check-walls"] == 1
+    assert codes["inspect"] == 1  # inspect runs the wall scan first: the same warning, the same exit 1
     assert codes["audit"] == 1  # a fresh scaffold still has donor mentions to review
-    for name in ("tiny", "inspect", "list-keys", "scaffold", "gates", "serve", "compare"):
+    for name in ("tiny", "list-keys", "scaffold", "gates", "serve", "compare"):
         assert codes[name] == 0, (name, steps)
 
 
