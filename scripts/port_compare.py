@@ -150,7 +150,7 @@ def check_answer(answer: openai_server.MaxScores, index: dict[str, list[int]], v
 # --- prompts ------------------------------------------------------------------------
 
 
-def window_prompts(source: model_source.ModelSource) -> list[str]:
+def window_prompts(source: model_source.ModelSource, config: dict[str, Any] | None = None) -> list[str]:
     """The replica's probe prompt when the model has a sliding window (the battery is shorter than any window).
 
     ``tiny`` writes a prompt of at least twice the window into ``tiny_replica.json``; without it, positions
@@ -158,7 +158,8 @@ def window_prompts(source: model_source.ModelSource) -> list[str]:
     """
     import model_anatomy
 
-    if not model_anatomy.config_view(model_source.read_config(source)).sliding_window or not source.local_dir:
+    config = model_source.read_config(source) if config is None else config
+    if not model_anatomy.config_view(config).sliding_window or not source.local_dir:
         return []
     manifest = Path(source.local_dir) / REPLICA_MANIFEST
     if not manifest.is_file():
@@ -260,14 +261,15 @@ def run_compare(
     check = openai_server.check_server(base_url, served_name, hint)
     source = model_source.resolve(model, revision)
     tokenizer = hf_reference.load_tokenizer(model, revision, trust_remote_code)
-    vocab_size = max(int(model_source.text_config(model_source.read_config(source)).get("vocab_size") or 0),
+    config = model_source.read_config(source)
+    vocab_size = max(int(model_source.text_config(config).get("vocab_size") or 0),
                      len(tokenizer))
     decoded = _decode_each(tokenizer, vocab_size)
     index = logprob_compare.text_index(decoded)
 
     texts = read_prompts(prompts, None) if prompts is None else list(prompts)
     if prompts is None:
-        texts += window_prompts(source)
+        texts += window_prompts(source, config)
     encoded = [hf_reference.encode_prompt(tokenizer, text, chat_template) for text in texts]
     for text, ids in zip(texts, encoded):
         if len(ids) < 2:
@@ -286,9 +288,10 @@ def run_compare(
                            served_name=check.served_name, dtype=dtype, atol=tolerances.logprob_atol(dtype),
                            top_k=top_k, attn_implementation=attn_implementation)
     sequences = [answer.prompt_ids + answer.generated_ids for answer in answers]
-    forwards, vocab_rows = _cached_forwards(reference or model, revision if reference is None else None, sequences,
-                                            dtype=dtype, device=device, attn_implementation=attn_implementation,
-                                            trust_remote_code=trust_remote_code, layer_stats=layer_stats)
+    cache_key = _cache_key(reference or model, revision if reference is None else None, dtype=dtype, device=device,
+                           attn_implementation=attn_implementation, trust_remote_code=trust_remote_code,
+                           layer_stats=layer_stats)
+    forwards, vocab_rows = _cached_forwards(cache_key, sequences)
     if forwards is not None:
         report.reference_cached = True
     else:
@@ -298,9 +301,7 @@ def run_compare(
         report.hf_load_seconds = time.monotonic() - hf_started
         vocab_rows = hf_vocab_rows(hf, tokenizer)
         forwards = [hf_forward(hf, ids, device, layer_stats) for ids in sequences]
-        _store_forwards(reference or model, revision if reference is None else None, sequences, forwards,
-                        vocab_rows, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                        trust_remote_code=trust_remote_code, layer_stats=layer_stats)
+        _store_forwards(cache_key, sequences, forwards, vocab_rows)
     decoded += [""] * (vocab_rows - len(decoded))  # padded output rows decode to nothing
     import numpy as np
 
@@ -328,19 +329,16 @@ def _cache_key(model: str, revision: str | None, *, trust_remote_code: bool, lay
     return reference_cache.model_fingerprint(location, **settings)
 
 
-def _cached_forwards(model: str, revision: str | None, sequences: list[list[int]], **options: Any
-                     ) -> tuple[list[tuple[Any, None]] | None, int]:
+def _cached_forwards(key: str | None, sequences: list[list[int]]) -> tuple[list[tuple[Any, None]] | None, int]:
     """Every sequence's HF rows from the reference cache, or (None, 0) when any one is missing."""
-    key = _cache_key(model, revision, **options)
     found = [reference_cache.load_rows(key, ids) for ids in sequences]
     if key is None or any(entry is None for entry in found):
         return None, 0
     return [(rows, None) for rows, _ in found], max(vocab for _, vocab in found)
 
 
-def _store_forwards(model: str, revision: str | None, sequences: list[list[int]], forwards: list[tuple[Any, Any]],
-                    vocab_rows: int, **options: Any) -> None:
-    key = _cache_key(model, revision, **options)
+def _store_forwards(key: str | None, sequences: list[list[int]], forwards: list[tuple[Any, Any]],
+                    vocab_rows: int) -> None:
     for ids, (rows, _stats) in zip(sequences, forwards):
         reference_cache.store_rows(key, ids, rows, vocab_rows)
 
