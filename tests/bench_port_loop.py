@@ -119,22 +119,26 @@ class LogWatcher:
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
+    def _look(self) -> None:
+        try:
+            text = self.path.read_text(errors="replace")
+        except OSError:
+            text = ""
+        for marker in (COMPILE_MARKER, READY_MARKER):
+            if marker in text and marker not in self.seen:
+                self.seen[marker] = time.time()
+
     def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                text = self.path.read_text(errors="replace")
-            except OSError:
-                text = ""
-            for marker in (COMPILE_MARKER, READY_MARKER):
-                if marker in text and marker not in self.seen:
-                    self.seen[marker] = time.time()
-            if len(self.seen) == 2:
-                return
+        while not self._stop.is_set() and len(self.seen) < 2:
+            self._look()
             time.sleep(WATCH_SECONDS)
 
     def stop(self) -> None:
+        """Stops watching after one last look: a marker written just before the stop still counts
+        (a loaded machine can starve the watcher thread past the moment the server answers)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        self._look()
 
 
 def serve_step(name: str, model: Path, port: Path, env: dict[str, str], log: Path) -> tuple[Step, dict]:
