@@ -198,13 +198,13 @@ def main(args: argparse.Namespace) -> int:
 def _serve_and_compare(model_dir: Path, port_dir: Path, port: int | None, steps: list[StepResult],
                        quiet: bool) -> tuple[str, int]:
     """Serve the port on the CPU and compare it with transformers."""
-    import serve_port
+    import max_server
 
     if not quiet:
         print(f"\n$ python scripts/import_model.py serve {model_dir} --port-dir {port_dir} --devices cpu "
               "--encoding float32   (first compile takes 1-2 minutes)", flush=True)
     started = time.monotonic()
-    with serve_port.served_model(model_dir, port_dir=port_dir, devices="cpu", encoding="float32",
+    with max_server.served_model(model_dir, port_dir=port_dir, devices="cpu", encoding="float32",
                                  port=port, progress=not quiet) as server:
         steps.append(StepResult("serve", ["import_model.py", "serve", str(model_dir), "--port-dir", str(port_dir)],
                                 0, f"serving {server.served_name} at {server.base_url}",

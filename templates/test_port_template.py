@@ -57,9 +57,9 @@ def replica(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(replica):
     """The port served on the replica, on the CPU in float32: the module's only MAX compile."""
-    import serve_port
+    import max_server
 
-    with serve_port.served_model(str(replica), port_dir=str(PORT_DIR), devices="cpu", encoding="float32") as running:
+    with max_server.served_model(str(replica), port_dir=str(PORT_DIR), devices="cpu", encoding="float32") as running:
         yield running
 
 

@@ -38,6 +38,8 @@ SETTINGS = (
 # A start that takes longer than this is a hang (a cold compile on a loaded 2-core machine has taken 19 min).
 START_TIMEOUT = 3600
 POLL_SECONDS = 0.5
+# serve's flags (with their values) that max warm-cache does not take: it starts no server.
+WARM_CACHE_DROPPED = ("--host", "--port")
 # The prompt: this many token ids spread over the replica's vocabulary (an id >= vocab kills MAX's model
 # worker), no tokenizer needed; and the top-k asked for.
 PROMPT_LENGTH = 12
@@ -75,33 +77,42 @@ def echoed_logprobs(port: int, served: str, ids: list[int]) -> list[float]:
 
 def one_start(name: str, replica: Path, extra: list[str], env: dict[str, str], root: Path) -> dict:
     import max_cache
-    import serve_port
+    import max_server
 
-    port = serve_port.free_port()
-    command = serve_port.build_serve_command(str(replica), port=port) + extra
+    port = max_server.free_port()
+    command = max_server.build_serve_command(str(replica), port=port) + extra
     before = max_cache.compiled_graphs(env)
     seconds, process = start(command, port, env, root / f"{len(list(root.glob('*.log')))}.log")
     try:
         logprobs = echoed_logprobs(port, str(replica), prompt_ids(replica))
     finally:
-        serve_port.stop_process_group(process.pid, process)
+        max_server.stop_process_group(process.pid, process)
     added = len(max_cache.compiled_graphs(env) - before)
     return {"setting": name, "seconds_to_ready": round(seconds, 1), "graphs_added": added, "logprobs": logprobs}
 
 
 def warm_cache_seconds(replica: Path, env: dict[str, str]) -> float:
-    import serve_port
+    import max_server
 
-    command = serve_port.build_serve_command(str(replica), port=serve_port.free_port())
-    command[1] = "warm-cache"
-    for flag in ("--host", "--port"):  # warm-cache starts no server
-        at = command.index(flag)
-        del command[at:at + 2]
+    command = warm_cache_command(max_server.build_serve_command(str(replica), port=max_server.free_port()))
     started = time.monotonic()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=START_TIMEOUT)
     if done.returncode != 0:
-        return float("nan")
+        raise SystemExit(f"max warm-cache exited {done.returncode}: {done.stderr.strip()[-400:]}")
     return time.monotonic() - started
+
+
+def warm_cache_command(serve_command: list[str]) -> list[str]:
+    """``serve``'s command as ``max warm-cache``: no server flags, and the model given as ``--model``
+    (warm-cache has no ``--model-path`` spelling; an unknown flag made the last run's figure NaN)."""
+    command = list(serve_command)
+    command[1] = "warm-cache"
+    for flag in WARM_CACHE_DROPPED:
+        if flag in command:
+            at = command.index(flag)
+            del command[at:at + 2]
+    command[command.index("--model-path")] = "--model"
+    return command
 
 
 def run(root: Path, only: list[str] | None = None, warm_cache: bool = True) -> dict:

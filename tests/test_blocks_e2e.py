@@ -27,33 +27,19 @@ Each mutation names the block it exercises.
 from __future__ import annotations
 
 import json
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 
-from composed_ports.compose import compose_port, read_spec
-from conftest import REPO_ROOT, run_script
+from composed_ports.compose import compose_port
+from composed_ports.harness import (SERVE_TIMEOUT, WEIGHTS, check_alone_and_together,
+                                    check_compiled_names, check_diverged, check_dry_build,
+                                    check_mutations_move_hf, check_port_blocks, default_source, edited_copy,
+                                    load_block, make_replica, mutant_copies, print_summary,
+                                    serve_and_compare)
 
 PORT_NAME = "neox_blocks"  # tests/composed_ports/<name>: compose.json and the overlay files
-BLOCKS_DIR = REPO_ROOT / "templates" / "blocks"
 PROMPTS = ["The capital of France is Paris.", "Once upon a time there was a little robot"]
-SERVE_TIMEOUT = 3600.0  # a cold compile on 2 shared cores can take tens of minutes
-WEIGHTS = "model.safetensors"
-CONCURRENT_TOP_K = 5  # logprobs per position asked for in the concurrency check
-CONCURRENT_NEW = 8  # tokens generated per prompt in the concurrency check (decode steps with a cache)
-
-
-def default_source(folder: Path) -> Path:
-    """transformers' default GPTNeoXConfig (a 20B-like shape) as a bare config.json."""
-    from transformers import GPTNeoXConfig
-
-    config = GPTNeoXConfig().to_dict()
-    config["architectures"] = ["GPTNeoXForCausalLM"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    return folder
 
 
 def layout(config: dict) -> tuple[int, int, int]:
@@ -62,26 +48,6 @@ def layout(config: dict) -> tuple[int, int, int]:
     head_dim = int(config["hidden_size"]) // heads
     factor = float(config["rope_parameters"]["partial_rotary_factor"])
     return heads, head_dim, int(head_dim * factor)
-
-
-def edited_copy(replica: Path, dest: Path, edit_weights=None, edit_config=None) -> Path:
-    """A copy of ``replica`` with its tensors and/or config edited in place; fails if an edit changes nothing."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(replica, dest)
-    config = json.loads((dest / "config.json").read_text())
-    if edit_weights is not None:
-        tensors = load_file(str(dest / WEIGHTS))
-        before = {name: t.clone() for name, t in tensors.items()}
-        edit_weights(tensors, config)
-        assert any(not torch.equal(before[n], tensors[n]) for n in tensors), "weight edit changed nothing"
-        save_file({n: t.contiguous() for n, t in tensors.items()}, str(dest / WEIGHTS), metadata={"format": "pt"})
-    if edit_config is not None:
-        edited = edit_config(dict(config))
-        assert edited != config, "config edit changed nothing"
-        (dest / "config.json").write_text(json.dumps(edited, indent=2))
-    return dest
 
 
 # --- mutations: each is what the port would compute with one block's bug ----------
@@ -167,11 +133,10 @@ REFERENCE_MUTATIONS = {
 
 @pytest.fixture(scope="module")
 def replica(tmp_path_factory):
+    from transformers import GPTNeoXConfig  # its default is a 20B-like shape
+
     root = tmp_path_factory.mktemp("neox_blocks")
-    out = root / "replica"
-    result = run_script("make_tiny_model", default_source(root / "source"), "--output", out, "--json")
-    assert result.returncode == 0, result.stderr
-    return out
+    return make_replica(default_source(root / "source", GPTNeoXConfig, "GPTNeoXForCausalLM"), root / "replica")
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +147,7 @@ def port_dir(replica, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mutants(replica, tmp_path_factory):
-    root = tmp_path_factory.mktemp("mutants")
-    return {name: edited_copy(replica, root / name, w, c) for name, (w, c) in REFERENCE_MUTATIONS.items()}
+    return mutant_copies(replica, tmp_path_factory.mktemp("mutants"), REFERENCE_MUTATIONS)
 
 
 # --- fast checks (no compile) ------------------------------------------------------
@@ -204,116 +168,47 @@ def test_replica_exercises_every_block(replica):
     assert float(bias.abs().max()) > 0 and float(ln_bias.abs().max()) > 0, "zero biases would hide a dropped bias"
 
 
-def _catalog():
-    """templates/blocks/__init__.py, loaded by path (registered in sys.modules first, for its dataclass)."""
-    return _load_block("__init__")
-
-
 def test_port_blocks_are_the_library_copies(port_dir):
     """The manifest records every block the graph imports, with the library's version and sha256, and the copies
     in the port hash to what the manifest says."""
-    import ast
-    import hashlib
-
-    manifest = json.loads((port_dir / "scaffold_manifest.json").read_text())
-    library = {row["name"]: row for row in _catalog().catalog()}
-    recorded = {b["name"]: b for b in manifest["blocks"]}
-    assert list(recorded) == read_spec(PORT_NAME)["with"]
-    for name, block in recorded.items():
-        assert (block["version"], block["sha256"]) == (library[name]["version"], library[name]["sha256"]), \
-            f"{name} drifted from templates/blocks"
-        assert hashlib.sha256((port_dir / block["file"]).read_bytes()).hexdigest() == block["sha256"], block["file"]
-    imported = set()  # blocks the port's own modules import (graph, config, adapter)
-    for module in port_dir.glob("*.py"):
-        imported |= {node.module.split(".", 1)[1] for node in ast.walk(ast.parse(module.read_text()))
-                     if isinstance(node, ast.ImportFrom) and node.level == 1
-                     and (node.module or "").startswith("blocks.")}
-    assert imported == set(recorded), (imported, set(recorded))
+    check_port_blocks(port_dir, PORT_NAME)
 
 
 def test_generated_port_keeps_the_compiled_names(port_dir):
     """Graph name, graph class and registered architecture are those the compile cache holds the graph under."""
-    from port_layout import read_arch_declaration
-
-    assert read_arch_declaration(port_dir / "arch.py").name == "GPTNeoXForCausalLM"
-    assert '"neox_blocks",' in (port_dir / "model.py").read_text()
-    assert "class NeoxBlocks(Transformer)" in (port_dir / f"{PORT_NAME}.py").read_text()
-    composed = json.loads((port_dir / "scaffold_manifest.json").read_text())["composed"]
-    assert composed["overlay"] == sorted(read_spec(PORT_NAME)["overlay"])
+    check_compiled_names(port_dir, PORT_NAME, "GPTNeoXForCausalLM", "NeoxBlocks")
 
 
 def test_port_dry_builds_and_keys_match(replica, port_dir):
-    result = run_script("port_probe", replica, "--port-dir", port_dir, "--check", "dry-build", "--check",
-                        "key-diff", "--fork", "--json", timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert all(r["document"]["passed"] for r in result.json()["results"])
+    check_dry_build(replica, port_dir)
 
 
 def test_each_mutation_moves_hf_logits(replica, mutants):
     """The edits are real: transformers itself gives different next-token logits on every mutant."""
-    import torch
-    from tolerances import sensitivity_threshold
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.arange(2, 14).unsqueeze(0)
-    base = AutoModelForCausalLM.from_pretrained(replica).eval()
-    with torch.no_grad():
-        ref = torch.log_softmax(base(ids).logits, -1)
-        for name, path in mutants.items():
-            got = torch.log_softmax(AutoModelForCausalLM.from_pretrained(path).eval()(ids).logits, -1)
-            assert float((got - ref).abs().max()) > sensitivity_threshold("float32"), name
+    check_mutations_move_hf(replica, mutants)
 
 
 # --- e2e: one compile, one server for the reference-side mutations ----------------
-
-
-def alone_and_together(server, prompt_ids: list[list[int]]):
-    """MAX's answers for each prompt sent alone, then for all prompts sent at once (one ragged batch when the
-    scheduler takes them together: different lengths, so row offsets and per-sequence cache lengths differ)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import openai_server
-
-    def ask(ids):
-        reply = openai_server.completion(server.base_url, server.served_name, ids, CONCURRENT_TOP_K, CONCURRENT_NEW)
-        return openai_server.parse_completion(reply, ids)
-
-    alone = [ask(ids) for ids in prompt_ids]
-    with ThreadPoolExecutor(max_workers=len(prompt_ids)) as pool:
-        together = list(pool.map(ask, prompt_ids))
-    return alone, together
 
 
 @pytest.fixture(scope="module")
 def served(replica, port_dir, mutants, tmp_path_factory):
     """Reports: "port" (MATCH expected), one per reference mutation, and "served_bias_bug" from a second server."""
     import port_compare
-    import serve_port
+    import max_server
 
     timings = {}
-    reports = {}
     started = time.monotonic()
-    with serve_port.served_model(str(replica), port_dir=str(port_dir), devices="cpu", encoding="float32",
-                                 progress=False, timeout=SERVE_TIMEOUT) as server:
-        timings["first_serve_ready"] = time.monotonic() - started
-        reports["port"] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
-                                                   prompts=PROMPTS, chat_template=False)
-        reports["alone_and_together"] = alone_and_together(server, [run.prompt_ids for run in reports["port"].runs])
-        for name, path in mutants.items():
-            reports[name] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
-                                                     prompts=PROMPTS, chat_template=False, reference=str(path))
-    timings["first_server_total"] = time.monotonic() - started
+    reports = serve_and_compare(replica, port_dir, PROMPTS, mutants, timings)
     bugged = edited_copy(replica, tmp_path_factory.mktemp("served") / "replica", zero_dense_bias)
     second = time.monotonic()
-    with serve_port.served_model(str(bugged), port_dir=str(port_dir), devices="cpu", encoding="float32",
+    with max_server.served_model(str(bugged), port_dir=str(port_dir), devices="cpu", encoding="float32",
                                  progress=False, timeout=SERVE_TIMEOUT) as server:
         timings["second_serve_ready"] = time.monotonic() - second
         reports["served_bias_bug"] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
                                                               prompts=PROMPTS, chat_template=False)
     timings["total"] = time.monotonic() - started
-    print("neox_blocks e2e timings (s):", json.dumps({k: round(v, 1) for k, v in timings.items()}))
-    print("neox_blocks verdicts:", json.dumps({k: [r.verdict, round(r.max_abs_diff, 4)] for k, r in reports.items()
-                                               if hasattr(r, "verdict")}))
+    print_summary(PORT_NAME, timings, reports)
     return reports
 
 
@@ -326,23 +221,13 @@ def test_composed_port_matches_hf(served):
 
 @pytest.mark.e2e
 def test_concurrent_prompts_of_different_lengths_match_alone(served):
-    from tolerances import logprob_atol
-
-    alone, together = served["alone_and_together"]
-    assert len({len(a.prompt_ids) for a in alone}) == len(alone), "the prompts must differ in length"
-    for one, both in zip(alone, together):
-        assert both.generated_ids == one.generated_ids
-        assert len(both.logprobs) == len(one.logprobs)
-        assert max(abs(a - b) for a, b in zip(one.logprobs, both.logprobs)) <= logprob_atol("float32")
+    check_alone_and_together(*served["alone_and_together"])
 
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("name", [*REFERENCE_MUTATIONS, "served_bias_bug"])
 def test_planted_bug_diverges(served, name):
-    report = served[name]
-    assert report.verdict == "DIVERGED", (name, report.max_abs_diff)
-    assert report.first_divergence is not None
-    assert report.max_abs_diff > report.atol
+    check_diverged(served[name], name)
 
 
 # --- e2e: one small compiled graph for the blocks the NeoX port does not use -------
@@ -359,19 +244,6 @@ SMALL_HIDDEN = 32
 HEAD_MULTIPLIER, HEAD_SOFTCAP = 0.5, 3.0
 ROPE_HEADS, ROPE_HEAD_DIM, ROPE_PARTIAL = 4, 8, 4  # x viewed as [tokens, 4 heads, 8]; partial RoPE on 4 columns
 ROPE_THETA = 10000.0  # GPT-J's create_sinusoidal_positions hard-codes this base
-
-
-def _load_block(name: str):
-    import importlib.util
-    import sys
-
-    module_name = f"blocks_e2e_{name.strip('_')}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, BLOCKS_DIR / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
 
 
 @pytest.fixture(scope="module")
@@ -396,7 +268,7 @@ def small_graph_results():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_rope
 
     norms, head, positions, moe, mlp, attention = (
-        _load_block(n) for n in ("norms", "head", "positions", "moe", "mlp", "attention"))
+        load_block(n) for n in ("norms", "head", "positions", "moe", "mlp", "attention"))
     device = DeviceRef.CPU()
     f32 = DType.float32
     vocab, num_positions = 40, 16

@@ -266,9 +266,9 @@ def test_server_without_echo_is_refused_before_any_run(model_dir, no_echo_server
 
 
 def test_no_server_is_one_line_exit_3(model_dir):
-    import serve_port
+    import max_server
 
-    port = serve_port.free_port()
+    port = max_server.free_port()
     assert_refused(run_script("run_evals", str(model_dir), "--port", str(port), "--tasks", "import_model_gen",
                               "--json"), f"no MAX server answers at http://127.0.0.1:{port}")
 

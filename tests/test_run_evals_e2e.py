@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-import serve_port
+import max_server
 import tolerances
 from conftest import run_script
 from test_verify_e2e import build
@@ -56,8 +56,8 @@ def _serve(model, state, *flags):
         yield record
     finally:
         stop = run_script("serve_port", "--stop", "--port", str(record["port"]), "--json", env=env)
-        if stop.returncode != 0 or serve_port._group_alive(record["pid"]):
-            serve_port.stop_process_group(record["pid"])
+        if stop.returncode != 0 or max_server._group_alive(record["pid"]):
+            max_server.stop_process_group(record["pid"])
         assert stop.returncode == 0, stop.stderr
 
 

@@ -64,10 +64,10 @@ def scaffold(model: Path, root: Path, donor: str, slug: str) -> Path:
 def serve_and_compare(model: Path, port: Path | None):
     """Serve (the port, or natively when ``port`` is None), compare with HF, and run the verify gate."""
     import port_compare
-    import serve_port
+    import max_server
 
     port_dir = str(port) if port is not None else None
-    with serve_port.served_model(str(model), port_dir=port_dir, timeout=SERVE_TIMEOUT, progress=False) as server:
+    with max_server.served_model(str(model), port_dir=port_dir, timeout=SERVE_TIMEOUT, progress=False) as server:
         report = port_compare.run_compare(str(model), server.base_url, server.served_name, prompts=PROMPTS,
                                             chat_template=False)
         gate = None

@@ -14,6 +14,7 @@ import pytest
 
 import port_compare
 import openai_server
+import max_server
 import serve_port
 from cli_support import ScriptError
 from conftest import SCRIPTS_DIR, run_script
@@ -34,7 +35,7 @@ def make_port(parent: Path, slug: str = "tiny_port", body: str = "ARCHITECTURES 
 
 def test_port_dir_trailing_slash_is_stripped_and_slug_is_folder_name(tmp_path):
     folder = make_port(tmp_path)
-    normalized = serve_port.normalize_port_dir(str(folder) + "/")
+    normalized = max_server.normalize_port_dir(str(folder) + "/")
     assert normalized.path == folder.resolve()
     assert normalized.slug == "tiny_port"
     assert not str(normalized.path).endswith("/")
@@ -43,27 +44,27 @@ def test_port_dir_trailing_slash_is_stripped_and_slug_is_folder_name(tmp_path):
 def test_parent_folder_is_refused_with_a_suggestion(tmp_path):
     folder = make_port(tmp_path)
     with pytest.raises(ScriptError, match=r"no __init__\.py defining ARCHITECTURES; did you mean .*tiny_port"):
-        serve_port.normalize_port_dir(tmp_path)
+        max_server.normalize_port_dir(tmp_path)
     assert folder.is_dir()
 
 
 def test_port_without_architectures_and_missing_folder_are_refused(tmp_path):
     make_port(tmp_path, "empty_port", body="X = 1\n")
     with pytest.raises(ScriptError, match="ARCHITECTURES"):
-        serve_port.normalize_port_dir(tmp_path / "empty_port")
+        max_server.normalize_port_dir(tmp_path / "empty_port")
     with pytest.raises(ScriptError, match="is not a folder"):
-        serve_port.normalize_port_dir(tmp_path / "nope")
+        max_server.normalize_port_dir(tmp_path / "nope")
 
 
 def test_slug_shadowed_by_an_installed_module_is_refused(tmp_path):
     folder = make_port(tmp_path, "json")
     with pytest.raises(ScriptError, match=r"'json' is already importable .*rename the folder"):
-        serve_port.normalize_port_dir(folder)
+        max_server.normalize_port_dir(folder)
 
 
 def test_serve_command_is_built_in_one_place_with_echo_and_slug(tmp_path):
     folder = make_port(tmp_path)
-    command = serve_port.build_serve_command("/m/model", port=8123, port_dir=str(folder) + "/")
+    command = max_server.build_serve_command("/m/model", port=8123, port_dir=str(folder) + "/")
     assert command[1] == "serve"
     flags = dict(zip(command[2::2], command[3::2]))
     assert flags["--model-path"] == "/m/model"
@@ -74,16 +75,16 @@ def test_serve_command_is_built_in_one_place_with_echo_and_slug(tmp_path):
     index = command.index("--custom-architectures")
     assert command[index + 1] == str(folder.resolve())
     assert command[command.index("--served-model-name") + 1] == "tiny_port"
-    native = serve_port.build_serve_command("/m/model", port=8123, devices="gpu", encoding="bfloat16")
+    native = max_server.build_serve_command("/m/model", port=8123, devices="gpu", encoding="bfloat16")
     assert "--custom-architectures" not in native and "--served-model-name" not in native
     assert native[native.index("--devices") + 1] == "gpu"
     assert native[native.index("--quantization-encoding") + 1] == "bfloat16"
 
 
 def test_free_port_is_bindable():
-    port = serve_port.free_port()
+    port = max_server.free_port()
     assert 0 < port < 65536
-    assert not serve_port.port_in_use(port)
+    assert not max_server.port_in_use(port)
 
 
 # --- log reading -----------------------------------------------------------------------
@@ -107,7 +108,7 @@ LOG_HEAD = "18:55:05.477 INFO: Starting server...\n18:55:07.656 INFO: Waiting fo
     ],
 )
 def test_failures_are_classified_with_their_error_lines(tail, cause):
-    found, lines = serve_port.classify_failure(LOG_HEAD + "Traceback (most recent call last):\n"
+    found, lines = max_server.classify_failure(LOG_HEAD + "Traceback (most recent call last):\n"
                                                '  File "x.py", line 1, in <module>\n' + tail)
     assert found == cause
     assert lines and lines[-1] == tail.strip().splitlines()[-1]
@@ -115,14 +116,14 @@ def test_failures_are_classified_with_their_error_lines(tail, cause):
 
 
 def test_phase_is_read_from_the_log():
-    assert serve_port.current_phase("") == "starting"
-    assert serve_port.current_phase(LOG_HEAD) == "starting model worker"
-    assert serve_port.current_phase(LOG_HEAD + "INFO: Building, compiling, and initializing model...\n") == \
+    assert max_server.current_phase("") == "starting"
+    assert max_server.current_phase(LOG_HEAD) == "starting model worker"
+    assert max_server.current_phase(LOG_HEAD + "INFO: Building, compiling, and initializing model...\n") == \
         "compiling graph"
 
 
 def test_serve_failure_message_is_one_line_with_cause_and_log(tmp_path):
-    error = serve_port.ServeFailure("shape-mismatch", serve_port.cause_hint("shape-mismatch"),
+    error = max_server.ServeFailure("shape-mismatch", max_server.cause_hint("shape-mismatch"),
                                     ["a", "ValueError: had different shape"], tmp_path / "s.log")
     text = str(error)
     assert "\n" not in text
@@ -138,10 +139,10 @@ def test_stop_process_group_leaves_no_children():
     script = "import subprocess,sys,time; subprocess.Popen([sys.executable,'-c','import time; time.sleep(60)']); time.sleep(60)"
     process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     time.sleep(1.0)
-    assert serve_port._group_alive(process.pid)
-    assert serve_port.stop_process_group(process.pid, process) is True
-    assert not serve_port._group_alive(process.pid)
-    assert serve_port.stop_process_group(process.pid, process) is False
+    assert max_server._group_alive(process.pid)
+    assert max_server.stop_process_group(process.pid, process) is True
+    assert not max_server._group_alive(process.pid)
+    assert max_server.stop_process_group(process.pid, process) is False
 
 
 def test_stop_without_records_is_a_no_op(tmp_path):
@@ -197,7 +198,7 @@ def test_compare_wrong_name_and_no_server_fail_fast(models_only_server, checkpoi
     model = checkpoint_factory("llama")
     started = time.monotonic()
     wrong = run_script("compare_layers", str(model), "--base-url", models_only_server, "--slug", "other", "--json")
-    port = serve_port.free_port()
+    port = max_server.free_port()
     missing = run_script("compare_layers", str(model), "--port", str(port))
     elapsed = time.monotonic() - started
     assert wrong.returncode == 3 and missing.returncode == 3
@@ -284,8 +285,8 @@ def test_sigterm_while_waiting_stops_the_server_group(tmp_path):
     model.mkdir()
     (model / "config.json").write_text(json.dumps(TINY_CONFIG))
     driver = (
-        "import sys; sys.path.insert(0, sys.argv[1]); import cli_support, serve_port\n"
-        "serve_port.max_executable = lambda: sys.argv[2]\n"
+        "import sys; sys.path.insert(0, sys.argv[1]); import cli_support, max_server, serve_port\n"
+        "max_server.max_executable = lambda: sys.argv[2]\n"
         "sys.exit(cli_support.standalone(vars(serve_port), argv=[sys.argv[3], '--timeout', '100']))\n"
     )
     env = dict(os.environ, IMPORT_MODEL_SERVER_DIR=str(tmp_path / "records"))
@@ -298,14 +299,14 @@ def test_sigterm_while_waiting_stops_the_server_group(tmp_path):
         time.sleep(0.2)
     assert pid_file.exists(), "the fake max serve never started"
     group = int(pid_file.read_text())
-    assert serve_port._group_alive(group)
+    assert max_server._group_alive(group)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=30)
     assert process.returncode == 128 + signal.SIGTERM
     deadline = time.monotonic() + 15
-    while serve_port._group_alive(group) and time.monotonic() < deadline:
+    while max_server._group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not serve_port._group_alive(group)
+    assert not max_server._group_alive(group)
 
 
 # --- a shared machine: ports, ownership and records, against a stand-in `max` -----------------
@@ -403,8 +404,8 @@ class FakeServe:
                 process.communicate(timeout=30)
         for path in self.pids.glob("*.started"):
             group = int(path.read_text())
-            if serve_port._group_alive(group):
-                serve_port.stop_process_group(group)
+            if max_server._group_alive(group):
+                max_server.stop_process_group(group)
 
 
 @pytest.fixture
@@ -424,7 +425,7 @@ def _one_error_line(stderr: str) -> str:
 
 
 def test_two_serves_racing_for_one_port_exactly_one_wins(fake):
-    port = serve_port.free_port()
+    port = max_server.free_port()
     first = fake.start("--port", str(port), compile_seconds=RACE_WINNER_COMPILE, linger=LINGER_SECONDS)
     second = fake.start("--port", str(port), compile_seconds=RACE_LOSER_COMPILE, linger=LINGER_SECONDS)
     groups = fake.wait_started(port, 2)  # both passed the free-port check: this is the race after it
@@ -441,7 +442,7 @@ def test_two_serves_racing_for_one_port_exactly_one_wins(fake):
     stop = run_script("serve_port", "--stop", "--port", str(port), "--json", env=fake.env)
     assert stop.returncode == 0, stop.stderr
     assert stop.json()["stopped"] == [{"port": port, "pid": record["pid"], "was_running": True}]
-    assert not any(serve_port._group_alive(group) for group in groups)
+    assert not any(max_server._group_alive(group) for group in groups)
     assert fake.record_names() == set()
 
 
@@ -474,7 +475,7 @@ def test_a_busy_port_is_refused_before_max_serve_starts(fake, holder):
 def test_a_foreign_server_binding_during_the_compile_is_never_taken_for_ours(fake):
     import os
 
-    port = serve_port.free_port()
+    port = max_server.free_port()
     process = fake.start("--port", str(port), compile_seconds=FOREIGN_COMPILE, linger=LINGER_SECONDS)
     [group] = fake.wait_started(port, 1)
     # Same served name as ours: only the socket's owner tells them apart.
@@ -490,14 +491,14 @@ def test_a_foreign_server_binding_during_the_compile_is_never_taken_for_ours(fak
     assert "port-taken" in line and f"pid {os.getpid()}" in line and f"port {port}" in line, line
     assert "serve: ready" not in result.stderr
     assert result.seconds < FOREIGN_COMPILE, "refused only after the compile; should be at the next poll"
-    assert not serve_port._group_alive(group)
+    assert not max_server._group_alive(group)
     assert fake.record_names() == set()
 
 
 def test_max_dying_with_address_in_use_is_classified(fake):
     import socket
 
-    port = serve_port.free_port()
+    port = max_server.free_port()
     process = fake.start("--port", str(port), compile_seconds=3.0)
     [group] = fake.wait_started(port, 1)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -506,7 +507,7 @@ def test_max_dying_with_address_in_use_is_classified(fake):
     assert result.returncode == 3
     line = _one_error_line(result.stderr)
     assert "port-in-use" in line and "address already in use" in line, line
-    assert not serve_port._group_alive(group)
+    assert not max_server._group_alive(group)
 
 
 def test_stop_stops_exactly_its_own_server_and_leaves_another_running(fake):
@@ -516,19 +517,19 @@ def test_stop_stops_exactly_its_own_server_and_leaves_another_running(fake):
     mine, other = (json.loads(r.stdout) for r in results)
     for record in (mine, other):
         assert record["pgid"] == record["pid"] and isinstance(record["start_time"], int)
-        assert serve_port._group_alive(record["pid"])
+        assert max_server._group_alive(record["pid"])
     assert fake.record_names() == {f"{r['port']}-{r['pid']}.json" for r in (mine, other)}
     stop = run_script("serve_port", "--stop", "--port", str(mine["port"]), "--json", env=fake.env)
     assert stop.returncode == 0, stop.stderr
     assert stop.json() == {"stopped": [{"port": mine["port"], "pid": mine["pid"], "was_running": True}],
                            "stale": [], "not_stopped": []}
-    assert not serve_port._group_alive(mine["pid"])
-    assert serve_port._group_alive(other["pid"])
+    assert not max_server._group_alive(mine["pid"])
+    assert max_server._group_alive(other["pid"])
     assert fake.record_names() == {f"{other['port']}-{other['pid']}.json"}
-    assert serve_port.probe_models(other["base_url"]).names == [str(fake.model)]
+    assert max_server.probe_models(other["base_url"]).names == [str(fake.model)]
     text = run_script("serve_port", "--stop", "--port", str(other["port"]), env=fake.env)
     assert text.returncode == 0 and f"port {other['port']} (pid {other['pid']}): stopped" in text.stdout
-    assert not serve_port._group_alive(other["pid"])
+    assert not max_server._group_alive(other["pid"])
 
 
 def _write_record(folder: Path, name: str, port: int, pid: int, start_time: int) -> Path:
@@ -559,9 +560,9 @@ def test_a_recycled_pid_is_reported_stale_and_never_signalled(tmp_path):
                                  start_new_session=True)
     try:
         deadline = time.monotonic() + 10
-        while serve_port.process_identity(bystander.pid) is None and time.monotonic() < deadline:
+        while max_server.process_identity(bystander.pid) is None and time.monotonic() < deadline:
             time.sleep(0.05)
-        identity = serve_port.process_identity(bystander.pid)
+        identity = max_server.process_identity(bystander.pid)
         recycled = _write_record(tmp_path, "8102.json", 8102, bystander.pid, identity.start_time + 1)
         result = run_script("serve_port", "--stop", "--port", "8102", "--json", env=env)
         assert bystander.poll() is None, "--stop killed a process it did not start"
@@ -610,14 +611,14 @@ def test_listen_table_keeps_listeners_that_reach_loopback_on_the_port():
 
     if struct.pack("=I", 1) != b"\x01\x00\x00\x00":
         pytest.skip("the sample table is written for a little-endian machine")
-    assert serve_port.parse_listen_table(TCP_TABLE, 0x1F90) == {111, 222}
-    assert socket.inet_ntoa(serve_port._decode_address("0100007F").packed) == "127.0.0.1"
+    assert max_server.parse_listen_table(TCP_TABLE, 0x1F90) == {111, 222}
+    assert socket.inet_ntoa(max_server._decode_address("0100007F").packed) == "127.0.0.1"
     v6_any = "00000000000000000000000000000000"
     v6_mapped = "0000000000000000FFFF00000100007F"
     table6 = TCP_TABLE.splitlines()[0] + "\n" + "\n".join(
         f"   {i}: {addr}:1F90 {'0' * 32}:0000 0A 00000000:00000000 00:00000000 00000000 0 0 {inode} 1"
         for i, (addr, inode) in enumerate([(v6_any, 7), (v6_mapped, 8), ("0" * 31 + "1", 9)]))
-    assert serve_port.parse_listen_table(table6, 0x1F90) == {7, 8}
+    assert max_server.parse_listen_table(table6, 0x1F90) == {7, 8}
 
 
 def test_listen_check_names_the_holder_and_its_group():
@@ -626,38 +627,38 @@ def test_listen_check_names_the_holder_and_its_group():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Models)
     port = server.server_address[1]
     try:
-        assert serve_port.listen_check(port, os.getpgrp()).state == "ours"
-        foreign = serve_port.listen_check(port, os.getpgrp() + 100000)
+        assert max_server.listen_check(port, os.getpgrp()).state == "ours"
+        foreign = max_server.listen_check(port, os.getpgrp() + 100000)
         assert foreign.state == "foreign" and f"pid {os.getpid()}" in foreign.detail
-        assert "already in use" in serve_port.port_problem(port)
+        assert "already in use" in max_server.port_problem(port)
     finally:
         server.server_close()
-    assert serve_port.listen_check(port, os.getpgrp()).state == "none"
-    assert serve_port.port_problem(port) is None
+    assert max_server.listen_check(port, os.getpgrp()).state == "none"
+    assert max_server.port_problem(port) is None
 
 
 def test_process_identity_reads_group_and_start_time():
     import os
 
-    me = serve_port.process_identity(os.getpid())
+    me = max_server.process_identity(os.getpid())
     assert me.pgid == os.getpgrp() and me.start_time > 0
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    assert serve_port.process_identity(gone.pid) is None
+    assert max_server.process_identity(gone.pid) is None
 
 
 def test_probe_models_reads_names_and_models_endpoint_refuses_non_objects(models_only_server):
-    assert serve_port.probe_models(models_only_server).names == ["served_slug"]
-    assert serve_port.models_endpoint(models_only_server)["data"][0]["id"] == "served_slug"
-    port = serve_port.free_port()
-    assert serve_port.probe_models(f"http://127.0.0.1:{port}").answered is False
-    assert serve_port.models_endpoint(f"http://127.0.0.1:{port}") is None
+    assert max_server.probe_models(models_only_server).names == ["served_slug"]
+    assert max_server.models_endpoint(models_only_server)["data"][0]["id"] == "served_slug"
+    port = max_server.free_port()
+    assert max_server.probe_models(f"http://127.0.0.1:{port}").answered is False
+    assert max_server.models_endpoint(f"http://127.0.0.1:{port}") is None
 
 
 def test_address_in_use_is_classified_as_port_in_use():
     log = LOG_HEAD + ("ERROR:    [Errno 98] error while attempting to bind on address ('127.0.0.1', 8000): "
                       "address already in use\n")
-    cause, lines = serve_port.classify_failure(log)
+    cause, lines = max_server.classify_failure(log)
     assert cause == "port-in-use" and "address already in use" in lines[-1]
 
 
@@ -665,15 +666,15 @@ def test_write_record_never_replaces_a_live_record_but_replaces_a_stale_one(tmp_
     import os
 
     monkeypatch.setenv("IMPORT_MODEL_SERVER_DIR", str(tmp_path))
-    me = serve_port.process_identity(os.getpid())
-    server = serve_port.RunningServer("http://127.0.0.1:8111", "x", 8111, os.getpid(), tmp_path / "l.log", [], "m",
+    me = max_server.process_identity(os.getpid())
+    server = max_server.RunningServer("http://127.0.0.1:8111", "x", 8111, os.getpid(), tmp_path / "l.log", [], "m",
                                       pgid=me.pgid, start_time=me.start_time)
-    path = serve_port.write_record(server)
+    path = max_server.write_record(server)
     assert path.name == f"8111-{os.getpid()}.json" and json.loads(path.read_text())["start_time"] == me.start_time
     with pytest.raises(ScriptError, match="already exists for a live process"):
-        serve_port.write_record(server)
+        max_server.write_record(server)
     _write_record(tmp_path, path.name, 8111, os.getpid(), me.start_time + 1)  # same pid, another process: stale
-    assert serve_port.write_record(server) == path
+    assert max_server.write_record(server) == path
     assert json.loads(path.read_text())["start_time"] == me.start_time
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
@@ -691,7 +692,7 @@ def _detach(fake: FakeServe, **kwargs) -> dict:
     done = fake.finish(fake.start("--detach", **kwargs))
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
-    assert record["state"] == "starting" and serve_port._group_alive(record["pid"])
+    assert record["state"] == "starting" and max_server._group_alive(record["pid"])
     assert record["wait_command"] == f"python scripts/import_model.py serve --wait --port {record['port']}"
     assert fake.record_names() == {f"{record['port']}-{record['pid']}.json"}
     return record
@@ -709,11 +710,11 @@ def test_detach_returns_while_loading_and_wait_sees_it_ready(fake):
     ready = done.json()
     assert ready["state"] == "ready" and ready["pid"] == record["pid"] and ready["base_url"] == record["base_url"]
     assert "serve: ready" in done.stderr
-    assert serve_port.probe_models(record["base_url"]).names == [str(fake.model)]
+    assert max_server.probe_models(record["base_url"]).names == [str(fake.model)]
     text = _wait(fake, record["port"], SHORT_WAIT)  # already ready: answers at once, in text
     assert text.returncode == 0 and f"base_url: {record['base_url']}" in text.stdout
     stop = run_script("serve_port", "--stop", "--port", str(record["port"]), env=fake.env)
-    assert stop.returncode == 0 and not serve_port._group_alive(record["pid"])
+    assert stop.returncode == 0 and not max_server._group_alive(record["pid"])
     assert fake.record_names() == set()
 
 
@@ -724,7 +725,7 @@ def test_a_short_wait_during_the_compile_says_still_starting_and_leaves_it_runni
     line = _one_error_line(done.stderr)
     assert "still starting" in line and "not failed" in line and "compiling graph" in line, line
     assert f"wait again with: python scripts/import_model.py serve --wait --port {record['port']}" in line
-    assert serve_port._group_alive(record["pid"])
+    assert max_server._group_alive(record["pid"])
     assert fake.record_names() == {f"{record['port']}-{record['pid']}.json"}
     as_json = _wait(fake, record["port"], SHORT_WAIT, "--json")
     assert as_json.returncode == 3 and as_json.json()["state"] == "starting"
@@ -738,18 +739,18 @@ def test_wait_reports_why_a_detached_server_died(fake, when):
                      fail_line="ValueError: Missing required weights: layers.0.mlp.gate_proj.weight")
     if when == "before-the-wait":
         deadline = time.monotonic() + SERVE_RUN_LIMIT
-        while serve_port._group_alive(record["pid"]) and time.monotonic() < deadline:
+        while max_server._group_alive(record["pid"]) and time.monotonic() < deadline:
             time.sleep(0.2)
     done = _wait(fake, record["port"], LONG_WAIT)
     assert done.returncode == 3
     line = _one_error_line(done.stderr)
     assert "weight-name-mismatch" in line and "Missing required weights" in line, line
     assert "still starting" not in line
-    assert not serve_port._group_alive(record["pid"]) and fake.record_names() == set()
+    assert not max_server._group_alive(record["pid"]) and fake.record_names() == set()
 
 
 def test_wait_on_a_port_with_no_record_is_one_line_exit_3(fake):
-    port = serve_port.free_port()
+    port = max_server.free_port()
     done = _wait(fake, port, SHORT_WAIT)
     assert done.returncode == 3
     assert f"no server is recorded on port {port}" in _one_error_line(done.stderr)

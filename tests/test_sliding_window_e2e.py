@@ -161,10 +161,10 @@ def serve_and_compare(replica: Path, port: Path, reference: Path, prompts: list[
     prompt's first pages from the cache and echo no logprobs for them, which compare refuses.
     """
     import port_compare
-    import serve_port
+    import max_server
 
     started = time.monotonic()
-    with serve_port.served_model(str(replica), port_dir=str(port), timeout=SERVE_TIMEOUT, progress=False) as server:
+    with max_server.served_model(str(replica), port_dir=str(port), timeout=SERVE_TIMEOUT, progress=False) as server:
         ready = time.monotonic() - started
         report = port_compare.run_compare(str(reference), server.base_url, server.served_name, prompts=prompts,
                                           chat_template=False)

@@ -197,9 +197,9 @@ def copy_report(scaffolded_copy):
 def serve_and_compare(replica: Path, port_dir: Path):
     """Serve ``replica`` with ``port_dir`` on the CPU in float32 and compare it with transformers."""
     import port_compare
-    import serve_port
+    import max_server
 
-    with serve_port.served_model(str(replica), port_dir=str(port_dir), devices="cpu",
+    with max_server.served_model(str(replica), port_dir=str(port_dir), devices="cpu",
                                  encoding="float32", progress=False, timeout=SERVE_TIMEOUT) as server:
         return port_compare.run_compare(str(replica), server.base_url, server.served_name, prompts=PROMPTS,
                                         chat_template=False)

@@ -13,7 +13,7 @@ import json
 import pytest
 
 import max_cache
-import serve_port
+import max_server
 from conftest import run_script
 from test_verify_e2e import build
 
@@ -40,8 +40,8 @@ def _serve_and_stop(model, root, env) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     record = result.json()
     stop = run_script("serve_port", "--stop", "--port", str(record["port"]), "--json", env=env)
-    if stop.returncode != 0 or serve_port._group_alive(record["pid"]):
-        serve_port.stop_process_group(record["pid"])
+    if stop.returncode != 0 or max_server._group_alive(record["pid"]):
+        max_server.stop_process_group(record["pid"])
     assert stop.returncode == 0, stop.stderr
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import port_compare
-import serve_port
+import max_server
 import tolerances
 from conftest import run_script
 
@@ -86,11 +86,11 @@ def server(replicas, tmp_path_factory):
         yield record
     finally:
         stop = run_script("serve_port", "--stop", "--port", str(record["port"]), "--json", env=env)
-        if stop.returncode != 0 or serve_port._group_alive(record["pid"]):
-            serve_port.stop_process_group(record["pid"])
+        if stop.returncode != 0 or max_server._group_alive(record["pid"]):
+            max_server.stop_process_group(record["pid"])
         assert stop.returncode == 0, stop.stderr
         assert stop.json()["stopped"] == [{"port": record["port"], "pid": record["pid"], "was_running": True}]
-        assert not serve_port._group_alive(record["pid"]), "max serve workers outlived --stop"
+        assert not max_server._group_alive(record["pid"]), "max serve workers outlived --stop"
 
 
 def compare_against(reference: Path, server: dict, replicas: dict):
@@ -105,7 +105,7 @@ def test_serve_prints_url_log_and_served_name(server, replicas):
     assert server["served_name"] == str(replicas["base"])
     assert Path(server["log_path"]).is_file()
     assert "--enable-echo" in server["command"]
-    assert serve_port.models_endpoint(server["base_url"])["data"][0]["id"] == server["served_name"]
+    assert max_server.models_endpoint(server["base_url"])["data"][0]["id"] == server["served_name"]
 
 
 def test_native_serve_matches_hf_token_for_token(server, replicas):
@@ -162,7 +162,7 @@ def test_wrong_served_name_fails_fast_before_hf_loads(server, replicas, tmp_path
 
 
 def test_server_not_running_fails_fast_before_hf_loads(replicas, tmp_path):
-    port = serve_port.free_port()
+    port = max_server.free_port()
     started = time.monotonic()
     result = run_script("compare_layers", str(replicas["base"]), "--port", str(port), "--reference",
                         str(tmp_path / "no_such_reference"), "--json")
