@@ -16,6 +16,7 @@ failing phase.
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
 import re
@@ -39,13 +40,26 @@ SMOKE_CHECKS = ("import", "dry-build", "key-diff", "weights-format")
 SCRIPTS_DIR = Path(__file__).resolve().parent
 
 
+class CheckStatus(str, enum.Enum):
+    """How one gate check ended (the JSON shows the value)."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    BLOCKED = "blocked"  # a wall: the port cannot run as asked (exit 2)
+    SKIPPED = "skipped"  # not run here; the summary says why and which later step checks it
+
+
+# Statuses that stop the phase sequence.
+BAD_STATUSES = (CheckStatus.FAIL, CheckStatus.BLOCKED)
+
+
 @dataclass
 class Check:
     """One gate check: pass, fail, blocked (a wall) or skipped, with a one-line summary."""
 
     phase: str
     name: str
-    status: str  # pass | fail | blocked | skipped
+    status: "CheckStatus"
     summary: str
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -87,9 +101,9 @@ def main(args: argparse.Namespace) -> int:
             checks += smoke(args, port)
         else:
             checks.append(verify(args, port))
-        if any(c.status in ("fail", "blocked") for c in checks):
+        if any(c.status in BAD_STATUSES for c in checks):
             break
-    code = 2 if any(c.status == "blocked" for c in checks) else 1 if any(c.status == "fail" for c in checks) else 0
+    code = 2 if any(c.status is CheckStatus.BLOCKED for c in checks) else 1 if any(c.status is CheckStatus.FAIL for c in checks) else 0
     report(args, port, checks, code)
     return code
 
@@ -131,12 +145,12 @@ def preflight_overlapping_smoke(args: argparse.Namespace, source: model_source.M
     its results are never read, so a failed preflight still hides smoke.
     """
     checks = quick_preflight(source, config, port)
-    if any(c.status in ("fail", "blocked") for c in checks):
+    if any(c.status in BAD_STATUSES for c in checks):
         return checks
     probe = start_probe(args, port)
     try:
         checks.append(reference_check(source, config))
-        if checks[-1].status in ("fail", "blocked"):
+        if checks[-1].status in BAD_STATUSES:
             return checks
         return checks + finish_probe(probe, args)
     finally:
@@ -160,28 +174,28 @@ def reference_check(source: model_source.ModelSource, config: dict) -> Check:
     if source.local_dir is None or files.format != "safetensors" or "auto_map" in config:
         why = ("a Hub model" if source.local_dir is None else "remote code" if "auto_map" in config
                else f"{files.format} weights")
-        return Check("preflight", "reference", "skipped", f"not loaded in preflight ({why}); compare checks the "
+        return Check("preflight", "reference", CheckStatus.SKIPPED, f"not loaded in preflight ({why}); compare checks the "
                                                           "reference's spread after loading it")
     size = sum((source.local_dir / name).stat().st_size for name in files.files)
     if size > PREFLIGHT_REFERENCE_MAX_BYTES:
-        return Check("preflight", "reference", "skipped", f"weights are {size / 2**30:.1f} GiB; compare checks the "
+        return Check("preflight", "reference", CheckStatus.SKIPPED, f"weights are {size / 2**30:.1f} GiB; compare checks the "
                                                           "reference's spread after loading it")
     vocab = int(model_source.text_config(config).get("vocab_size") or 0)
     if vocab < 2:
-        return Check("preflight", "reference", "skipped", "config has no vocab_size to probe with")
+        return Check("preflight", "reference", CheckStatus.SKIPPED, "config has no vocab_size to probe with")
     ids = [(1 + REFERENCE_PROBE_STRIDE * i) % vocab for i in range(REFERENCE_PROBE_TOKENS)]
     try:
         model = hf_reference.load(str(source.local_dir), dtype="float32")
         rows = hf_reference.logprob_rows(model, ids)
     except Exception as exc:  # noqa: BLE001 - a reference that cannot load or run is a failed gate, in one line
         reason = str(exc) if isinstance(exc, ScriptError) else f"the HF reference did not run: {type(exc).__name__}"
-        return Check("preflight", "reference", "fail", reason)
+        return Check("preflight", "reference", CheckStatus.FAIL, reason)
     spread = hf_reference.reference_spread(rows)
     details = {"reference_spread": spread, "threshold": tolerances.FLAT_REFERENCE_SPREAD,
                "attn_implementation": hf_reference.DEFAULT_ATTN_IMPLEMENTATION, "token_ids": ids}
     if hf_reference.is_flat(spread):
-        return Check("preflight", "reference", "fail", hf_reference.flat_reason(spread, len(ids)), details)
-    return Check("preflight", "reference", "pass", f"HF reference (float32, eager) spread {spread:.3g} nats, "
+        return Check("preflight", "reference", CheckStatus.FAIL, hf_reference.flat_reason(spread, len(ids)), details)
+    return Check("preflight", "reference", CheckStatus.PASS, f"HF reference (float32, eager) spread {spread:.3g} nats, "
                                                    "not flat", details)
 
 
@@ -194,21 +208,21 @@ def walls_check(source: model_source.ModelSource) -> Check:
     warns = [f for f in findings if f.level == wall_scan.WARN]
     details = {"findings": [asdict(f) for f in findings]}
     if stops:
-        return Check("preflight", "walls", "blocked", f"{len(stops)} wall(s) block the port: {stops[0].message}",
+        return Check("preflight", "walls", CheckStatus.BLOCKED, f"{len(stops)} wall(s) block the port: {stops[0].message}",
                      details)
-    return Check("preflight", "walls", "pass", f"no blocking wall ({len(warns)} warning(s) to review)", details)
+    return Check("preflight", "walls", CheckStatus.PASS, f"no blocking wall ({len(warns)} warning(s) to review)", details)
 
 
 def format_check(source: model_source.ModelSource) -> Check:
     files = model_source.weight_files(source)
     details = {"format": files.format, "files": list(files.files), "sharded": files.sharded}
     if files.format == "safetensors":
-        return Check("preflight", "checkpoint-format", "pass",
+        return Check("preflight", "checkpoint-format", CheckStatus.PASS,
                      f"safetensors, {len(files.files)} file(s)", details)
     if files.format == "gguf":
-        return Check("preflight", "checkpoint-format", "pass", "gguf", details)
+        return Check("preflight", "checkpoint-format", CheckStatus.PASS, "gguf", details)
     hint = " (re-save with transformers save_pretrained to get safetensors)" if files.format == "bin" else ""
-    return Check("preflight", "checkpoint-format", "fail", f"weights format {files.format!r} cannot be loaded{hint}",
+    return Check("preflight", "checkpoint-format", CheckStatus.FAIL, f"weights format {files.format!r} cannot be loaded{hint}",
                  details)
 
 
@@ -217,47 +231,47 @@ def dtype_check(source: model_source.ModelSource, config: dict, arch: port_layou
     details = {"checkpoint_encoding": wanted, "from": origin, "default_encoding": arch.default_encoding,
                "supported_encodings": arch.supported_encodings}
     if wanted is None:
-        return Check("preflight", "dtype", "fail", f"{origin} has no float encoding MAX can serve", details)
+        return Check("preflight", "dtype", CheckStatus.FAIL, f"{origin} has no float encoding MAX can serve", details)
     if arch.supported_encodings is not None and wanted not in arch.supported_encodings:
-        return Check("preflight", "dtype", "fail",
+        return Check("preflight", "dtype", CheckStatus.FAIL,
                      f"{origin} needs encoding {wanted}, which arch.py does not list in supported_encodings", details)
     if arch.default_encoding is None:
-        return Check("preflight", "dtype", "fail",
+        return Check("preflight", "dtype", CheckStatus.FAIL,
                      f"arch.py default_encoding is not a string literal; write {wanted!r} out so the gates can read it",
                      details)
     if arch.default_encoding != wanted:
-        return Check("preflight", "dtype", "fail",
+        return Check("preflight", "dtype", CheckStatus.FAIL,
                      f"{origin} -> {wanted}, but arch.py default_encoding is {arch.default_encoding!r}", details)
-    return Check("preflight", "dtype", "pass", f"{origin} matches default_encoding {wanted}", details)
+    return Check("preflight", "dtype", CheckStatus.PASS, f"{origin} matches default_encoding {wanted}", details)
 
 
 def name_check(config: dict, arch: port_layout.ArchDeclaration) -> Check:
     expected = config["architectures"][0]
     details = {"arch_py_name": arch.name, "config_architecture": expected}
     if arch.name is None:
-        return Check("preflight", "arch-name", "fail",
+        return Check("preflight", "arch-name", CheckStatus.FAIL,
                      f"arch.py SupportedArchitecture(name=...) is not a string literal; write {expected!r} out so "
                      "the gates can read it", details)
     if arch.name != expected:
-        return Check("preflight", "arch-name", "fail",
+        return Check("preflight", "arch-name", CheckStatus.FAIL,
                      f"arch.py name {arch.name!r} != config.json architectures[0] {expected!r}; MAX would not "
                      "pick the port for this checkpoint", details)
-    return Check("preflight", "arch-name", "pass", f"arch.py name is {expected}", details)
+    return Check("preflight", "arch-name", CheckStatus.PASS, f"arch.py name is {expected}", details)
 
 
 def encoding_check(arch: port_layout.ArchDeclaration) -> Check:
     supported = arch.supported_encodings
     details = {"default_encoding": arch.default_encoding, "supported_encodings": supported}
     if supported is None:
-        return Check("preflight", "encoding", "fail",
+        return Check("preflight", "encoding", CheckStatus.FAIL,
                      "arch.py supported_encodings is not a literal set; write it out so the gates can read it", details)
     if "float32" not in supported:
-        return Check("preflight", "encoding", "fail", "float32 is not a supported encoding (needed for CPU bring-up)",
+        return Check("preflight", "encoding", CheckStatus.FAIL, "float32 is not a supported encoding (needed for CPU bring-up)",
                      details)
     if arch.default_encoding not in supported:
-        return Check("preflight", "encoding", "fail",
+        return Check("preflight", "encoding", CheckStatus.FAIL,
                      f"default_encoding {arch.default_encoding!r} is not in supported_encodings", details)
-    return Check("preflight", "encoding", "pass", f"float32 supported; default {arch.default_encoding}", details)
+    return Check("preflight", "encoding", CheckStatus.PASS, f"float32 supported; default {arch.default_encoding}", details)
 
 
 # --- smoke ---------------------------------------------------------------------------
@@ -289,7 +303,7 @@ def smoke_in_subprocesses(args: argparse.Namespace, port: port_layout.PortDir) -
     for name in SMOKE_CHECKS:
         check = run_probe(args, port, name)
         checks.append(check)
-        if name == "import" and check.status != "pass":
+        if name == "import" and check.status is not CheckStatus.PASS:
             break  # the other checks import the port too
     return checks
 
@@ -336,7 +350,7 @@ def finish_probe(probe: subprocess.Popen, args: argparse.Namespace) -> list[Chec
     try:
         stdout, stderr = probe.communicate(timeout=budget)
     except subprocess.TimeoutExpired:
-        return [Check("smoke", SMOKE_CHECKS[0], "fail", f"did not finish in {budget:.0f} s")]
+        return [Check("smoke", SMOKE_CHECKS[0], CheckStatus.FAIL, f"did not finish in {budget:.0f} s")]
     done = subprocess.CompletedProcess(probe.args, probe.returncode, stdout, stderr)
     try:
         document = json.loads(done.stdout)
@@ -350,7 +364,7 @@ def finish_probe(probe: subprocess.Popen, args: argparse.Namespace) -> list[Chec
     for outcome in document["results"]:
         name = outcome.get("check", "?")
         if outcome.get("status") == "timeout":
-            checks.append(Check("smoke", name, "fail", f"did not finish in {args.timeout:.0f} s"))
+            checks.append(Check("smoke", name, CheckStatus.FAIL, f"did not finish in {args.timeout:.0f} s"))
         elif outcome.get("status") == "crashed":
             checks.append(crashed_probe(name, outcome.get("exit"), outcome.get("detail") or ""))
         else:
@@ -360,18 +374,19 @@ def finish_probe(probe: subprocess.Popen, args: argparse.Namespace) -> list[Chec
 
 def crashed_probe(name: str, returncode: Any, stderr: str) -> Check:
     tail = " ".join((stderr.strip().splitlines() or ["no output"])[-1:])
-    return Check("smoke", name, "fail", f"the probe crashed (exit {returncode}): {tail[:300]}")
+    return Check("smoke", name, CheckStatus.FAIL, f"the probe crashed (exit {returncode}): {tail[:300]}")
 
 
 def check_from_document(name: str, document: Any, returncode: Any) -> Check:
     """A probe's JSON document as a Check; its ``error`` (bad input) is exit 3 for the gates."""
     if not isinstance(document, dict):
-        return Check("smoke", name, "fail", f"the probe printed {type(document).__name__} JSON, not an object "
+        return Check("smoke", name, CheckStatus.FAIL, f"the probe printed {type(document).__name__} JSON, not an object "
                                             f"(exit {returncode})")
     if "error" in document:
         raise ScriptError(str(document["error"]))
     details = {k: v for k, v in document.items() if k not in ("check", "passed", "summary")}
-    return Check("smoke", name, "pass" if document.get("passed") else "fail", document.get("summary", ""), details)
+    return Check("smoke", name, CheckStatus.PASS if document.get("passed") else CheckStatus.FAIL,
+                 document.get("summary", ""), details)
 
 
 def run_probe(args: argparse.Namespace, port: port_layout.PortDir, name: str) -> Check:
@@ -380,7 +395,7 @@ def run_probe(args: argparse.Namespace, port: port_layout.PortDir, name: str) ->
     try:
         done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        return Check("smoke", name, "fail", f"did not finish in {args.timeout:.0f} s")
+        return Check("smoke", name, CheckStatus.FAIL, f"did not finish in {args.timeout:.0f} s")
     try:
         document = json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -393,7 +408,7 @@ def run_probe(args: argparse.Namespace, port: port_layout.PortDir, name: str) ->
 
 def verify(args: argparse.Namespace, port: port_layout.PortDir) -> Check:
     if not args.base_url:
-        return Check("verify", "logits", "skipped",
+        return Check("verify", "logits", CheckStatus.SKIPPED,
                      f"no --base-url; serve the port (serve {args.model} --port-dir {port.path}) and rerun "
                      "with --phase verify --base-url URL")
     import port_compare
@@ -402,8 +417,8 @@ def verify(args: argparse.Namespace, port: port_layout.PortDir) -> Check:
                                         dtype=args.encoding, device="cpu", revision=args.revision)
     document = result.to_dict()
     if result.verdict == "MATCH":
-        return Check("verify", "logits", "pass", f"MATCH (max |d logprob| {result.max_abs_diff:.3g})", document)
-    return Check("verify", "logits", "fail",
+        return Check("verify", "logits", CheckStatus.PASS, f"MATCH (max |d logprob| {result.max_abs_diff:.3g})", document)
+    return Check("verify", "logits", CheckStatus.FAIL,
                  f"DIVERGED at {result.first_divergence} (max |d logprob| {result.max_abs_diff:.3g})", document)
 
 
