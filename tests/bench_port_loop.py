@@ -60,7 +60,7 @@ def _times_one(norm):
     norm.__class__ = TimesOne
     return norm
 '''
-# Log markers (as serve_port.PHASES reads them): the compile starts, the server is ready.
+# Log markers (as max_server.PHASES reads them): the compile starts, the server is ready.
 COMPILE_MARKER = "Building, compiling, and initializing model"
 READY_MARKER = "Server ready on"
 # How often the log watcher looks at the server log; the figures are rounded to 0.1 s anyway.
@@ -161,27 +161,21 @@ def serve_step(name: str, model: Path, port: Path, env: dict[str, str], log: Pat
     return step, record
 
 
-def hf_reference_seconds(model: Path, env: dict[str, str]) -> float:
-    """Seconds to load the HF reference and score the prompt in a fresh process (what compare does)."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); t = time.monotonic(); import hf_reference, "
-            "transformers; tok = transformers.AutoTokenizer.from_pretrained(sys.argv[2]); "
-            "m = hf_reference.load(sys.argv[2], dtype='float32'); "
-            "hf_reference.logprob_rows(m, tok(sys.argv[3])['input_ids']); print(time.monotonic() - t)")
-    started = time.monotonic()
-    done = subprocess.run([sys.executable, "-c", code, str(SCRIPTS), str(model), PROMPT], env=env,
-                          capture_output=True, text=True, timeout=SERVE_TIMEOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"HF reference failed: {done.stderr.strip()[-400:]}")
-    return time.monotonic() - started
-
-
-def compare_step(name: str, model: Path, record: dict, env: dict[str, str], hf_seconds: float,
-                 dry_run: bool) -> Step:
+def compare_step(name: str, model: Path, record: dict, env: dict[str, str], dry_run: bool) -> Step:
+    """compare against the served port; the HF share is what compare itself reports (``hf_load_seconds``:
+    0 when its reference cache answered, as on the second compare of an unchanged model)."""
     if dry_run:
         return Step(name, 0.0, note="skipped in --dry-run (the stand-in answers only /v1/models)").add()
-    wall, _done = run("compare_layers", model, "--base-url", record["base_url"], "--slug", SLUG, "--prompt", PROMPT,
-                      "--json", env=env, check=False)
-    return Step(name, round(wall, 2), note="overhead includes MAX's request time").add(hf_reference=hf_seconds)
+    wall, done = run("compare_layers", model, "--base-url", record["base_url"], "--slug", SLUG, "--prompt", PROMPT,
+                     "--json", env=env, check=False)
+    try:
+        document = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise SystemExit(f"compare printed no JSON (exit {done.returncode}): {done.stderr.strip()[-400:]}")
+    hf_seconds = float(document.get("hf_load_seconds") or 0.0)
+    cached = "reference from compare's cache; " if document.get("reference_cached") else ""
+    return Step(name, round(wall, 2), note=f"{cached}verdict {document.get('verdict')}; overhead includes MAX's "
+                                          "request time").add(hf_reference=hf_seconds)
 
 
 def stop(port: int, env: dict[str, str]) -> float:
@@ -191,10 +185,10 @@ def stop(port: int, env: dict[str, str]) -> float:
 
 def bare_start(model: Path, port_dir: Path, env: dict[str, str], log: Path) -> float:
     """Seconds from `max serve` (the flags serve builds) to /v1/models naming the port, on this env's cache."""
-    import serve_port
+    import max_server
 
-    number = serve_port.free_port()
-    command = serve_port.build_serve_command(str(model), port=number, port_dir=port_dir)
+    number = max_server.free_port()
+    command = max_server.build_serve_command(str(model), port=number, port_dir=port_dir)
     started = time.monotonic()
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -211,7 +205,7 @@ def bare_start(model: Path, port_dir: Path, env: dict[str, str], log: Path) -> f
             time.sleep(WATCH_SECONDS * 5)
         raise SystemExit(f"bare max serve not ready in {SERVE_TIMEOUT} s; log: {log}")
     finally:
-        serve_port.stop_process_group(process.pid, process)
+        max_server.stop_process_group(process.pid, process)
 
 
 def edit_port(port: Path) -> None:
@@ -235,7 +229,11 @@ def run_loop(root: Path, dry_run: bool) -> dict:
     (source / "config.json").write_text(json.dumps(SOURCE, indent=2))
     replica = root / "replica"
     setup_seconds, _ = run("make_tiny_model", source / "config.json", "--output", replica, env=env)
-    hf_seconds = hf_reference_seconds(replica, env)
+    # Bare starts of the same two graphs on another fresh cache, each run right after the loop's start of that
+    # graph, so that both see about the same load (the sampler compiles once in each cache, as in the loop).
+    bare_env = cache_env(root, "bare")
+    bare: list[float] = []
+    loads: list[tuple[float, float]] = []
     steps: list[Step] = []
     wall, _ = run("scaffold", replica, "--start-from", "llama3", "--output-dir", root / "ports", "--slug", SLUG,
                   env=env)
@@ -246,24 +244,26 @@ def run_loop(root: Path, dry_run: bool) -> dict:
     wall, _ = run("run_oss_gates", *gates_args, env=env)
     steps.append(Step("gates (preflight only)" if dry_run else "gates (preflight + smoke)", round(wall, 2))
                  .add(gates=wall))
-    step, record = serve_step("serve (cold)", replica, port, env, root / "serve1.log")
-    steps.append(step)
-    steps.append(compare_step("compare", replica, record, env, hf_seconds, dry_run))
-    started = time.monotonic()
-    stop(record["port"], env)
-    edit_port(port)
-    steps.append(Step("stop + one edit", round(time.monotonic() - started, 2)).add())
-    step, record = serve_step("serve (edited graph)", replica, port, env, root / "serve2.log")
-    steps.append(step)
-    steps.append(compare_step("compare", replica, record, env, hf_seconds, dry_run))
-    stop(record["port"], env)
-    # The same two graphs, bare, one after the other on another fresh cache (the sampler compiles once, as above).
-    bare_env = cache_env(root, "bare")
     pristine = root / "bare_ports" / SLUG
     shutil.copytree(port, pristine)
-    graph = pristine / f"{SLUG}.py"
-    graph.write_text(graph.read_text().replace(EDIT_NEW, EDIT_OLD).replace(EDIT_HELPER, ""))
-    bare = [bare_start(replica, pristine, bare_env, root / "bare1.log")]
+    load_before = os.getloadavg()[0]
+    step, record = serve_step("serve (cold)", replica, port, env, root / "serve1.log")
+    steps.append(step)
+    steps.append(compare_step("compare", replica, record, env, dry_run))
+    started = time.monotonic()
+    stop(record["port"], env)
+    pause = time.monotonic() - started
+    loads.append((load_before, os.getloadavg()[0]))
+    bare.append(bare_start(replica, pristine, bare_env, root / "bare1.log"))
+    started = time.monotonic()
+    edit_port(port)
+    steps.append(Step("stop + one edit", round(pause + time.monotonic() - started, 2)).add())
+    load_before = os.getloadavg()[0]
+    step, record = serve_step("serve (edited graph)", replica, port, env, root / "serve2.log")
+    steps.append(step)
+    steps.append(compare_step("compare", replica, record, env, dry_run))
+    stop(record["port"], env)
+    loads.append((load_before, os.getloadavg()[0]))
     edit_port(pristine)
     bare.append(bare_start(replica, pristine, bare_env, root / "bare2.log"))
     loop_wall = sum(s.wall for s in steps)
@@ -272,6 +272,7 @@ def run_loop(root: Path, dry_run: bool) -> dict:
     return {"dry_run": dry_run, "load_average": os.getloadavg(), "cpus": os.cpu_count(),
             "setup_tiny_seconds": round(setup_seconds, 2), "steps": [asdict(s) for s in steps], "totals": totals,
             "loop_seconds": round(loop_wall, 2), "bare_starts_seconds": [round(b, 2) for b in bare],
+            "load_at_each_graph": [[round(a, 2), round(b, 2)] for a, b in loads],
             "ratio": round(loop_wall / sum(bare), 2) if sum(bare) else None,
             "cache": {"XDG_CACHE_HOME": env["XDG_CACHE_HOME"], "max_cache_created": max_cache.is_dir(),
                       "HF_HOME": env["HF_HOME"], "TORCH_HOME": env["TORCH_HOME"]}}
@@ -289,6 +290,8 @@ def table(result: dict) -> str:
               "bare max serve starts (same graphs, fresh cache): "
               + " + ".join(f"{b:.1f}" for b in result["bare_starts_seconds"]) + " s",
               f"ratio loop / bare: {result['ratio']}",
+              "1-minute load before and after each graph's loop start: "
+              + "; ".join(f"{a:.1f} -> {b:.1f}" for a, b in result["load_at_each_graph"]),
               f"load average {', '.join(f'{x:.2f}' for x in result['load_average'])} on {result['cpus']} CPUs; "
               f"tiny setup {result['setup_tiny_seconds']:.1f} s (not in the loop)",
               f"MAX cache: {result['cache']['XDG_CACHE_HOME']}/modular (created: {result['cache']['max_cache_created']}); "
