@@ -781,3 +781,104 @@ def test_port_donors_are_documented_where_donors_are_chosen():
     for path in (SKILL_MD, REPO_ROOT / "references" / "map-to-max.md"):
         text = path.read_text(encoding="utf-8")
         assert "--start-from templates/ports/stablelm" in text and "verified_ports" in text, relative(path)
+
+
+# ================================================================ tests: the building blocks in implement-graph
+
+IMPLEMENT_GRAPH = REPO_ROOT / "references" / "implement-graph.md"
+BLOCKS_CATALOG = REPO_ROOT / "templates" / "blocks" / "__init__.py"
+DOCS_BLOCK_CATALOG_MODULE = "_docs_block_catalog"  # sys.modules name; the catalog's dataclass needs its module
+BLOCKS_TABLE = "The blocks"  # the ### headings of implement-graph.md that hold the three tables
+CODES_TO_BLOCKS_TABLE = "From delta codes to blocks"
+UNCOVERED_TABLE = "Codes no block covers yet"
+
+
+def block_catalog_entries() -> dict[str, tuple[str, ...]]:
+    """Block name -> the names it provides, from templates/blocks/__init__.py (metadata only: no block, no max)."""
+    module = sys.modules.get(DOCS_BLOCK_CATALOG_MODULE)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(DOCS_BLOCK_CATALOG_MODULE, BLOCKS_CATALOG)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[DOCS_BLOCK_CATALOG_MODULE] = module
+        spec.loader.exec_module(module)
+    return {block.name: tuple(block.provides) for block in module.BLOCKS}
+
+
+def table_under(text: str, heading: str) -> list[list[str]]:
+    """Body rows (cells stripped) of the markdown table in the ``### heading`` section of ``text``; [] if none."""
+    match = re.search(rf"^###\s+{re.escape(heading)}\s*$(.*?)(?=^#{{1,3}}\s|\Z)", text, re.M | re.S)
+    if match is None:
+        return []
+    rows = []
+    for line in match.group(1).splitlines():
+        if not line.lstrip().startswith("|"):
+            continue
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if all(set(cell) <= set("-: ") for cell in cells):
+            continue  # the separator row
+        rows.append(cells)
+    return rows[1:]  # rows[0] is the header
+
+
+def first_code(cell: str) -> str:
+    """The first `code` span of a table cell (the cell itself when it has none)."""
+    found = re.search(r"`([^`]+)`", cell)
+    return found.group(1) if found else cell
+
+
+def block_doc_problems(text: str, catalog: dict[str, tuple[str, ...]], codes: set[str]) -> list[str]:
+    """What ``text`` (implement-graph.md) gets wrong about the block catalog and the delta codes."""
+    problems = []
+    documented = {first_code(row[0]) for row in table_under(text, BLOCKS_TABLE)}
+    problems += [f"block {name!r} is not in the '{BLOCKS_TABLE}' table" for name in sorted(set(catalog) - documented)]
+    problems += [f"the '{BLOCKS_TABLE}' table names {name!r}, which the catalog does not have"
+                 for name in sorted(documented - set(catalog))]
+    problems += [f"{name!r} (block {block}) is not named in the doc"
+                 for block, names in sorted(catalog.items()) for name in names if f"`{name}`" not in text]
+    mapped = [(first_code(row[0]), first_code(row[1])) for row in table_under(text, CODES_TO_BLOCKS_TABLE)]
+    uncovered = {first_code(row[0]) for row in table_under(text, UNCOVERED_TABLE)}
+    problems += [f"delta code {code!r} in '{CODES_TO_BLOCKS_TABLE}' is not in scripts/delta_codes.py"
+                 for code in sorted({code for code, _ in mapped} - codes)]
+    problems += [f"delta code {code!r} in '{UNCOVERED_TABLE}' is not in scripts/delta_codes.py"
+                 for code in sorted(uncovered - codes)]
+    problems += [f"delta code {code!r} is mapped to {block!r}, which is not a catalog block"
+                 for code, block in mapped if block not in catalog]
+    mapped_codes = {code for code, _ in mapped}
+    problems += [f"delta code {code!r} is both mapped to a block and listed as uncovered"
+                 for code in sorted(mapped_codes & uncovered)]
+    problems += [f"delta code {code!r} is neither mapped to a block nor listed as uncovered"
+                 for code in sorted(codes - mapped_codes - uncovered)]
+    problems += [f"block {name!r} implements no delta code in '{CODES_TO_BLOCKS_TABLE}'"
+                 for name in sorted(set(catalog) - {block for _, block in mapped})]
+    return problems
+
+
+def test_implement_graph_documents_every_block_and_maps_real_delta_codes():
+    import delta_codes  # metadata-only: imports nothing heavy
+
+    catalog = block_catalog_entries()
+    assert catalog, "templates/blocks/__init__.py lists no block"
+    codes = {code.value for code in delta_codes.DeltaCode}
+    text = IMPLEMENT_GRAPH.read_text(encoding="utf-8")
+    assert table_under(text, CODES_TO_BLOCKS_TABLE), "implement-graph.md maps no delta code to a block"
+    problems = block_doc_problems(text, catalog, codes)
+    assert not problems, "\n".join(problems)
+
+
+def test_block_doc_check_catches_an_undocumented_block_and_a_made_up_code():
+    text = ("### The blocks\n\n| name | provides |\n|---|---|\n| `norms` (`norms.py`) | `LayerNormF32` |\n\n"
+            "### From delta codes to blocks\n\n| code | block | setting |\n|---|---|---|\n"
+            "| `layernorm` | `norms` | x |\n| `made_up` | `norms` | x |\n| `moe` | `nope` | x |\n\n"
+            "### Codes no block covers yet\n\n| code | instead |\n|---|---|\n| `layernorm` | x |\n\n## Next\n")
+    catalog = {"norms": ("LayerNormF32", "RMSNormF32"), "moe": ("DenseMoE",)}
+    problems = block_doc_problems(text, catalog, {"layernorm", "moe", "ssm"})
+    assert problems == [
+        "block 'moe' is not in the 'The blocks' table",
+        "'DenseMoE' (block moe) is not named in the doc",
+        "'RMSNormF32' (block norms) is not named in the doc",
+        "delta code 'made_up' in 'From delta codes to blocks' is not in scripts/delta_codes.py",
+        "delta code 'moe' is mapped to 'nope', which is not a catalog block",
+        "delta code 'layernorm' is both mapped to a block and listed as uncovered",
+        "delta code 'ssm' is neither mapped to a block nor listed as uncovered",
+        "block 'moe' implements no delta code in 'From delta codes to blocks'",
+    ]
