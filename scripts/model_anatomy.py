@@ -106,6 +106,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
 # Boolean keys that mean the opposite of the field they spell (MPT: no_bias=True has no biases).
 INVERTED_KEYS = frozenset({"no_bias"})
 
+# A boolean key that turns the experts off whatever num_experts says (Doge's is_moe).
+MOE_SWITCH_KEY = "is_moe"
+
 # Families whose FFN width is 4 x hidden when the config leaves it unset (``n_inner: null``, or no
 # key at all, as in Bloom); the modeling code hard-codes that multiple.
 FFN_MULTIPLE_WHEN_UNSET = 4
@@ -114,6 +117,10 @@ FFN_UNSET_FAMILIES = frozenset({"gpt2", "gptj", "gpt_bigcode", "codegen", "bloom
 
 # Families whose block adds attention and MLP of the same input by construction (no config flag).
 PARALLEL_FAMILIES = frozenset({"gptj", "codegen", "cohere", "cohere2", "phi"})
+
+# Families whose block count is not the first layer alias: LongCat-Flash's num_hidden_layers counts its two
+# attention sublayers per block (its model sets num_hidden_layers = 2 x num_layers); num_layers is the blocks.
+BLOCK_COUNT_KEYS = {"longcat_flash": "num_layers"}
 
 # Families that always use ALiBi position biases (no key says so).
 ALIBI_FAMILIES = frozenset({"bloom", "mpt"})
@@ -204,6 +211,15 @@ class ConfigView:
     def source(self, name: str) -> Source:
         """Where a field came from."""
         return self.sources.get(name, Source(None))
+
+    def present_keys(self, name: str) -> tuple[str, ...]:
+        """Every alias of ``name`` the config spells (prefixed), in alias order.
+
+        Some configs hold one quantity under two keys that different modules read (DeepSeek-V3.2: the
+        router reads ``n_routed_experts``, the experts ``num_experts``); an edit must change them all.
+        """
+        prefix = self.text_prefix
+        return tuple(prefix + key for key in ALIASES.get(name, ()) if has_config_key(self.text, key))
 
     @property
     def is_moe(self) -> bool:
@@ -328,6 +344,10 @@ def config_view(config: Mapping[str, Any]) -> ConfigView:
 
     hidden = reader.read("hidden_size", _is_int)
     layers = reader.read("num_layers", _is_int)
+    block_key = BLOCK_COUNT_KEYS.get(family)
+    if block_key and _is_int(get_config_value(part, block_key)):
+        layers = int(get_config_value(part, block_key))
+        reader.sources["num_layers"] = Source(prefix + block_key, f"{family}: {block_key} counts the blocks")
     heads = reader.read("num_heads", _is_int)
     kv_heads = _kv_heads(reader, part, prefix, heads)
     head_dim = reader.read("head_dim", _is_int)
@@ -339,6 +359,9 @@ def config_view(config: Mapping[str, Any]) -> ConfigView:
     reader.read("rope_theta", _is_number)  # records which key holds theta (the value is rope.theta)
     fraction, rotary_dim = _rotary(reader, rope, head_dim)
     experts = reader.read("num_experts", _is_int)
+    if experts is not None and part.get(MOE_SWITCH_KEY) is False:
+        # Doge: num_experts is set by default, but is_moe=false builds a dense MLP in every layer.
+        experts = reader.derive("num_experts", None, f"{MOE_SWITCH_KEY}=false: dense MLP, the expert count is unused")
     eps = reader.read("norm_eps", _is_number)
     activation = reader.read("activation", lambda v: isinstance(v, str))
     layer_types = _layer_types(reader, layers)
@@ -563,6 +586,7 @@ class WeightStorage(enum.Enum):
 
     LINEAR = "linear"  # torch Linear: weight [out, in]
     CONV1D = "conv1d"  # transformers Conv1D (GPT-2): weight [in, out], transposed
+    STACKED = "stacked"  # one [experts, out, in] weight, an expert picked per token (JetMoE's attention experts)
 
 
 class QKVKind(enum.Enum):
@@ -573,6 +597,9 @@ class QKVKind(enum.Enum):
     FUSED_PER_HEAD = "fused_per_head"  # one projection, output [q_h; k_h; v_h] for each head h (GPT-NeoX, Bloom)
     FUSED_GROUPED = "fused_grouped"  # per kv group g: [q_g1 .. q_gr; k_g; v_g] (Falcon new_decoder_architecture)
     FUSED_MULTI_QUERY = "fused_multi_query"  # [q (all heads); k; v] with one kv head (GPTBigCode, Falcon-7B)
+    FUSED_BLOCKED = "fused_blocked"  # ``fused_blocks`` blocks of [q_b; v_b; k_b], each a run of heads (CodeGen)
+    LATENT = "latent"  # multi-head latent attention: low-rank q and kv with a shared RoPE key (DeepSeek-V2/V3)
+    MIXTURE_OF_HEADS = "mixture_of_heads"  # queries and outputs from routed attention experts, shared [k; v] (JetMoE)
 
 
 class NormRole(enum.Enum):
@@ -585,6 +612,7 @@ class NormRole(enum.Enum):
     MLP_OUTPUT = "mlp_output"  # the MLP output, before the residual add
     ATTENTION_RESIDUAL = "attention_residual"  # post-LN: the residual stream after the attention add (OPT-350m)
     MLP_RESIDUAL = "mlp_residual"  # post-LN: the residual stream after the MLP add
+    PER_LAYER_INPUT_OUTPUT = "per_layer_input_output"  # the per-layer-input branch's output (Gemma 3n / 4)
 
 
 @dataclass(frozen=True)
@@ -603,8 +631,35 @@ class Projection:
 
 
 @dataclass(frozen=True)
+class LatentAttention:
+    """The low-rank parts of multi-head latent attention (DeepSeek-V2/V3 and the families built on it).
+
+    Queries: ``q_b(q_a_norm(q_a(x)))`` (or one direct projection, ``AttentionLayout.q``, when
+    ``q_lora_rank`` is None). Keys and values: ``kv_a(x)`` splits into a ``kv_lora_rank`` latent
+    and one shared ``rope_head_dim`` RoPE key; ``kv_b(kv_a_norm(latent))`` gives per head
+    ``[k_nope; v]``. Each query head is ``[nope_head_dim; rope_head_dim]``.
+    """
+
+    q_a: Projection | None
+    q_a_norm: str | None
+    kv_a: Projection
+    kv_a_norm: str
+    kv_b: Projection
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    nope_head_dim: int
+    rope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
 class AttentionLayout:
-    """The attention module of a block and its projections (q/k/v are None when fused into ``qkv``)."""
+    """The attention module of a block and its projections (q/k/v are None when fused into ``qkv``).
+
+    LATENT: ``q`` is the per-head query projection, ``latent`` holds the rest, k/v/qkv are None.
+    MIXTURE_OF_HEADS: ``q`` and ``o`` are STACKED expert weights, ``qkv`` is the shared [k; v]
+    projection and ``router`` picks the experts.
+    """
 
     path: str
     qkv_kind: QKVKind
@@ -618,38 +673,73 @@ class AttentionLayout:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    fused_blocks: int = 1  # FUSED_BLOCKED: how many [q; v; k] blocks the fused output has
+    latent: LatentAttention | None = None  # LATENT: the low-rank projections and their norms
+    output_gate: Projection | None = None  # gate on the attention output before ``o`` (per element or per head)
+    mask_projection: Projection | None = None  # per-head dynamic mask from the values (Doge's dt_proj)
+    v_norm: str | None = None  # a norm of each value head (Gemma 4)
+    sub_norm: str | None = None  # a norm of the attention output before ``o`` (BitNet, DiffLlama's groupnorm)
+    value_head_dim: int | None = None  # size of a value head when it differs from head_dim (latent attention)
+    router: str | None = None  # MIXTURE_OF_HEADS: the router picking the attention experts
+    indexer: str | None = None  # sparse attention: the module choosing which keys each query reads (DeepSeek-V3.2)
+
+    @property
+    def output_gate_per_head(self) -> bool:
+        """The output gate has one value per head (Laguna) rather than one per output element (AFMoE)."""
+        return self.output_gate is not None and self.output_gate.out_features == self.num_heads
+
+    def _rows(self, which: str) -> list[int]:
+        n, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        kind = self.qkv_kind
+        if kind in (QKVKind.LATENT, QKVKind.MIXTURE_OF_HEADS) and (which != "query" or kind is not QKVKind.LATENT):
+            raise AnatomyError(f"cannot resolve the {which} rows of {self.path}: {kind.value} attention has no "
+                               f"{which} rows in one Linear projection")
+        if kind in (QKVKind.SEPARATE, QKVKind.LATENT):
+            return list(range((n if which == "query" else kv) * d))
+        if kind in (QKVKind.FUSED, QKVKind.FUSED_MULTI_QUERY):
+            start, count = {"query": (0, n), "key": (n, kv), "value": (n + kv, kv)}[which]
+            return list(range(start * d, (start + count) * d))
+        if kind is QKVKind.FUSED_PER_HEAD:
+            offset = {"query": 0, "key": d, "value": 2 * d}[which]
+            return [h * 3 * d + offset + i for h in range(n) for i in range(d)]
+        if kind is QKVKind.FUSED_BLOCKED:
+            local = n * d // self.fused_blocks
+            offset = {"query": 0, "value": local, "key": 2 * local}[which]
+            return [b * 3 * local + offset + i for b in range(self.fused_blocks) for i in range(local)]
+        group = n // kv
+        if which == "query":
+            return [g * (group + 2) * d + i for g in range(kv) for i in range(group * d)]
+        offset = group * d if which == "key" else (group + 1) * d
+        return [g * (group + 2) * d + offset + i for g in range(kv) for i in range(d)]
 
     def query_rows(self) -> list[int]:
         """Output rows of the query projection (``q``, or the query rows of the fused ``qkv``), in head order."""
-        n, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_kind is QKVKind.SEPARATE:
-            return list(range(n * d))
-        if self.qkv_kind in (QKVKind.FUSED, QKVKind.FUSED_MULTI_QUERY):
-            return list(range(n * d))
-        if self.qkv_kind is QKVKind.FUSED_PER_HEAD:
-            return [h * 3 * d + i for h in range(n) for i in range(d)]
-        group = n // kv
-        return [g * (group + 2) * d + i for g in range(kv) for i in range(group * d)]
+        return self._rows("query")
 
     def key_rows(self) -> list[int]:
-        """Output rows of the key projection (``k``, or the key rows of the fused ``qkv``), in head order."""
-        n, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_kind is QKVKind.SEPARATE:
-            return list(range(kv * d))
-        if self.qkv_kind in (QKVKind.FUSED, QKVKind.FUSED_MULTI_QUERY):
-            return list(range(n * d, (n + kv) * d))
-        if self.qkv_kind is QKVKind.FUSED_PER_HEAD:
-            return [h * 3 * d + d + i for h in range(n) for i in range(d)]
-        group = n // kv
-        return [g * (group + 2) * d + group * d + i for g in range(kv) for i in range(d)]
+        """Output rows of the key projection (``k``, or the key rows of the fused ``qkv``), in head order.
+
+        Latent and mixture-of-heads attention have no such rows (AnatomyError naming the attention).
+        """
+        return self._rows("key")
+
+    def value_rows(self) -> list[int]:
+        """Output rows of the value projection (``v``, or the value rows of the fused ``qkv``), in head order."""
+        return self._rows("value")
 
     @property
     def query_projection(self) -> Projection:
         """The projection holding the query rows."""
+        if self.qkv_kind is QKVKind.MIXTURE_OF_HEADS:
+            raise AnatomyError(f"cannot resolve the query projection of {self.path}: its queries come from "
+                               "routed attention experts (stacked weights)")
         return self.q if self.q is not None else self.qkv  # type: ignore[return-value]
 
     @property
     def key_projection(self) -> Projection:
+        if self.qkv_kind in (QKVKind.LATENT, QKVKind.MIXTURE_OF_HEADS):
+            raise AnatomyError(f"cannot resolve the key projection of {self.path}: {self.qkv_kind.value} "
+                               "attention has no key rows in one Linear projection")
         return self.k if self.k is not None else self.qkv  # type: ignore[return-value]
 
 
@@ -663,6 +753,7 @@ class MLPLayout:
     gate: Projection | None
     gate_up: Projection | None  # fused [gate; up] (Phi-3)
     down: Projection
+    sub_norm: str | None = None  # a norm of the activated hidden before ``down`` (BitNet's ffn_sub_norm)
 
 
 @dataclass(frozen=True)
@@ -689,6 +780,26 @@ class NormRef:
 
 
 @dataclass(frozen=True)
+class PerLayerInputs:
+    """Gemma 3n / 4 per-layer inputs: a second token embedding plus a projection of the embeddings, both
+    ``blocks x width`` wide; block i reads slice i (after ``norm``)."""
+
+    embedding: str
+    projection: Projection
+    norm: str | None
+    width: int  # per-block input width (hidden_size_per_layer_input)
+
+
+@dataclass(frozen=True)
+class BlockPerLayerInput:
+    """A block's per-layer-input branch: ``norm(projection(act(gate(h)) * per_layer_input))`` added to ``h``."""
+
+    gate: Projection
+    projection: Projection
+    norm: str | None
+
+
+@dataclass(frozen=True)
 class BlockLayout:
     """One decoder block."""
 
@@ -699,6 +810,7 @@ class BlockLayout:
     moe: MoELayout | None
     norms: tuple[NormRef, ...]
     parallel: bool  # attention and MLP read the same input and are summed
+    per_layer_input: BlockPerLayerInput | None = None  # Gemma 3n / 4
 
     def norm(self, role: NormRole) -> NormRef | None:
         return next((n for n in self.norms if n.role is role), None)
@@ -732,6 +844,7 @@ class ModelLayout:
     rotary: str | None
     project_in: str | None = None  # embedding width -> hidden (OPT with word_embed_proj_dim != hidden)
     project_out: str | None = None  # hidden -> embedding width, before the LM head
+    per_layer_inputs: PerLayerInputs | None = None  # Gemma 3n / 4
 
     @property
     def first_norm(self) -> str | None:
@@ -746,15 +859,36 @@ class ModelLayout:
 
 # Name tables for parts whose role the shapes cannot tell (q vs k vs v vs o when every
 # projection is hidden x hidden; the MLP up vs gate). Names are matched exactly.
-QUERY_NAMES = ("q_proj", "query", "q", "wq", "q_lin")
-KEY_NAMES = ("k_proj", "key", "k", "wk", "k_lin")
-VALUE_NAMES = ("v_proj", "value", "v", "wv", "v_lin")
-OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out_lin", "proj")
+QUERY_NAMES = ("q_proj", "query", "q", "wq", "q_lin", "Wq", "project_q")
+KEY_NAMES = ("k_proj", "key", "k", "wk", "k_lin", "Wk", "project_k")
+VALUE_NAMES = ("v_proj", "value", "v", "wv", "v_lin", "Wv", "project_v")
+OUTPUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out_lin", "proj", "Wo", "attention_out")
 FUSED_QKV_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "att_proj", "W_pack")
+# Attention projections beside q/k/v/o: a gate on the attention output (sigmoid per element in
+# AFMoE and HRM, softplus per head in Laguna) and Doge's per-head dynamic-mask projection.
+OUTPUT_GATE_NAMES = ("gate_proj", "g_proj")
+MASK_PROJECTION_NAMES = ("dt_proj",)
+# Multi-head latent attention (DeepSeek-V2/V3): low-rank query and key/value projections and their norms.
+LATENT_Q_A_NAMES = ("q_a_proj",)
+LATENT_Q_B_NAMES = ("q_b_proj",)
+LATENT_KV_A_NAMES = ("kv_a_proj_with_mqa",)
+LATENT_KV_B_NAMES = ("kv_b_proj",)
+LATENT_Q_NORM_NAMES = ("q_a_layernorm",)
+LATENT_KV_NORM_NAMES = ("kv_a_layernorm",)
+INDEXER_NAMES = ("indexer",)  # DeepSeek-V3.2 / GLM-MoE-DSA sparse attention: the top-k key selector
+V_NORM_NAMES = ("v_norm",)
+ATTENTION_SUB_NORM_NAMES = ("attn_sub_norm", "groupnorm")
+MLP_SUB_NORM_NAMES = ("ffn_sub_norm",)
 GATE_NAMES = ("gate_proj", "w1", "wi_0")
 UP_NAMES = ("up_proj", "w3", "wi_1", "fc_in", "c_fc", "dense_h_to_4h", "fc1", "wi", "ff_proj")
-GATE_UP_NAMES = ("gate_up_proj",)
-DOWN_NAMES = ("down_proj", "w2", "wo", "fc_out", "c_proj", "dense_4h_to_h", "fc2", "ff_out")
+GATE_UP_NAMES = ("gate_up_proj", "Wi")  # [gate; up]: the first half is activated (Phi-3, ModernBERT's chunk)
+DOWN_NAMES = ("down_proj", "w2", "wo", "fc_out", "c_proj", "dense_4h_to_h", "fc2", "ff_out", "Wo")
+# Gemma 3n / 4 per-layer inputs: model-level embedding, projection and norm; per-block gate and projection.
+PER_LAYER_EMBEDDING_NAMES = ("embed_tokens_per_layer",)
+PER_LAYER_PROJECTION_NAMES = ("per_layer_model_projection",)
+PER_LAYER_NORM_NAMES = ("per_layer_projection_norm",)
+BLOCK_PER_LAYER_GATE_NAMES = ("per_layer_input_gate",)
+BLOCK_PER_LAYER_PROJECTION_NAMES = ("per_layer_projection",)
 ROUTER_NAMES = ("gate", "router")
 EXPERTS_NAMES = ("experts",)
 SHARED_EXPERT_NAMES = ("shared_expert", "shared_experts", "shared_mlp")
@@ -767,11 +901,14 @@ K_NORM_NAMES = ("k_norm", "k_layernorm", "key_layernorm", "k_ln")
 QK_NORM_NAMES = ("qk_norm",)  # one norm module applied to queries and keys (Llama 4's L2 norm)
 NORM_ROLE_NAMES: dict[str, NormRole] = {
     **dict.fromkeys(("input_layernorm", "ln_1", "norm_1", "attention_norm", "self_attn_layer_norm", "ln_attn",
-                     "attn_norm", "norm1", "pre_attention_layernorm", "attention_layernorm"), NormRole.INPUT),
+                     "attn_norm", "norm1", "pre_attention_layernorm", "attention_layernorm", "layernorm1"),
+                   NormRole.INPUT),
     **dict.fromkeys(("post_attention_layernorm", "ln_2", "norm_2", "ffn_norm", "final_layer_norm", "ln_mlp",
-                     "pre_feedforward_layernorm", "norm2", "pre_mlp_layernorm", "feedforward_layernorm"),
-                   NormRole.PRE_MLP),
-    **dict.fromkeys(("post_feedforward_layernorm", "post_mlp_layernorm"), NormRole.MLP_OUTPUT),
+                     "pre_feedforward_layernorm", "norm2", "pre_mlp_layernorm", "feedforward_layernorm",
+                     "layernorm2", "mlp_norm"), NormRole.PRE_MLP),
+    **dict.fromkeys(("post_self_attn_layernorm", "post_norm1"), NormRole.ATTENTION_OUTPUT),  # GLM-4, HyperCLOVA X
+    **dict.fromkeys(("post_feedforward_layernorm", "post_mlp_layernorm", "post_norm2"), NormRole.MLP_OUTPUT),
+    "post_per_layer_input_norm": NormRole.PER_LAYER_INPUT_OUTPUT,
 }
 # A block that has a norm after its MLP uses post_attention_layernorm on the attention output.
 POST_ATTENTION_NAME = "post_attention_layernorm"
@@ -809,7 +946,12 @@ FUSED_QKV_LAYOUTS: dict[str, Callable[[ConfigView, int], QKVKind]] = {
     **dict.fromkeys(("gpt_neox", "gpt_neox_japanese", "bloom", "persimmon"), _per_head),
     "gpt_bigcode": _bigcode_qkv,
     "falcon": _falcon_qkv,
+    **dict.fromkeys(("openai-gpt", "phi4_multimodal"), _concatenated),  # split at [q | k | v] by their forward
+    "codegen": lambda view, kv_heads: QKVKind.FUSED_BLOCKED,
 }
+# FUSED_BLOCKED families: how many [q; v; k] blocks the fused output holds. CodeGen hard-codes
+# mp_num = 4 (the TPU model-parallel split of its original checkpoints) in CodeGenAttention.forward.
+FUSED_QKV_BLOCKS = {"codegen": 4}
 
 
 def _class_name(module: Any) -> str:
@@ -856,7 +998,15 @@ def _projection(module: Any, path: str) -> Projection | None:
     if isinstance(module, torch.nn.Linear):
         return Projection(path, WeightStorage.LINEAR, int(module.in_features), int(module.out_features),
                           bias is not None)
+    children = list(module.named_children())
+    if (weight is None and len(children) == 1 and children[0][0] in WRAPPED_LINEAR_NAMES
+            and isinstance(children[0][1], torch.nn.Linear) and not any(True for _ in module.parameters(recurse=False))):
+        return _projection(children[0][1], _join(path, children[0][0]))  # Moshi: MoshiLinear wraps one Linear
     return None
+
+
+# A module with no weight of its own wrapping exactly one Linear under this name is that Linear (MoshiLinear).
+WRAPPED_LINEAR_NAMES = ("linear",)
 
 
 def _join(parent: str, name: str) -> str:
@@ -902,11 +1052,18 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
 
     position, offset, embedding_norm, final, rotary = None, 0, None, None, None
     width_maps: dict[str, str] = {}
+    per_layer: dict[str, Any] = {}
     norms = []
     for name, full, child in _children(decoder_module, decoder):
         if child is input_embedding or full == blocks_path:
             continue
-        if "rotary" in _class_name(child).lower() or hasattr(child, "inv_freq"):
+        if name in PER_LAYER_EMBEDDING_NAMES:
+            per_layer["embedding"] = full
+        elif name in PER_LAYER_PROJECTION_NAMES and _projection(child, full) is not None:
+            per_layer["projection"] = _projection(child, full)
+        elif name in PER_LAYER_NORM_NAMES and is_norm_module(child):
+            per_layer["norm"] = full
+        elif "rotary" in _class_name(child).lower() or hasattr(child, "inv_freq"):
             rotary = full
         elif name in WIDTH_PROJECTION_NAMES and _projection(child, full) is not None:
             width_maps[name] = full
@@ -938,11 +1095,40 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
 
     blocks = tuple(_block(index, _join(blocks_path, str(index)), block, view)
                    for index, block in enumerate(block_list))
+    per_layer_inputs = _per_layer_inputs(model, decoder, per_layer, blocks)
     return ModelLayout(
         model_class=type(model).__name__, model_type=view.model_type, decoder=decoder, blocks_path=blocks_path,
         blocks=blocks, token_embedding=token_embedding, position_embedding=position, position_offset=offset,
         embedding_norm=embedding_norm, final_norm=final, lm_head=lm_head, tied=bool(tied), rotary=rotary,
-        project_in=width_maps.get("project_in"), project_out=width_maps.get("project_out"))
+        project_in=width_maps.get("project_in"), project_out=width_maps.get("project_out"),
+        per_layer_inputs=per_layer_inputs)
+
+
+def _per_layer_inputs(model: Any, decoder: str, found: dict[str, Any],
+                      blocks: tuple[BlockLayout, ...]) -> PerLayerInputs | None:
+    """The model-level per-layer-input parts, checked against every block's branch (AnatomyError when partial)."""
+    with_branch = [block.path for block in blocks if block.per_layer_input is not None]
+    if not found and not with_branch:
+        return None
+    where = decoder or "the model"
+    if "embedding" not in found or "projection" not in found:
+        missing = "embedding" if "embedding" not in found else "projection"
+        raise AnatomyError(f"cannot resolve the per-layer-input {missing} of {where}: no child named one of "
+                           + ", ".join(PER_LAYER_EMBEDDING_NAMES if missing == "embedding"
+                                       else PER_LAYER_PROJECTION_NAMES))
+    if len(with_branch) != len(blocks):
+        lacking = next(block.path for block in blocks if block.per_layer_input is None)
+        raise AnatomyError(f"cannot resolve the per-layer-input branch of {lacking}: no children named "
+                           f"{BLOCK_PER_LAYER_GATE_NAMES[0]} and {BLOCK_PER_LAYER_PROJECTION_NAMES[0]}")
+    projection: Projection = found["projection"]
+    embedding_width = int(model.get_submodule(found["embedding"]).weight.shape[1])
+    width, extra = divmod(projection.out_features, len(blocks))
+    gate_width = blocks[0].per_layer_input.gate.out_features  # type: ignore[union-attr]
+    if extra or embedding_width != projection.out_features or width != gate_width:
+        raise AnatomyError(f"cannot resolve the per-layer inputs of {where}: embedding width {embedding_width}, "
+                           f"projection {projection.out_features} outputs and block gate {gate_width} outputs are "
+                           f"not {len(blocks)} blocks x one width")
+    return PerLayerInputs(embedding=found["embedding"], projection=projection, norm=found.get("norm"), width=width)
 
 
 def _config_dict(model: Any) -> dict[str, Any]:
@@ -995,8 +1181,15 @@ def _is_mlp(name: str, module: Any) -> bool:
 
 
 def _block(index: int, path: str, block: Any, view: ConfigView) -> BlockLayout:
+    import torch
+
     children = _children(block, path)
     attentions = [(name, full, child) for name, full, child in children if _is_attention(name, child)]
+    listed = [(full, len(child)) for _, full, child in attentions if isinstance(child, torch.nn.ModuleList)]
+    if listed:
+        raise AnatomyError(f"cannot resolve the attention of {path}: {listed[0][0]} is a list of {listed[0][1]} "
+                           "attention modules (several attention sublayers per block, as in LongCat-Flash); "
+                           "a BlockLayout has one attention")
     if len(attentions) != 1:
         raise AnatomyError(f"cannot resolve the attention of {path}: "
                            + (f"several candidates ({', '.join(f for _, f, _ in attentions)})" if attentions
@@ -1013,7 +1206,7 @@ def _block(index: int, path: str, block: Any, view: ConfigView) -> BlockLayout:
         else:
             mlp = _mlp(full, module, view)
     elif _projections(block, path):
-        mlp = _mlp(path, block, view)  # OPT: fc1 / fc2 sit on the block itself
+        mlp = _mlp(path, block, view, inline=True)  # OPT: fc1 / fc2 sit on the block itself
     norms = _block_norms(path, block, view)
     has_ffn = mlp is not None or moe is not None
     roles = {n.role for n in norms}
@@ -1022,7 +1215,21 @@ def _block(index: int, path: str, block: Any, view: ConfigView) -> BlockLayout:
         norms = (NormRef(norms[0].path, NormRole.SHARED, norms[0].eps),)
     parallel = structural or (view.parallel_block and NormRole.ATTENTION_OUTPUT not in roles)
     return BlockLayout(index=index, path=path, attention=attention, mlp=mlp, moe=moe, norms=norms,
-                       parallel=parallel)
+                       parallel=parallel, per_layer_input=_block_per_layer_input(path, block, norms))
+
+
+def _block_per_layer_input(path: str, block: Any, norms: tuple[NormRef, ...]) -> BlockPerLayerInput | None:
+    projections = _projections(block, path)
+    gate = next((projections[n] for n in BLOCK_PER_LAYER_GATE_NAMES if n in projections), None)
+    projection = next((projections[n] for n in BLOCK_PER_LAYER_PROJECTION_NAMES if n in projections), None)
+    if gate is None and projection is None:
+        return None
+    if gate is None or projection is None or gate.out_features != projection.in_features:
+        raise AnatomyError(f"cannot resolve the per-layer-input branch of {path}: it needs a gate "
+                           f"({', '.join(BLOCK_PER_LAYER_GATE_NAMES)}) and a projection "
+                           f"({', '.join(BLOCK_PER_LAYER_PROJECTION_NAMES)}) of one width")
+    norm = next((n.path for n in norms if n.role is NormRole.PER_LAYER_INPUT_OUTPUT), None)
+    return BlockPerLayerInput(gate=gate, projection=projection, norm=norm)
 
 
 def _block_norms(path: str, block: Any, view: ConfigView) -> tuple[NormRef, ...]:
@@ -1033,8 +1240,10 @@ def _block_norms(path: str, block: Any, view: ConfigView) -> tuple[NormRef, ...]
     refs = []
     for name, full, child in found:
         role = post_roles.get(name) or NORM_ROLE_NAMES.get(name)
-        if name == POST_ATTENTION_NAME and ("post_feedforward_layernorm" in names or "post_mlp_layernorm" in names):
-            role = NormRole.ATTENTION_OUTPUT
+        named_output = any(NORM_ROLE_NAMES.get(n) is NormRole.ATTENTION_OUTPUT for n in names)
+        if (name == POST_ATTENTION_NAME and not named_output
+                and ("post_feedforward_layernorm" in names or "post_mlp_layernorm" in names)):
+            role = NormRole.ATTENTION_OUTPUT  # Gemma 2, AFMoE; GLM-4 names its attention output norm apart
         if role is None:
             raise AnatomyError(f"cannot resolve the role of the norm {full}: {name!r} is not in NORM_ROLE_NAMES")
         refs.append(NormRef(full, role, norm_eps(child)))
@@ -1042,16 +1251,23 @@ def _block_norms(path: str, block: Any, view: ConfigView) -> tuple[NormRef, ...]
 
 
 def _attention(path: str, module: Any, view: ConfigView) -> AttentionLayout:
+    projections = _projections(module, path)
+    inner = [(name, full, child) for name, full, child in _children(module, path) if _is_attention(name, child)]
+    if not projections and len(inner) == 1:
+        return _attention(inner[0][1], inner[0][2], view)  # GPT-Neo: attn wraps the attention proper (attn.attention)
     heads = _int_attr(module, ("num_heads", "num_attention_heads", "n_head")) or view.num_heads
     head_dim = _int_attr(module, ("head_dim", "head_size")) or view.head_dim
-    kv = view.num_kv_heads
     if not (heads and head_dim):
         raise AnatomyError(f"cannot resolve the heads of {path}: the config gives heads={view.num_heads}, "
                            f"kv heads={view.num_kv_heads}, head_dim={view.head_dim}")
     heads, head_dim = int(heads), int(head_dim)
-    projections = _projections(module, path)
-    unknown = [p.path for name, p in projections.items()
-               if name not in QUERY_NAMES + KEY_NAMES + VALUE_NAMES + OUTPUT_NAMES + FUSED_QKV_NAMES]
+    if any(name in LATENT_KV_A_NAMES for name in projections):
+        return _latent_attention(path, module, projections, heads)
+    if any(name in MOH_KV_NAMES for name in projections) and any(p.ndim == 3 for p in module.parameters()):
+        return _mixture_of_heads(path, module, projections, heads, head_dim, view)
+    known = (QUERY_NAMES + KEY_NAMES + VALUE_NAMES + OUTPUT_NAMES + FUSED_QKV_NAMES + OUTPUT_GATE_NAMES
+             + MASK_PROJECTION_NAMES)
+    unknown = [p.path for name, p in projections.items() if name not in known]
     if unknown:
         raise AnatomyError(f"cannot resolve the projection {unknown[0]} of {path}: its name is not in the "
                            "attention name tables")
@@ -1060,9 +1276,14 @@ def _attention(path: str, module: Any, view: ConfigView) -> AttentionLayout:
         return next((projections[n] for n in names if n in projections), None)
 
     q, k, v, o, qkv = pick(QUERY_NAMES), pick(KEY_NAMES), pick(VALUE_NAMES), pick(OUTPUT_NAMES), pick(FUSED_QKV_NAMES)
+    for name, full, child in _children(module, path):
+        if name in known and name not in projections and any(True for _ in child.parameters()):
+            raise AnatomyError(f"cannot resolve the projection {full} of {path}: it is a {_class_name(child)}, "
+                               "not a Linear or Conv1D")
     if o is None:
         raise AnatomyError(f"cannot resolve the attention output projection of {path}: no child named one of "
                            + ", ".join(OUTPUT_NAMES))
+    blocks = 1
     if qkv is not None:
         if q or k or v:
             raise AnatomyError(f"cannot resolve the q/k/v projections of {path}: both fused {qkv.path} and "
@@ -1077,6 +1298,11 @@ def _attention(path: str, module: Any, view: ConfigView) -> AttentionLayout:
             raise AnatomyError(f"cannot resolve the fused q/k/v projection {qkv.path}: {qkv.out_features} outputs "
                                f"are not (heads {heads} + 2 x kv heads) x head_dim {head_dim}")
         kind = rule(view, kv)
+        if kind is QKVKind.FUSED_BLOCKED:
+            blocks = FUSED_QKV_BLOCKS[str(view.model_type)]
+            if kv != heads or heads % blocks:
+                raise AnatomyError(f"cannot resolve the fused q/k/v projection {qkv.path}: {heads} heads and "
+                                   f"{kv} kv heads do not split into {blocks} [q; v; k] blocks")
     else:
         missing = [what for what, p in (("query", q), ("key", k), ("value", v)) if p is None]
         if missing:
@@ -1095,20 +1321,143 @@ def _attention(path: str, module: Any, view: ConfigView) -> AttentionLayout:
     if o.in_features != heads * head_dim:
         raise AnatomyError(f"cannot resolve the attention output projection {o.path}: {o.in_features} inputs, "
                            f"expected heads {heads} x head_dim {head_dim}")
-    q_norm = k_norm = None
+    gate = pick(OUTPUT_GATE_NAMES)
+    if gate is not None and gate.out_features not in (heads, heads * head_dim):
+        raise AnatomyError(f"cannot resolve the attention output gate {gate.path}: {gate.out_features} outputs, "
+                           f"neither one per head ({heads}) nor one per output ({heads * head_dim})")
+    mask = pick(MASK_PROJECTION_NAMES)
+    if mask is not None and mask.out_features != heads:
+        raise AnatomyError(f"cannot resolve the dynamic-mask projection {mask.path}: {mask.out_features} outputs, "
+                           f"expected one per head ({heads})")
+    norms = _attention_norms(path, module, ())
+    return AttentionLayout(path=path, qkv_kind=kind, q=q, k=k, v=v, qkv=qkv, o=o, q_norm=norms["q"],
+                           k_norm=norms["k"], num_heads=heads, num_kv_heads=int(kv), head_dim=head_dim,
+                           fused_blocks=blocks, output_gate=gate, mask_projection=mask, v_norm=norms["v"],
+                           sub_norm=norms["sub"])
+
+
+def _attention_norms(path: str, module: Any, latent_names: tuple[str, ...]) -> dict[str, str | None]:
+    """The norms inside an attention module by role (q, k, v, sub), skipping ``latent_names``."""
+    found: dict[str, str | None] = dict.fromkeys(("q", "k", "v", "sub"))
     for name, full, child in _children(module, path):
-        if is_norm_module(child):
-            if name in Q_NORM_NAMES:
-                q_norm = full
-            elif name in K_NORM_NAMES:
-                k_norm = full
-            elif name in QK_NORM_NAMES:
-                q_norm = k_norm = full
-            else:
-                raise AnatomyError(f"cannot resolve the norm {full} of {path}: {name!r} is neither a query nor "
-                                   "a key norm name")
-    return AttentionLayout(path=path, qkv_kind=kind, q=q, k=k, v=v, qkv=qkv, o=o, q_norm=q_norm, k_norm=k_norm,
-                           num_heads=heads, num_kv_heads=int(kv), head_dim=head_dim)
+        if not is_norm_module(child) or name in latent_names:
+            continue
+        if name in Q_NORM_NAMES:
+            found["q"] = full
+        elif name in K_NORM_NAMES:
+            found["k"] = full
+        elif name in QK_NORM_NAMES:
+            found["q"] = found["k"] = full
+        elif name in V_NORM_NAMES:
+            found["v"] = full
+        elif name in ATTENTION_SUB_NORM_NAMES:
+            found["sub"] = full
+        else:
+            raise AnatomyError(f"cannot resolve the norm {full} of {path}: {name!r} is not a query, key, value "
+                               "or attention-output norm name")
+    return found
+
+
+def _latent_attention(path: str, module: Any, projections: dict[str, Projection], heads: int) -> AttentionLayout:
+    """Multi-head latent attention: sizes from the projection shapes, roles from the DeepSeek names."""
+    def one(names: tuple[str, ...], what: str) -> Projection:
+        found = next((projections[n] for n in names if n in projections), None)
+        if found is None:
+            raise AnatomyError(f"cannot resolve the latent attention {what} of {path}: no child named one of "
+                               + ", ".join(names))
+        return found
+
+    known = (LATENT_Q_A_NAMES + LATENT_Q_B_NAMES + LATENT_KV_A_NAMES + LATENT_KV_B_NAMES + QUERY_NAMES
+             + OUTPUT_NAMES)
+    unknown = [p.path for name, p in projections.items() if name not in known]
+    if unknown:
+        raise AnatomyError(f"cannot resolve the projection {unknown[0]} of the latent attention {path}: its name "
+                           "is not in the latent attention name tables")
+    q_a = next((projections[n] for n in LATENT_Q_A_NAMES if n in projections), None)
+    q = one(LATENT_Q_B_NAMES if q_a is not None else QUERY_NAMES, "query projection")
+    kv_a, kv_b = one(LATENT_KV_A_NAMES, "kv down projection"), one(LATENT_KV_B_NAMES, "kv up projection")
+    o = one(OUTPUT_NAMES, "output projection")
+    names = {name: full for name, full, child in _children(module, path) if is_norm_module(child)}
+    q_a_norm = next((names[n] for n in LATENT_Q_NORM_NAMES if n in names), None)
+    kv_a_norm = next((names[n] for n in LATENT_KV_NORM_NAMES if n in names), None)
+    if kv_a_norm is None or (q_a is not None and q_a_norm is None):
+        raise AnatomyError(f"cannot resolve the latent norms of {path}: no child named one of "
+                           + ", ".join(LATENT_KV_NORM_NAMES if kv_a_norm is None else LATENT_Q_NORM_NAMES))
+    v_dim, v_extra = divmod(o.in_features, heads)
+    kv_b_per_head, kv_extra = divmod(kv_b.out_features, heads)
+    q_per_head, q_extra = divmod(q.out_features, heads)
+    nope = kv_b_per_head - v_dim
+    rope = q_per_head - nope
+    lora = kv_b.in_features
+    if v_extra or kv_extra or q_extra or nope < 0 or rope < 0 or kv_a.out_features != lora + rope:
+        raise AnatomyError(f"cannot resolve the latent attention sizes of {path}: q {q.out_features}, kv_a "
+                           f"{kv_a.out_features}, kv_b {kv_b.in_features}->{kv_b.out_features}, o {o.in_features} "
+                           f"inputs are not heads {heads} x [nope; rope] queries, a latent plus one RoPE key, and "
+                           "heads x [nope; v]")
+    if q_a is not None and q.in_features != q_a.out_features:
+        raise AnatomyError(f"cannot resolve the latent query of {path}: {q_a.path} gives {q_a.out_features} "
+                           f"outputs but {q.path} takes {q.in_features}")
+    latent = LatentAttention(q_a=q_a, q_a_norm=q_a_norm, kv_a=kv_a, kv_a_norm=kv_a_norm, kv_b=kv_b,
+                             q_lora_rank=q_a.out_features if q_a is not None else None, kv_lora_rank=lora,
+                             nope_head_dim=nope, rope_head_dim=rope, v_head_dim=v_dim)
+    norms = _attention_norms(path, module, LATENT_Q_NORM_NAMES + LATENT_KV_NORM_NAMES)
+    indexer = None
+    for name, full, child in _children(module, path):
+        if name in INDEXER_NAMES:
+            indexer = full
+        elif name not in projections and not is_norm_module(child) and any(True for _ in child.parameters()):
+            raise AnatomyError(f"cannot resolve the part {full} of the latent attention {path} ({_class_name(child)}): "
+                               "it is not a projection, norm or indexer")
+    return AttentionLayout(path=path, qkv_kind=QKVKind.LATENT, q=q, k=None, v=None, qkv=None, o=o,
+                           q_norm=norms["q"], k_norm=norms["k"], num_heads=heads, num_kv_heads=heads,
+                           head_dim=q_per_head, latent=latent, v_norm=norms["v"], sub_norm=norms["sub"],
+                           value_head_dim=v_dim, indexer=indexer)
+
+
+# JetMoE's mixture of attention heads: the shared key/value projection and the experts' query and output maps.
+MOH_KV_NAMES = ("kv_proj",)
+MOH_QUERY_NAMES = ("input_linear",)
+MOH_OUTPUT_NAMES = ("output_linear",)
+
+
+def _stacked_projection(module: Any, path: str) -> Projection | None:
+    """A module holding one [experts, out, in] weight as a STACKED Projection, else None."""
+    weight = getattr(module, "weight", None)
+    if weight is None or getattr(weight, "ndim", 0) != 3:
+        return None
+    return Projection(path, WeightStorage.STACKED, int(weight.shape[2]), int(weight.shape[1]),
+                      getattr(module, "bias", None) is not None)
+
+
+def _mixture_of_heads(path: str, module: Any, projections: dict[str, Projection], heads: int, head_dim: int,
+                      view: ConfigView) -> AttentionLayout:
+    """JetMoE attention: each token's queries and outputs come from its top-k attention experts."""
+    kv_proj = next(projections[n] for n in MOH_KV_NAMES if n in projections)
+    experts = [(name, full, child) for name, full, child in _children(module, path)
+               if any(p.ndim == 3 for p in child.parameters())]
+    if len(experts) != 1:
+        raise AnatomyError(f"cannot resolve the attention experts of {path}: "
+                           + (f"several candidates ({', '.join(f for _, f, _ in experts)})" if experts
+                              else "no child with [experts, ...] weights"))
+    _, experts_path, experts_module = experts[0]
+    stacked = {name: _stacked_projection(child, full) for name, full, child in _children(experts_module, experts_path)}
+    q = next((stacked[n] for n in MOH_QUERY_NAMES if stacked.get(n)), None)
+    o = next((stacked[n] for n in MOH_OUTPUT_NAMES if stacked.get(n)), None)
+    router = next((full for name, full, _ in _children(experts_module, experts_path) if name in ROUTER_NAMES), None)
+    if q is None or o is None or router is None:
+        what = "query experts" if q is None else "output experts" if o is None else "router"
+        raise AnatomyError(f"cannot resolve the {what} of the attention experts {experts_path}: no child named one "
+                           "of " + ", ".join({"query experts": MOH_QUERY_NAMES, "output experts": MOH_OUTPUT_NAMES,
+                                              "router": ROUTER_NAMES}[what]))
+    kv, extra = divmod(kv_proj.out_features, 2 * head_dim)
+    if extra or kv < 1 or heads % kv or q.out_features != kv * head_dim or o.in_features != kv * head_dim:
+        raise AnatomyError(f"cannot resolve the mixture of attention heads {path}: kv {kv_proj.out_features}, "
+                           f"query experts {q.out_features}, output experts {o.in_features} outputs are not "
+                           f"[k; v] and expert queries of kv heads x head_dim {head_dim}")
+    norms = _attention_norms(path, module, ())
+    return AttentionLayout(path=path, qkv_kind=QKVKind.MIXTURE_OF_HEADS, q=q, k=None, v=None, qkv=kv_proj, o=o,
+                           q_norm=norms["q"], k_norm=norms["k"], num_heads=heads, num_kv_heads=kv,
+                           head_dim=head_dim, v_norm=norms["v"], sub_norm=norms["sub"], router=router)
 
 
 def _int_attr(module: Any, names: tuple[str, ...]) -> int | None:
@@ -1120,8 +1469,21 @@ def _int_attr(module: Any, names: tuple[str, ...]) -> int | None:
     return None
 
 
-def _mlp(path: str, module: Any, view: ConfigView) -> MLPLayout:
+def _mlp(path: str, module: Any, view: ConfigView, inline: bool = False) -> MLPLayout:
+    """The dense MLP at ``path`` (``inline``: its projections sit on the block itself, whose norms are not its own)."""
+    import torch
+
     projections = _projections(module, path)
+    if isinstance(module, torch.nn.Sequential) and all(name.isdigit() for name in projections):
+        # CTRL: Sequential(Linear, ReLU, Linear): the order of the children is the data flow.
+        if len(projections) != 2:
+            raise AnatomyError(f"cannot resolve the MLP {path}: a Sequential with {len(projections)} projections, "
+                               "expected up and down")
+        up, down = projections.values()
+        if view.hidden_size and down.out_features != view.hidden_size:
+            raise AnatomyError(f"cannot resolve the MLP down projection {down.path}: {down.out_features} outputs, "
+                               f"expected hidden_size {view.hidden_size}")
+        return MLPLayout(path=path, gated=False, up=up, gate=None, gate_up=None, down=down)
     known = GATE_NAMES + UP_NAMES + GATE_UP_NAMES + DOWN_NAMES
     unknown = [p.path for name, p in projections.items() if name not in known]
     if unknown:
@@ -1141,8 +1503,15 @@ def _mlp(path: str, module: Any, view: ConfigView) -> MLPLayout:
     if view.hidden_size and down.out_features != view.hidden_size:
         raise AnatomyError(f"cannot resolve the MLP down projection {down.path}: {down.out_features} outputs, "
                            f"expected hidden_size {view.hidden_size}")
+    sub_norm = None
+    for name, full, child in ([] if inline else _children(module, path)):
+        if is_norm_module(child):
+            if name not in MLP_SUB_NORM_NAMES:
+                raise AnatomyError(f"cannot resolve the norm {full} of the MLP {path}: {name!r} is not in "
+                                   "MLP_SUB_NORM_NAMES")
+            sub_norm = full
     return MLPLayout(path=path, gated=gate is not None or gate_up is not None, up=up, gate=gate, gate_up=gate_up,
-                     down=down)
+                     down=down, sub_norm=sub_norm)
 
 
 def _moe_parts(module: Any) -> bool:
@@ -1177,7 +1546,8 @@ def _moe(path: str, module: Any, view: ConfigView) -> MoELayout:
             if isinstance(child, torch.nn.ModuleList):
                 expert = _mlp(_join(full, "0"), child[0], view)
             else:
-                fused = any(p.ndim == 3 for p in child.parameters(recurse=False))
+                # [experts, ...] weights of its own, or in children (Aria's fc1 / fc2 grouped GEMMs)
+                fused = any(p.ndim == 3 for p in child.parameters())
                 if not fused:
                     raise AnatomyError(f"cannot resolve the experts {full} of {path}: neither a list of MLPs nor "
                                        "[experts, ...] weights")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import model_anatomy
@@ -215,8 +217,9 @@ def shrunk_model(model_type: str, **overrides):
     config = AutoConfig.for_model(model_type).to_dict()
     view = config_view(config)
     for name, value in SHRUNK_SIZES.items():
-        if view.key(name):
-            model_anatomy.set_config_value(config, view.key(name), value)
+        if view.key(name):  # every spelling present (DeepSeek-V3.2 lists num_experts and n_routed_experts)
+            for key in {view.key(name), *(k for k in ALIASES[name] if k in config and "." not in k)}:
+                model_anatomy.set_config_value(config, key, value)
     if view.key("num_kv_heads") and view.num_heads and view.num_kv_heads:  # keep the kv-head ratio
         ratio = view.num_heads // view.num_kv_heads
         if view.key("num_kv_heads") != "multi_query":
@@ -231,6 +234,15 @@ def shrunk_model(model_type: str, **overrides):
         config[view.key("layer_types")] = (kinds * SHRUNK_SIZES["num_layers"])[:SHRUNK_SIZES["num_layers"]]
     for key in ("moe_layers", "mlp_only_layers", "no_rope_layers"):
         config.pop(key, None)
+    layers = view.num_layers
+    for key, value in list(config.items()):  # other per-layer lists (mlp_layer_types, attention_layers, ...)
+        if key == view.key("layer_types") or not isinstance(value, list) or not layers or len(value) != layers:
+            continue
+        if "heads" in key:  # Laguna's num_attention_heads_per_layer
+            config[key] = [SHRUNK_SIZES["num_heads"]] * SHRUNK_SIZES["num_layers"]
+        else:
+            kinds = sorted(set(map(str, value)), key=lambda kind: value.index(kind) if kind in value else 0)
+            config[key] = (kinds * SHRUNK_SIZES["num_layers"])[:SHRUNK_SIZES["num_layers"]]
     if "word_embed_proj_dim" in config:  # OPT: the embedding width, kept equal to hidden unless overridden
         config["word_embed_proj_dim"] = SHRUNK_SIZES["hidden_size"]
     for key in TOKEN_ID_KEYS:
@@ -510,11 +522,218 @@ def test_more_families_resolve(family):
     assert block.attention.o is not None and block.mlp_output_path and block.norms
 
 
-@pytest.mark.parametrize(("family", "part"), [("codegen", "fused q/k/v layout of transformer.h.0.attn.qkv_proj"),
-                                              ("deepseek_v3", "projection model.layers.0.self_attn.q_a_proj")])
+@pytest.mark.parametrize(("family", "part"), [
+    ("deepseek_v4", "part model.hc_head of model (DeepseekV4HyperHead)"),  # hyper-connection residual streams
+    ("longcat_flash", "attention of model.layers.0: model.layers.0.self_attn is a list of 2 attention modules"),
+])
 def test_layouts_the_resolver_does_not_describe_are_named(family, part):
-    with pytest.raises(AnatomyError, match=f"cannot resolve the {part}"):
+    with pytest.raises(AnatomyError, match=re.escape(f"cannot resolve the {part}")):
         model_anatomy.resolve_layout(shrunk_model(family))
+
+
+# --- every decoder family's layout (issue 14, session 4): one row per layout the resolver learned ---------
+
+# family: (qkv kind, block norm roles, checks on the last block) -- each failed with a named AnatomyError before.
+MORE_LAYOUTS = {
+    "deepseek_v3": ("latent", ("input", "pre_mlp")),
+    "glm4_moe_lite": ("latent", ("input", "pre_mlp")),
+    "youtu": ("latent", ("input", "pre_mlp")),
+    "deepseek_v32": ("latent", ("input", "pre_mlp")),
+    "afmoe": ("separate", ("input", "attention_output", "pre_mlp", "mlp_output")),
+    "laguna": ("separate", ("input", "pre_mlp")),
+    "doge": ("separate", ("input", "pre_mlp")),
+    "jetmoe": ("mixture_of_heads", ("input", "pre_mlp")),
+    "modernbert-decoder": ("separate", ("input", "pre_mlp")),
+    "ctrl": ("separate", ("input", "pre_mlp")),
+    "gpt_neo": ("separate", ("input", "pre_mlp")),
+    "moshi": ("separate", ("input", "pre_mlp")),
+    "codegen": ("fused_blocked", ("shared",)),
+    "openai-gpt": ("fused", ("input", "pre_mlp")),
+    "phi4_multimodal": ("fused_multi_query", ("input", "pre_mlp")),
+    "bitnet": ("separate", ("input", "pre_mlp")),
+    "diffllama": ("separate", ("input", "pre_mlp")),
+    "gemma4_unified_text": ("separate", ("input", "attention_output", "pre_mlp", "mlp_output")),
+    "glm4": ("separate", ("input", "pre_mlp", "attention_output", "mlp_output")),
+    "hyperclovax": ("separate", ("input", "pre_mlp", "attention_output", "mlp_output")),
+    "aria_text": ("separate", ("input", "pre_mlp")),
+}
+# Overrides that keep a shrunk model small where the default config has a second vocabulary.
+MORE_OVERRIDES = {"gemma4_text": {"vocab_size_per_layer_input": 256}, "phi4_multimodal": {"vision_config": None,
+                                                                                         "audio_config": None}}
+
+
+@pytest.fixture(scope="module")
+def more_models():
+    return {}
+
+
+def _more(more_models, family, **overrides):
+    key = (family, tuple(sorted(overrides.items())))
+    if key not in more_models:
+        more_models[key] = shrunk_model(family, **{**MORE_OVERRIDES.get(family, {}), **overrides})
+    return more_models[key]
+
+
+@pytest.mark.parametrize("family", sorted(MORE_LAYOUTS))
+def test_more_decoder_layouts_resolve_with_their_kind_and_norm_roles(more_models, family):
+    kind, roles = MORE_LAYOUTS[family]
+    model = _more(more_models, family)
+    layout = model_anatomy.resolve_layout(model)
+    block = layout.blocks[-1]
+    assert block.attention.qkv_kind.value == kind
+    assert tuple(n.role.value for n in block.norms) == roles
+    paths = [block.attention.path, block.attention.o.path, block.mlp_output_path, *(n.path for n in block.norms)]
+    for part in (block.attention.q, block.attention.k, block.attention.v, block.attention.qkv,
+                 block.attention.output_gate, block.attention.mask_projection):
+        if part is not None:
+            paths.append(part.path)
+    for path in paths:
+        model.get_submodule(path)  # every path names a real module
+
+
+def test_latent_attention_sizes_come_from_the_shapes_and_agree_with_the_module(more_models):
+    for family, overrides in (("deepseek_v3", {}), ("deepseek_v3", {"q_lora_rank": None})):
+        model = _more(more_models, family, **overrides)
+        attention = model_anatomy.resolve_layout(model).blocks[0].attention
+        module = model.get_submodule(attention.path)
+        latent = attention.latent
+        assert attention.qkv_kind is model_anatomy.QKVKind.LATENT and attention.k is None and attention.qkv is None
+        assert (latent.nope_head_dim, latent.rope_head_dim, latent.v_head_dim, latent.kv_lora_rank) == (
+            module.qk_nope_head_dim, module.qk_rope_head_dim, module.v_head_dim, module.kv_lora_rank)
+        assert attention.head_dim == module.qk_head_dim and attention.value_head_dim == module.v_head_dim
+        assert latent.q_lora_rank == overrides.get("q_lora_rank", module.q_lora_rank)
+        if latent.q_a is None:
+            assert attention.q.path.endswith("self_attn.q_proj") and latent.q_a_norm is None
+        else:
+            assert attention.q.path.endswith("q_b_proj") and latent.q_a_norm.endswith("q_a_layernorm")
+        assert latent.kv_a.path.endswith("kv_a_proj_with_mqa") and latent.kv_a_norm.endswith("kv_a_layernorm")
+        assert len(attention.query_rows()) == attention.q.out_features
+        # Keys are not rows of one projection: asking for them is a named error, never a guess.
+        with pytest.raises(AnatomyError, match=r"cannot resolve the key rows of model\.layers\.0\.self_attn"):
+            attention.key_rows()
+        with pytest.raises(AnatomyError, match="key projection"):
+            _ = attention.key_projection
+    sparse = model_anatomy.resolve_layout(_more(more_models, "deepseek_v32")).blocks[0].attention
+    assert sparse.indexer == "model.layers.0.self_attn.indexer"
+
+
+def test_codegen_blocked_rows_match_its_own_split(more_models):
+    """FUSED_BLOCKED rows select what CodeGen's forward takes as q, k and v ([q; v; k] in each of 4 blocks)."""
+    import torch
+
+    model = _more(more_models, "codegen")
+    attention = model_anatomy.resolve_layout(model).blocks[0].attention
+    module = model.get_submodule(attention.path)
+    width, blocks = attention.qkv.out_features, attention.fused_blocks
+    assert blocks == model_anatomy.FUSED_QKV_BLOCKS["codegen"]
+    index = torch.arange(width).view(1, 1, width)
+    local = attention.num_heads * attention.head_dim // blocks
+    query, value, key = torch.split(index.reshape(1, 1, blocks, -1), local, dim=-1)
+    split = [module._split_heads(part, attention.num_heads, attention.head_dim, mp_num=blocks)
+             for part in (query, key, value)]
+    assert _rows_of(split[0]) == attention.query_rows()
+    assert _rows_of(split[1]) == attention.key_rows() and _rows_of(split[2]) == attention.value_rows()
+
+
+def test_concatenated_fused_rows_for_openai_gpt_and_phi4_multimodal(more_models):
+    import torch
+
+    gpt = _more(more_models, "openai-gpt")
+    attention = model_anatomy.resolve_layout(gpt).blocks[0].attention
+    assert attention.qkv.storage is model_anatomy.WeightStorage.CONV1D
+    module = gpt.get_submodule(attention.path)
+    index = torch.arange(attention.qkv.out_features).view(1, 1, -1)
+    query, key, value = index.split(module.split_size, dim=2)  # OpenAIGPT's Attention.forward split
+    assert (_rows_of(query), _rows_of(key), _rows_of(value)) == (
+        attention.query_rows(), attention.key_rows(), attention.value_rows())
+    phi4 = model_anatomy.resolve_layout(_more(more_models, "phi4_multimodal")).blocks[0].attention
+    assert phi4.num_kv_heads == phi4.qkv.out_features // phi4.head_dim - phi4.num_heads >> 1
+
+
+def test_attention_output_gates_mask_projection_and_inner_norms(more_models):
+    afmoe = model_anatomy.resolve_layout(_more(more_models, "afmoe")).blocks[0].attention
+    assert afmoe.output_gate.path.endswith("self_attn.gate_proj") and not afmoe.output_gate_per_head
+    laguna = model_anatomy.resolve_layout(_more(more_models, "laguna")).blocks[0].attention
+    assert laguna.output_gate.path.endswith("self_attn.g_proj") and laguna.output_gate_per_head
+    doge = model_anatomy.resolve_layout(_more(more_models, "doge")).blocks[0].attention
+    assert doge.mask_projection.path.endswith("dt_proj") and doge.output_gate is None
+    bitnet = model_anatomy.resolve_layout(_more(more_models, "bitnet")).blocks[0]
+    assert bitnet.attention.sub_norm.endswith("self_attn.attn_sub_norm")
+    assert bitnet.mlp.sub_norm.endswith("mlp.ffn_sub_norm")
+    diff = model_anatomy.resolve_layout(_more(more_models, "diffllama")).blocks[0].attention
+    assert diff.sub_norm.endswith("self_attn.groupnorm")
+    gemma4 = model_anatomy.resolve_layout(_more(more_models, "gemma4_unified_text")).blocks[0].attention
+    assert gemma4.v_norm.endswith("self_attn.v_norm") and gemma4.q_norm.endswith("q_norm")
+
+
+def test_post_attention_layernorm_role_when_another_norm_owns_the_attention_output(more_models):
+    """GLM-4 / HyperCLOVA X: post_attention_layernorm is the MLP input; the named post norms are the outputs."""
+    for family, attention_output in (("glm4", "post_self_attn_layernorm"), ("hyperclovax", "post_norm1")):
+        block = model_anatomy.resolve_layout(_more(more_models, family)).blocks[0]
+        assert block.norm(model_anatomy.NormRole.PRE_MLP).path.endswith("post_attention_layernorm")
+        assert block.norm(model_anatomy.NormRole.ATTENTION_OUTPUT).path.endswith(attention_output)
+
+
+def test_wrapped_attention_and_wrapped_linear(more_models):
+    neo = model_anatomy.resolve_layout(_more(more_models, "gpt_neo")).blocks[0].attention
+    assert neo.path == "transformer.h.0.attn.attention" and neo.o.path.endswith("attn.attention.out_proj")
+    moshi_model = _more(more_models, "moshi")
+    moshi = model_anatomy.resolve_layout(moshi_model).blocks[0].attention
+    assert moshi.o.path == "model.layers.0.self_attn.o_proj.linear"
+    assert moshi_model.get_submodule(moshi.o.path).weight.ndim == 2
+
+
+def test_ctrl_and_modernbert_names(more_models):
+    ctrl = model_anatomy.resolve_layout(_more(more_models, "ctrl")).blocks[0]
+    assert ctrl.attention.q.path.endswith("Wq") and ctrl.attention.o.path.endswith("multi_head_attention.dense")
+    assert (ctrl.mlp.up.path, ctrl.mlp.down.path) == ("transformer.h.0.ffn.0", "transformer.h.0.ffn.2")
+    modern = model_anatomy.resolve_layout(_more(more_models, "modernbert-decoder")).blocks[1]
+    assert modern.attention.o.path.endswith("attn.Wo") and modern.mlp.gate_up.path.endswith("mlp.Wi")
+    assert modern.mlp.gated and modern.mlp.down.path.endswith("mlp.Wo")
+
+
+def test_grouped_experts_and_mixture_of_attention_heads(more_models):
+    aria = model_anatomy.resolve_layout(_more(more_models, "aria_text")).blocks[0].moe
+    assert aria.experts_fused and aria.experts.endswith("mlp.experts") and aria.shared_expert is not None
+    jet_model = _more(more_models, "jetmoe")
+    jet = model_anatomy.resolve_layout(jet_model).blocks[0].attention
+    module = jet_model.get_submodule(jet.path)
+    assert jet.q.storage is model_anatomy.WeightStorage.STACKED and jet.o.storage is model_anatomy.WeightStorage.STACKED
+    assert jet.router.endswith("experts.router") and jet.qkv.path.endswith("kv_proj")
+    assert (jet.num_heads, jet.num_kv_heads) == (module.num_heads, module.num_key_value_heads)
+    with pytest.raises(AnatomyError, match="routed attention experts"):
+        _ = jet.query_projection
+
+
+def test_gemma4_per_layer_inputs(more_models):
+    model = _more(more_models, "gemma4_text")
+    layout = model_anatomy.resolve_layout(model)
+    inputs = layout.per_layer_inputs
+    assert inputs.embedding == "model.embed_tokens_per_layer" and inputs.norm == "model.per_layer_projection_norm"
+    assert inputs.width == model.config.hidden_size_per_layer_input
+    assert inputs.projection.out_features == len(layout.blocks) * inputs.width
+    branch = layout.blocks[1].per_layer_input
+    assert branch.gate.path.endswith("per_layer_input_gate") and branch.norm.endswith("post_per_layer_input_norm")
+    assert layout.position_embedding is None  # the per-layer table is not a position embedding
+
+
+def test_an_moe_switch_that_is_off_means_a_dense_model():
+    """Regression (bench): Doge's default config has num_experts=2048 but is_moe=false builds dense MLPs."""
+    from transformers import AutoConfig
+
+    view = config_view(AutoConfig.for_model("doge").to_dict())
+    assert not view.is_moe and view.num_experts is None and view.moe_layers == ()
+    assert "is_moe=false" in view.source("num_experts").note
+    assert config_view({"num_experts": 8, "is_moe": True, "num_hidden_layers": 2}).is_moe
+
+
+def test_longcat_block_count_is_num_layers():
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("longcat_flash").to_dict()
+    view = config_view(config)
+    assert view.num_layers == config["num_layers"] and view.key("num_layers") == "num_layers"
+    assert config["num_hidden_layers"] == 2 * view.num_layers
 
 
 def test_the_config_view_imports_neither_torch_nor_max():
