@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     base_url = (openai_server.check_base_url(args.base_url) if args.base_url is not None
                 else f"http://{openai_server.HOST}:{args.port}")
-    prompts = read_prompts(args.prompt, args.prompts_file)
+    # No --prompt/--prompts-file: None, so that run_compare adds the replica's window probe to the battery.
+    prompts = read_prompts(args.prompt, args.prompts_file) if args.prompt or args.prompts_file else None
     model_source.read_config(model_source.resolve(args.model, args.revision))  # MODEL is named before the server
     hint = openai_server.serve_hint(args.model, None, args.port) + (" --port-dir <port folder>" if args.slug else "")
     report = run_compare(args.model, base_url, args.slug, prompts, dtype=args.dtype, device=args.device,

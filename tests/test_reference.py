@@ -221,6 +221,20 @@ def test_correct_capped_port_matches_with_default_flags(replicas):
     assert doc["reference_spread"] > tolerances.FLAT_REFERENCE_SPREAD
 
 
+def test_compare_without_prompts_adds_the_window_probe_of_a_sliding_window_replica(replicas):
+    """The CLI's default battery is shorter than any window: the replica's probe prompt must be added
+    (the Exaone 4 dogfood found the CLI never added it; only the library call did)."""
+    import json
+
+    probe = json.loads((replicas["base"] / "tiny_replica.json").read_text())["prompt"]
+    with served_port(replicas["base"]) as standin:
+        result = run_script("compare_layers", str(replicas["base"]), "--base-url", standin.base_url, "--slug",
+                            "port", "--max-new-tokens", "1", "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    prompts = [run["prompt"] for run in result.json()["prompts"]]
+    assert probe in prompts and len(prompts) == len(port_compare.COHERENCE_BATTERY) + 1
+
+
 def test_port_without_the_attention_cap_diverges_with_default_flags(replicas):
     with served_port(replicas["base"], attn_logit_softcapping=None) as standin:
         result, doc = compare_cli(replicas["base"], standin)
