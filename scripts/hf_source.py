@@ -951,6 +951,35 @@ def _block_signals(ctx: _Ctx, parents: dict[ast.AST, ast.AST]) -> None:
                     _attr_line(init, "post_feedforward_layernorm") or line)
 
 
+# Names in an ``if`` test that make applying RoPE depend on the layer (Exaone 4: ``if self.sliding_window is None
+# or self.is_sliding: apply_rotary_pos_emb(...)``), as opposed to a None check on the position embeddings.
+_PER_LAYER_ROPE_TESTS = {"is_sliding", "sliding_window", "use_rope", "no_rope", "layer_idx", "layer_type",
+                         "attention_type", "is_global", "use_sliding"}
+_ROPE_CALL = re.compile(r"apply_rotary|rotary_pos_emb|apply_rope")
+
+
+def _conditional_rope_signals(ctx: _Ctx, parents: dict[ast.AST, ast.AST]) -> None:
+    """RoPE applied only under a per-layer condition: the other layers are NoPE layers."""
+    for cls in ctx.classes.values():
+        for node in ast.walk(cls):
+            if not isinstance(node, ast.If):
+                continue
+            calls = [c for stmt in node.body for c in ast.walk(stmt) if isinstance(c, ast.Call)]
+            if not any(_ROPE_CALL.search(ast.unparse(c.func)) for c in calls):
+                continue
+            tested = _names_in(node.test) & _PER_LAYER_ROPE_TESTS
+            if not tested:
+                continue
+            activity = _activity(ctx, node, parents)
+            if activity.active is False:
+                continue
+            sliding = {"is_sliding", "sliding_window", "use_sliding"} & tested
+            if sliding and _layer_types_mixed(ctx.config) is False:
+                continue  # every layer is of one kind: the condition is the same on all of them
+            ctx.add(DeltaCode.NOPE_LAYERS, f"RoPE is applied only when `{ast.unparse(node.test)}`; the other "
+                    "layers use no positions", node.lineno, condition=activity.condition)
+
+
 def _attr_line(function: ast.FunctionDef | None, attr: str) -> int | None:
     if function is None:
         return None
@@ -1118,6 +1147,7 @@ def _read(files: transformers_catalog.ModelFiles, config_items: tuple[tuple[str,
     _line_signals(ctx, parents)
     _projection_signals(ctx, parents)
     _block_signals(ctx, parents)
+    _conditional_rope_signals(ctx, parents)
     _mlp_signals(ctx)
     _position_signals(ctx)
     _config_mqa(ctx, reads)

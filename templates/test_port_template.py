@@ -3,8 +3,9 @@
 Copy this file to ``tests/test_<slug>.py`` and fill in the constants below. The
 module-scoped fixtures build a sensitive tiny replica once and serve the port
 on it once (one MAX compile for the whole file); the parametrized cases then
-compare HF and MAX by token id on several prompts, and a negative case proves
-the comparison can fail. Mark every test that needs the server ``e2e``.
+compare HF and MAX by token id on several prompts (and, for a sliding-window
+model, on the replica's probe prompt past the window), and a negative case
+proves the comparison can fail. Mark every test that needs the server ``e2e``.
 
 pytest does not collect this file from ``templates/`` (see templates/conftest.py);
 it runs only once copied into ``tests/``, whose conftest.py registers the ``e2e``
@@ -71,6 +72,20 @@ def test_port_matches_hf(replica, server, prompt):
     report = port_compare.run_compare(str(replica), server.base_url, server.served_name, prompts=[prompt])
     assert report.verdict == "MATCH", report.first_divergence
     assert report.first_divergence is None
+
+
+@pytest.mark.e2e
+def test_port_matches_hf_past_the_sliding_window(replica, server):
+    """The replica's probe prompt (tiny writes one of at least twice the window): PROMPTS are all shorter than
+    any window, so without this case a port that ignores the window matches."""
+    import model_source
+    import port_compare
+
+    probes = port_compare.window_prompts(model_source.resolve(str(replica)))
+    if not probes:
+        pytest.skip("not applicable: the model has no sliding window")
+    report = port_compare.run_compare(str(replica), server.base_url, server.served_name, prompts=probes)
+    assert report.verdict == "MATCH", report.first_divergence
 
 
 @pytest.mark.e2e

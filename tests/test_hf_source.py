@@ -120,6 +120,9 @@ EXPECTED: dict[str, dict[str, str]] = {
     "phi3": {"fused_qkv": r"self\.qkv_proj = nn\.Linear", "fused_gate_up": r"self\.gate_up_proj = nn\.Linear"},
     "stablelm": {"partial_rotary": r"query_rot, query_pass = ", "layernorm": r"nn\.LayerNorm\("},
     "smollm3": {"nope_layers": r"self\.use_rope = config\.no_rope_layers\[layer_idx\]"},
+    # RoPE only on sliding layers, read from an `if` around apply_rotary_pos_emb (missed before: Exaone 4 dogfood).
+    "exaone4": {"qk_norm": r"self\.q_norm = ", "per_layer_attention": r"layer_types\[layer_idx\]",
+                "nope_layers": r"if self\.sliding_window is None or self\.is_sliding:", "post_norm": r"post_feedforward"},
 }
 
 # Signals whose sensitivity mutation is filed under a broader code in replica_sensitivity.
@@ -175,6 +178,13 @@ def test_expected_signals_have_a_sensitivity_mutation_or_are_listed_as_lacking_o
     assert {"partial_rotary", "parallel_block", "logit_scale", "norm_offset", "learned_positions",
             "router_renormalize", "shared_expert_gate", "attn_softcap", "logit_softcap"} <= tied
     assert all(isinstance(DeltaCode(code), DeltaCode) for code in expected)
+
+
+def test_conditional_rope_is_no_nope_signal_when_every_layer_slides():
+    """The `if self.is_sliding: apply RoPE` form means NoPE layers only where some layers do not slide."""
+    assert "nope_layers" in reading_for("exaone4").signal_codes()
+    assert "nope_layers" not in reading_for("exaone4", layer_types=["sliding_attention"] * 4,
+                                            num_hidden_layers=4).signal_codes()
 
 
 def test_signals_follow_the_config_branch():
