@@ -215,6 +215,8 @@ def main(args: argparse.Namespace) -> int:
         "port_dir": str(port.path), "donor": audit.donor, "own_names": sorted(audit.own_names),
         "marker_syntax": MARKER_SYNTAX, "hits": [asdict(h) for h in hits], "unmarked": len(unmarked),
         "marked": len(hits) - len(unmarked), "cleared": [asdict(c) for c in cleared],
+        "library_blocks": [{"file": audit.rel(path), "name": r.get("name"), "version": r.get("version")}
+                           for path, r in sorted(audit.library_blocks.items())],
     }
     if args.json:
         cli_support.print_json(document)
@@ -229,6 +231,10 @@ def main(args: argparse.Namespace) -> int:
     summary = ", ".join(f"{n} {r}" for r, n in by_reason.items() if n)
     print(f"{len(hits)} hit(s), {len(unmarked)} unmarked; {len(cleared)} mention(s) cleared"
           f"{f' ({summary})' if summary else ''}{'' if args.show_cleared else ', --show-cleared lists them'}")
+    if audit.library_blocks:
+        names = ", ".join(audit.rel(path) for path in sorted(audit.library_blocks))
+        print(f"not audited: {len(audit.library_blocks)} unmodified library block file(s) ({names}); "
+              "an edited block is audited")
     if unmarked:
         print(f"approve a reviewed hit: audit {port.path} --approve FILE:LINE --reason TEXT "
               f"(writes {MARKER_SYNTAX} on that line)")
@@ -255,6 +261,7 @@ class Audit:
     sources: dict[Path, tuple[str, ast.Module]]
     families: dict[str, re.Pattern[str]]
     facts: PortFacts
+    library_blocks: dict[Path, dict] = field(default_factory=dict)  # unmodified block copies: not audited
 
     @classmethod
     def of(cls, port: port_layout.PortDir, donor: str | None, model_type: str | None) -> "Audit":
@@ -267,7 +274,8 @@ class Audit:
         own |= {re.split(r"For[A-Z]", name)[0] for name in own if re.search(r"For[A-Z]", name)}
         own -= {""}
         facts = port_facts(port.path, sources)
-        return cls(port, donor, donors, own, sources, family_terms(donors), facts)
+        blocks = unmodified_blocks(port.path, manifest)
+        return cls(port, donor, donors, own, sources, family_terms(donors), facts, blocks)
 
     def rel(self, path: Path) -> str:
         return str(path.relative_to(self.port.path))
@@ -279,12 +287,36 @@ class Audit:
         for path, (source, tree) in self.sources.items():
             if only is not None and path != only:
                 continue
+            if path in self.library_blocks and text is None:
+                continue  # a verbatim copy of a reviewed library block (its hash is the manifest's)
             if text is not None:
                 source, tree = text, ast.parse(text)
             found = scan_file(self.rel(path), source, tree, self)
             hits.extend(f for f in found if isinstance(f, Hit))
             cleared.extend(f for f in found if isinstance(f, Cleared))
         return hits, cleared
+
+
+def unmodified_blocks(port_path: Path, manifest: dict) -> dict[Path, dict]:
+    """Block files the manifest records whose bytes still hash to the recorded sha256: library code reviewed with
+    the skill, so their docstrings (which name the transformers code they mirror) are not the port's claims.
+    A block the port edited hashes differently and is audited like any other file."""
+    import hashlib
+
+    found: dict[Path, dict] = {}
+    records = manifest.get("blocks")
+    for record in records if isinstance(records, list) else []:
+        if not (isinstance(record, dict) and isinstance(record.get("file"), str)
+                and isinstance(record.get("sha256"), str)):
+            continue
+        path = port_path / record["file"]
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            continue
+        if digest == record["sha256"]:
+            found[path] = record
+    return found
 
 
 def read_manifest(port_path: Path) -> dict:

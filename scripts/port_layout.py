@@ -71,6 +71,17 @@ def slug_from_name(name: str) -> str:
     return slug
 
 
+def default_slug(config: dict, model_name: str) -> str:
+    """The slug scaffold picks without --slug: the config's model_type (a port is one architecture; a replica's
+    folder is often just "replica"), or the model's name when there is none or it cannot name a port."""
+    model_type = config.get("model_type")
+    if isinstance(model_type, str) and model_type.strip():
+        candidate = slug_from_name(model_type)
+        if slug_problem(candidate) is None:
+            return candidate
+    return slug_from_name(model_name)
+
+
 def slug_problem(slug: str, reserved: tuple[str, ...] = ()) -> str | None:
     """Why ``slug`` cannot name a port, or None when it can.
 

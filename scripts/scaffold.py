@@ -167,7 +167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True, metavar="DIR",
                         help="folder that will hold the port package DIR/<slug>/")
     parser.add_argument("--slug", default=None,
-                        help="package name of the port (default: derived from the model name)")
+                        help="package name of the port (default: the config's model_type, else the model's name)")
     parser.add_argument("--arch-name", default=None,
                         help="architecture name to register (default: architectures[0] of config.json)")
     parser.add_argument("--force", action="store_true",
@@ -203,7 +203,7 @@ def main(args: argparse.Namespace) -> int:
         raise ScriptError(f"architecture name {arch_name!r} is not a valid identifier (ASCII letters, digits and _)")
     index = ModuleIndex(ARCH_PACKAGE, Path(cli_support.max_package_dir()) / "pipelines" / "architectures")
     cli_support.warn_if_untested_max()
-    slug = args.slug if args.slug is not None else port_layout.slug_from_name(source.name)
+    slug = args.slug if args.slug is not None else port_layout.default_slug(config, source.name)
     port_dir = output_dir / slug
     if port_donor is not None:
         reserved = port_reserved_names(port_donor, slug)

@@ -309,6 +309,24 @@ def test_fresh_scaffold_has_unmarked_hits(tmp_path, checkpoint_factory):
     assert any(c["cleared_by"] == "lineage" and "Derived from" in c["context"] for c in doc["cleared"])
 
 
+def test_unmodified_library_blocks_are_not_audited_and_an_edited_block_is(tmp_path, checkpoint_factory):
+    """A verbatim copy of templates/blocks (hash = the manifest's) names the transformers code it mirrors; those
+    names are the library's reviewed text, not claims of the port (Exaone 4 dogfood: 5 hits in blocks/attention.py,
+    and approving them changed the block's hash)."""
+    model = checkpoint_factory("llama")
+    assert run_script("scaffold", model, "--start-from", "olmo2", "--output-dir", tmp_path, "--slug", "zz_blocks",
+                      "--with", "attention").returncode == 0
+    port = tmp_path / "zz_blocks"
+    result, doc = audit(port)
+    assert doc["library_blocks"] == [{"file": "blocks/attention.py", "name": "attention", "version": "1"}]
+    assert not any(h["file"].startswith("blocks/") for h in doc["hits"] + doc["cleared"])
+    block = port / "blocks" / "attention.py"
+    block.write_text(block.read_text() + "\n# Matches GPT-NeoX exactly.\n")
+    _, edited = audit(port)
+    assert edited["library_blocks"] == []
+    assert any(h["file"] == "blocks/attention.py" for h in edited["hits"] + edited["cleared"])
+
+
 def test_marker_in_the_docstring_or_in_a_comment_on_the_same_line(tmp_path):
     port = make_port(tmp_path, {"graph.py": '''
         """Llama 3 decoder. [audit-ok: the graph is still llama3's, checked]"""
