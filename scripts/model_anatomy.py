@@ -15,7 +15,9 @@ Two parts:
 
 (b) :func:`resolve_layout` walks an instantiated HF model (torch is imported
     only there) into a :class:`ModelLayout`: the block list, token and
-    position embeddings, final norm and LM head, and per block the attention
+    position embeddings (learned, or a fixed sinusoidal table), the embedding
+    and final norms, a prediction head before the LM head, and per block every
+    attention and MLP sublayer (LongCat-Flash has two of each), the attention
     with its q/k/v/o projections and their storage (separate, fused
     ``[q;k;v]``, fused per head, fused per kv group, multi-query fused; Conv1D
     weights are transposed), q/k norms, the block norms and their roles, and
@@ -72,7 +74,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "experts_per_token": ("num_experts_per_tok", "num_experts_per_token", "moe_top_k", "moe_topk", "moe_k",
                           "top_k", "ffn_config.moe_top_k"),
     "num_shared_experts": ("n_shared_experts", "num_shared_experts"),
-    "expert_intermediate_size": ("moe_intermediate_size", "expert_intermediate_size", "ffn_config.ffn_hidden_size"),
+    "expert_intermediate_size": ("moe_intermediate_size", "expert_intermediate_size", "ffn_config.ffn_hidden_size",
+                                 "expert_ffn_hidden_size"),
+    "zero_experts": ("zero_expert_num",),  # identity experts the router may pick beside the routed ones (LongCat)
     "shared_expert_intermediate_size": ("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"),
     "norm_topk_prob": ("norm_topk_prob",),
     "router_scoring": ("scoring_func", "router_scoring_func", "moe_router_activation"),
@@ -200,6 +204,7 @@ class ConfigView:
     logit_scale: float | None
     embedding_scale: Any
     query_scale: float | None
+    zero_experts: int | None = None  # identity (zero-compute) experts beside the routed ones (LongCat-Flash)
     sources: dict[str, Source] = field(default_factory=dict)
     text: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)  # the raw text part
 
@@ -297,6 +302,7 @@ def _is_number(value: Any) -> bool:
 _INTEGER_FIELDS = frozenset({"hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size",
                              "vocab_size", "max_positions", "rotary_dim", "num_experts", "experts_per_token",
                              "num_shared_experts", "expert_intermediate_size", "shared_expert_intermediate_size",
+                             "zero_experts",
                              "moe_sparse_step", "moe_first_dense", "sliding_window", "max_window_layers",
                              "sliding_window_pattern", "nope_interval"})
 
@@ -415,6 +421,7 @@ def config_view(config: Mapping[str, Any]) -> ConfigView:
         logit_scale=reader.read("logit_scale", _is_number),
         embedding_scale=reader.read("embedding_scale"),
         query_scale=reader.read("query_scale", _is_number),
+        zero_experts=reader.read("zero_experts", _is_int),
         sources=dict(reader.sources),
         text=part,
     )
@@ -651,6 +658,15 @@ class LatentAttention:
     rope_head_dim: int
     v_head_dim: int
 
+    def query_rope_rows(self, num_heads: int) -> list[int]:
+        """Output rows of the per-head query projection that RoPE rotates (the last rope_head_dim of each head)."""
+        width = self.nope_head_dim + self.rope_head_dim
+        return [h * width + self.nope_head_dim + i for h in range(num_heads) for i in range(self.rope_head_dim)]
+
+    def key_rope_rows(self) -> list[int]:
+        """Output rows of ``kv_a`` holding the one shared RoPE key (after the kv_lora_rank latent)."""
+        return list(range(self.kv_lora_rank, self.kv_lora_rank + self.rope_head_dim))
+
 
 @dataclass(frozen=True)
 class AttentionLayout:
@@ -768,6 +784,7 @@ class MoELayout:
     expert: MLPLayout | None  # the first expert, when experts are a list of MLP modules
     shared_expert: MLPLayout | None
     shared_expert_gate: str | None
+    zero_experts: int = 0  # identity experts the router scores after the routed ones (router outputs = sum)
 
 
 @dataclass(frozen=True)
@@ -777,6 +794,7 @@ class NormRef:
     path: str
     role: NormRole
     eps: float | None
+    sublayer: int = 0  # which attention/MLP pair of the block it serves (LongCat-Flash has two)
 
 
 @dataclass(frozen=True)
@@ -801,7 +819,14 @@ class BlockPerLayerInput:
 
 @dataclass(frozen=True)
 class BlockLayout:
-    """One decoder block."""
+    """One decoder block.
+
+    Most blocks have one attention and one MLP or MoE. A block with several sublayers (LongCat-Flash:
+    attention, MLP, attention, MLP, each with its own norms) lists them all in ``attentions`` and
+    ``mlps`` (in data-flow order; ``attention`` and ``mlp`` are the first) and tags each norm with its
+    ``sublayer``. ``moe_shortcut``: the MoE is a branch beside the dense MLPs, reading sublayer 0's
+    pre-MLP norm output and added to the block output (LongCat-Flash), not the block's feed-forward.
+    """
 
     index: int
     path: str
@@ -811,9 +836,21 @@ class BlockLayout:
     norms: tuple[NormRef, ...]
     parallel: bool  # attention and MLP read the same input and are summed
     per_layer_input: BlockPerLayerInput | None = None  # Gemma 3n / 4
+    attentions: tuple[AttentionLayout, ...] = ()  # every attention sublayer (empty when built: (attention,))
+    mlps: tuple[MLPLayout, ...] = ()  # every dense MLP sublayer (empty when built: (mlp,) or ())
+    moe_shortcut: bool = False
 
-    def norm(self, role: NormRole) -> NormRef | None:
-        return next((n for n in self.norms if n.role is role), None)
+    def __post_init__(self) -> None:
+        if not self.attentions:
+            object.__setattr__(self, "attentions", (self.attention,))
+        if not self.mlps and self.mlp is not None:
+            object.__setattr__(self, "mlps", (self.mlp,))
+        if self.attentions[0] is not self.attention or (self.mlps and self.mlps[0] is not self.mlp):
+            raise ValueError(f"{self.path}: attention and mlp must be the first of attentions and mlps")
+
+    def norm(self, role: NormRole, sublayer: int = 0) -> NormRef | None:
+        """The norm of ``role`` serving ``sublayer`` (None when the block has none)."""
+        return next((n for n in self.norms if n.role is role and n.sublayer == sublayer), None)
 
     @property
     def mlp_output_path(self) -> str | None:
@@ -823,6 +860,15 @@ class BlockLayout:
         if self.mlp is None:
             return None
         return self.mlp.path if self.mlp.path != self.path else self.mlp.down.path
+
+
+@dataclass(frozen=True)
+class HeadTransform:
+    """A prediction head before the LM head: ``norm(act(dense(h)))`` (ModernBERT-decoder's ``lm_head``)."""
+
+    path: str
+    dense: Projection
+    norm: str
 
 
 @dataclass(frozen=True)
@@ -845,6 +891,11 @@ class ModelLayout:
     project_in: str | None = None  # embedding width -> hidden (OPT with word_embed_proj_dim != hidden)
     project_out: str | None = None  # hidden -> embedding width, before the LM head
     per_layer_inputs: PerLayerInputs | None = None  # Gemma 3n / 4
+    # A fixed sinusoidal position table added to the embeddings: the dotted path of its buffer (CTRL:
+    # transformer.pos_encoding, XGLM: model.embed_positions.weights; rows from position_offset). It is
+    # not a weight: non-persistent, rebuilt at load, so a replica cannot rescale it.
+    position_table: str | None = None
+    head_transform: HeadTransform | None = None  # dense -> activation -> norm between final norm and LM head
 
     @property
     def first_norm(self) -> str | None:
@@ -1050,12 +1101,31 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
     lm_head = paths[id(output)]
     tied = getattr(output, "weight", None) is not None and output.weight is getattr(input_embedding, "weight", None)
 
-    position, offset, embedding_norm, final, rotary = None, 0, None, None, None
+    position, offset, embedding_norm, final, rotary, table = None, 0, None, None, None, None
     width_maps: dict[str, str] = {}
     per_layer: dict[str, Any] = {}
     norms = []
-    for name, full, child in _children(decoder_module, decoder):
+    table_buffers = [n for n, b in decoder_module.named_buffers(recurse=False)
+                     if b.ndim == 2 and n in POSITION_TABLE_BUFFERS]
+    if table_buffers:
+        table = _join(decoder, table_buffers[0])  # CTRL: a sinusoidal table kept on the decoder itself
+    parts = _children(decoder_module, decoder)
+    for name, full, child in parts:
         if child is input_embedding or full == blocks_path:
+            continue
+        if _embedding_container(child, input_embedding):
+            # ModernBERT-decoder: model.embeddings holds tok_embeddings, a norm and a dropout
+            parts += [(f"{EMBEDDING_CONTAINER_MARK}{n}", f, c) for n, f, c in _children(child, full)]
+            continue
+        if _is_position_table(child) and not any(True for _ in child.parameters()):
+            buffers = [(n, b) for n, b in child.named_buffers(recurse=False) if b.ndim == 2]
+            if len(buffers) != 1:
+                raise AnatomyError(f"cannot resolve the position table {full} ({_class_name(child)}): it has no "
+                                   f"weight and {len(buffers)} 2-D buffers, expected one fixed table")
+            if table is not None:
+                raise AnatomyError(f"cannot resolve the position table of {decoder or 'the model'}: both {table} "
+                                   f"and {full} hold one")
+            table, offset = _join(full, buffers[0][0]), int(getattr(child, "offset", 0) or 0)  # XGLM
             continue
         if name in PER_LAYER_EMBEDDING_NAMES:
             per_layer["embedding"] = full
@@ -1078,10 +1148,15 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
         elif is_norm_module(child):
             norms.append((name, full))
         elif any(True for _ in child.parameters()):
+            if any(mark in _class_name(child).lower() for mark in HYPER_CONNECTION_MARKS):
+                raise AnatomyError(f"cannot resolve the part {full} of {decoder or 'the model'} "
+                                   f"({_class_name(child)}): it collapses {view.text.get('hc_mult', 'several')} "
+                                   "hyper-connection residual streams (mixed by learned weights around every "
+                                   "sublayer, DeepSeek-V4); a ModelLayout has one residual stream")
             raise AnatomyError(f"cannot resolve the part {full} of {decoder or 'the model'} "
                                f"({_class_name(child)}): it is not an embedding, norm, block list or width projection")
-    embedding_norms = [full for name, full in norms if "emb" in name]
-    final_norms = [full for name, full in norms if "emb" not in name]
+    embedding_norms = [full for name, full in norms if "emb" in name or name.startswith(EMBEDDING_CONTAINER_MARK)]
+    final_norms = [full for name, full in norms if full not in embedding_norms]
     if len(embedding_norms) > 1 or len(final_norms) > 1:
         raise AnatomyError(f"cannot resolve the final norm of {decoder or 'the model'}: several norms outside "
                            f"the blocks ({', '.join(f for _, f in norms)})")
@@ -1096,12 +1171,56 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
     blocks = tuple(_block(index, _join(blocks_path, str(index)), block, view)
                    for index, block in enumerate(block_list))
     per_layer_inputs = _per_layer_inputs(model, decoder, per_layer, blocks)
+    head_transform = _head_transform(model, decoder, lm_head)
     return ModelLayout(
         model_class=type(model).__name__, model_type=view.model_type, decoder=decoder, blocks_path=blocks_path,
         blocks=blocks, token_embedding=token_embedding, position_embedding=position, position_offset=offset,
         embedding_norm=embedding_norm, final_norm=final, lm_head=lm_head, tied=bool(tied), rotary=rotary,
         project_in=width_maps.get("project_in"), project_out=width_maps.get("project_out"),
-        per_layer_inputs=per_layer_inputs)
+        per_layer_inputs=per_layer_inputs, position_table=table, head_transform=head_transform)
+
+
+# Class-name marks of hyper-connection modules (several residual streams per token; no layout describes them).
+HYPER_CONNECTION_MARKS = ("hyperhead", "hyperconnection")
+# Buffers on the decoder module that are a fixed position table (CTRL's sinusoidal pos_encoding).
+POSITION_TABLE_BUFFERS = ("pos_encoding",)
+# Names of the children of an embeddings container, marked so their norms count as embedding norms.
+EMBEDDING_CONTAINER_MARK = "embeddings/"
+
+
+def _is_position_table(module: Any) -> bool:
+    """A weightless positional-embedding module that is not a rotary embedding (XGLM's sinusoidal table)."""
+    name = _class_name(module).lower()
+    return "position" in name and "embedding" in name and "rotary" not in name and not hasattr(module, "inv_freq")
+
+
+def _embedding_container(module: Any, input_embedding: Any) -> bool:
+    """A module without a weight of its own that holds the token embedding (ModernBERT's ``embeddings``)."""
+    return (getattr(module, "weight", None) is None
+            and any(child is input_embedding for child in module.modules() if child is not module))
+
+
+def _head_transform(model: Any, decoder: str, lm_head: str) -> HeadTransform | None:
+    """The prediction head between the decoder and the LM head, from the model's top-level children.
+
+    Every top-level child with weights is the decoder, the LM head (or its container) or a head of
+    one projection and one norm; any other is a named AnatomyError.
+    """
+    if not decoder:
+        return None  # the blocks sit on the model itself: every child was walked as a decoder part
+    top = decoder.partition(".")[0]
+    found = None
+    for name, full, child in _children(model, ""):
+        if full in (top, lm_head) or lm_head.startswith(full + ".") or not any(True for _ in child.parameters()):
+            continue
+        projections = _projections(child, full)
+        norms = [f for _, f, c in _children(child, full) if is_norm_module(c)]
+        weighted = [f for _, f, c in _children(child, full) if any(True for _ in c.parameters())]
+        if found is not None or len(projections) != 1 or len(norms) != 1 or len(weighted) != 2:
+            raise AnatomyError(f"cannot resolve the part {full} of {type(model).__name__} ({_class_name(child)}): "
+                               "it is not the decoder, the LM head or a head of one projection and one norm")
+        found = HeadTransform(path=full, dense=next(iter(projections.values())), norm=norms[0])
+    return found
 
 
 def _per_layer_inputs(model: Any, decoder: str, found: dict[str, Any],
@@ -1180,42 +1299,67 @@ def _is_mlp(name: str, module: Any) -> bool:
     return any(mark in lowered for mark in MLP_CLASS_MARKS)
 
 
-def _block(index: int, path: str, block: Any, view: ConfigView) -> BlockLayout:
+def _listed(name: str, full: str, child: Any, accept: Callable[[str, Any], bool]) -> list[tuple[str, Any]] | None:
+    """The entries (path, module) of a ModuleList child whose entries are all one class and all ``accept``-ed
+    (LongCat-Flash's ``self_attn`` / ``mlps`` / norm lists), else None."""
     import torch
 
+    if not isinstance(child, torch.nn.ModuleList) or len(child) == 0 or len({type(e) for e in child}) != 1:
+        return None
+    if not all(accept(name, entry) for entry in child):
+        return None
+    return [(_join(full, str(i)), entry) for i, entry in enumerate(child)]
+
+
+def _block(index: int, path: str, block: Any, view: ConfigView) -> BlockLayout:
     children = _children(block, path)
-    attentions = [(name, full, child) for name, full, child in children if _is_attention(name, child)]
-    listed = [(full, len(child)) for _, full, child in attentions if isinstance(child, torch.nn.ModuleList)]
-    if listed:
-        raise AnatomyError(f"cannot resolve the attention of {path}: {listed[0][0]} is a list of {listed[0][1]} "
-                           "attention modules (several attention sublayers per block, as in LongCat-Flash); "
-                           "a BlockLayout has one attention")
-    if len(attentions) != 1:
+    candidates = [(name, full, child) for name, full, child in children if _is_attention(name, child)]
+    if len(candidates) != 1:
         raise AnatomyError(f"cannot resolve the attention of {path}: "
-                           + (f"several candidates ({', '.join(f for _, f, _ in attentions)})" if attentions
+                           + (f"several candidates ({', '.join(f for _, f, _ in candidates)})" if candidates
                               else "no child named one of " + ", ".join(ATTENTION_NAMES)))
-    attention = _attention(attentions[0][1], attentions[0][2], view)
-    mlps = [(name, full, child) for name, full, child in children if _is_mlp(name, child)]
-    if len(mlps) > 1:
-        raise AnatomyError(f"cannot resolve the MLP of {path}: several candidates ({', '.join(f for _, f, _ in mlps)})")
-    mlp = moe = None
-    if mlps:
-        name, full, module = mlps[0]
-        if _moe_parts(module):
-            moe = _moe(full, module, view)
-        else:
-            mlp = _mlp(full, module, view)
-    elif _projections(block, path):
+    name, full, child = candidates[0]
+    entries = _listed(name, full, child, _is_attention)  # LongCat-Flash: self_attn is [attention, attention]
+    if entries is None and _class_name(child) == "ModuleList":
+        raise AnatomyError(f"cannot resolve the attention of {path}: {full} is a list that is not "
+                           "one class of attention modules")
+    attentions = tuple(_attention(p, m, view) for p, m in (entries or [(full, child)]))
+    feed_forward: list[tuple[str, Any]] = []
+    for name, full, child in children:
+        if _is_attention(name, child):
+            continue
+        entries = _listed(name, full, child, _is_mlp)
+        if entries is not None:
+            feed_forward += entries
+        elif _is_mlp(name, child):
+            feed_forward.append((full, child))
+    moes = [(full, child) for full, child in feed_forward if _moe_parts(child)]
+    dense = [(full, child) for full, child in feed_forward if not _moe_parts(child)]
+    sublayers = len(attentions) > 1
+    if len(moes) > 1 or (not sublayers and len(feed_forward) > 1) or (sublayers and len(dense) != len(attentions)):
+        raise AnatomyError(f"cannot resolve the MLP of {path}: "
+                           + (f"{len(attentions)} attention sublayers but {len(dense)} dense MLPs "
+                              f"({', '.join(f for f, _ in dense) or 'none'})" if sublayers and len(moes) <= 1
+                              else f"several candidates ({', '.join(f for f, _ in feed_forward)})"))
+    mlps = tuple(_mlp(full, module, view) for full, module in dense)
+    moe = _moe(moes[0][0], moes[0][1], view) if moes else None
+    mlp = mlps[0] if mlps else None
+    if not feed_forward and _projections(block, path):
         mlp = _mlp(path, block, view, inline=True)  # OPT: fc1 / fc2 sit on the block itself
+        mlps = (mlp,)
     norms = _block_norms(path, block, view)
+    if sublayers and {n.sublayer for n in norms} != set(range(len(attentions))):
+        raise AnatomyError(f"cannot resolve the norms of {path}: {len(attentions)} attention sublayers but "
+                           f"norms for sublayers {sorted({n.sublayer for n in norms})}")
     has_ffn = mlp is not None or moe is not None
     roles = {n.role for n in norms}
     structural = has_ffn and len(norms) == 1 and norms[0].role is NormRole.INPUT
     if structural:
         norms = (NormRef(norms[0].path, NormRole.SHARED, norms[0].eps),)
     parallel = structural or (view.parallel_block and NormRole.ATTENTION_OUTPUT not in roles)
-    return BlockLayout(index=index, path=path, attention=attention, mlp=mlp, moe=moe, norms=norms,
-                       parallel=parallel, per_layer_input=_block_per_layer_input(path, block, norms))
+    return BlockLayout(index=index, path=path, attention=attentions[0], mlp=mlp, moe=moe, norms=norms,
+                       parallel=parallel, per_layer_input=_block_per_layer_input(path, block, norms),
+                       attentions=attentions, mlps=mlps, moe_shortcut=moe is not None and bool(mlps))
 
 
 def _block_per_layer_input(path: str, block: Any, norms: tuple[NormRef, ...]) -> BlockPerLayerInput | None:
@@ -1233,12 +1377,18 @@ def _block_per_layer_input(path: str, block: Any, norms: tuple[NormRef, ...]) ->
 
 
 def _block_norms(path: str, block: Any, view: ConfigView) -> tuple[NormRef, ...]:
-    found = [(name, full, child) for name, full, child in _children(block, path) if is_norm_module(child)]
-    names = {name for name, _, _ in found}
+    found: list[tuple[str, str, Any, int]] = []
+    for name, full, child in _children(block, path):
+        entries = _listed(name, full, child, lambda _, entry: is_norm_module(entry))
+        if entries is not None:  # LongCat-Flash: one norm per sublayer
+            found += [(name, entry_path, entry, i) for i, (entry_path, entry) in enumerate(entries)]
+        elif is_norm_module(child):
+            found.append((name, full, child, 0))
+    names = {name for name, _, _, _ in found}
     post_ln = POST_LN_FAMILIES.get(str(view.model_type))
     post_roles = post_ln[1] if post_ln and post_ln[0](view) else {}
     refs = []
-    for name, full, child in found:
+    for name, full, child, sublayer in found:
         role = post_roles.get(name) or NORM_ROLE_NAMES.get(name)
         named_output = any(NORM_ROLE_NAMES.get(n) is NormRole.ATTENTION_OUTPUT for n in names)
         if (name == POST_ATTENTION_NAME and not named_output
@@ -1246,7 +1396,7 @@ def _block_norms(path: str, block: Any, view: ConfigView) -> tuple[NormRef, ...]
             role = NormRole.ATTENTION_OUTPUT  # Gemma 2, AFMoE; GLM-4 names its attention output norm apart
         if role is None:
             raise AnatomyError(f"cannot resolve the role of the norm {full}: {name!r} is not in NORM_ROLE_NAMES")
-        refs.append(NormRef(full, role, norm_eps(child)))
+        refs.append(NormRef(full, role, norm_eps(child), sublayer))
     return tuple(refs)
 
 
@@ -1562,8 +1712,14 @@ def _moe(path: str, module: Any, view: ConfigView) -> MoELayout:
     if router is None:
         raise AnatomyError(f"cannot resolve the router of the MoE block {path}: no child named one of "
                            + ", ".join(ROUTER_NAMES))
+    zero = view.zero_experts or 0
+    if view.num_experts and zero and num_experts == view.num_experts + zero:
+        num_experts = view.num_experts  # LongCat-Flash: the router also scores the identity experts
+    else:
+        zero = 0
     if view.num_experts and num_experts != view.num_experts:
         raise AnatomyError(f"cannot resolve the router {router}: {num_experts} outputs but the config has "
-                           f"{view.num_experts} experts")
+                           f"{view.num_experts} experts"
+                           + (f" and {view.zero_experts} zero experts" if view.zero_experts else ""))
     return MoELayout(path=path, router=router, num_experts=num_experts, experts=str(experts), experts_fused=fused,
-                     expert=expert, shared_expert=shared, shared_expert_gate=shared_gate)
+                     expert=expert, shared_expert=shared, shared_expert_gate=shared_gate, zero_experts=zero)

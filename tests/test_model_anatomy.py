@@ -523,8 +523,8 @@ def test_more_families_resolve(family):
 
 
 @pytest.mark.parametrize(("family", "part"), [
-    ("deepseek_v4", "part model.hc_head of model (DeepseekV4HyperHead)"),  # hyper-connection residual streams
-    ("longcat_flash", "attention of model.layers.0: model.layers.0.self_attn is a list of 2 attention modules"),
+    ("deepseek_v4", "part model.hc_head of model (DeepseekV4HyperHead): it collapses 4 hyper-connection residual "
+                    "streams"),  # several residual streams mixed around every sublayer: no layout for them
 ])
 def test_layouts_the_resolver_does_not_describe_are_named(family, part):
     with pytest.raises(AnatomyError, match=re.escape(f"cannot resolve the {part}")):
@@ -734,6 +734,9 @@ def test_longcat_block_count_is_num_layers():
     view = config_view(config)
     assert view.num_layers == config["num_layers"] and view.key("num_layers") == "num_layers"
     assert config["num_hidden_layers"] == 2 * view.num_layers
+    assert (view.expert_intermediate_size, view.key("expert_intermediate_size")) == (
+        config["expert_ffn_hidden_size"], "expert_ffn_hidden_size")
+    assert (view.zero_experts, view.key("zero_experts")) == (config["zero_expert_num"], "zero_expert_num")
 
 
 def test_the_config_view_imports_neither_torch_nor_max():
@@ -746,3 +749,103 @@ def test_the_config_view_imports_neither_torch_nor_max():
             "print(sorted(m for m in ('torch', 'max', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], cwd=SCRIPTS_DIR, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# LongCat-Flash's multi-head latent attention sizes, shrunk together (its rotary table is head_dim wide and
+# must equal qk_rope_head_dim), and a few identity experts.
+LONGCAT_SHRUNK = {"qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "qk_head_dim": 16, "head_dim": 8, "v_head_dim": 8,
+                  "kv_lora_rank": 16, "q_lora_rank": 16, "zero_expert_num": 2}
+
+
+def test_longcat_two_sublayers_and_a_shortcut_moe_with_zero_experts(more_models):
+    """Regression (bench): 'model.layers.0.self_attn is a list of 2 attention modules' -- each block is
+    attention, MLP, attention, MLP (norms per sublayer) plus a shortcut MoE whose router also scores
+    identity experts."""
+    import torch
+
+    model = _more(more_models, "longcat_flash", **LONGCAT_SHRUNK)
+    block = model_anatomy.resolve_layout(model).blocks[0]
+    assert [a.path for a in block.attentions] == ["model.layers.0.self_attn.0", "model.layers.0.self_attn.1"]
+    assert block.attention is block.attentions[0] and block.mlp is block.mlps[0]
+    assert [m.path for m in block.mlps] == ["model.layers.0.mlps.0", "model.layers.0.mlps.1"]
+    assert all(a.qkv_kind is model_anatomy.QKVKind.LATENT for a in block.attentions)
+    assert block.moe.path == "model.layers.0.mlp" and block.moe_shortcut and not block.parallel
+    assert (block.moe.num_experts, block.moe.zero_experts) == (model.config.n_routed_experts, 2)
+    assert [(n.path.rpartition("layers.0.")[2], n.role.value, n.sublayer) for n in block.norms] == [
+        ("input_layernorm.0", "input", 0), ("input_layernorm.1", "input", 1),
+        ("post_attention_layernorm.0", "pre_mlp", 0), ("post_attention_layernorm.1", "pre_mlp", 1)]
+    assert block.norm(model_anatomy.NormRole.PRE_MLP, sublayer=1).path.endswith("post_attention_layernorm.1")
+    # the order the forward pass runs them is the listed order; the MoE reads sublayer 0's pre-MLP norm output
+    order, inputs = [], {}
+    parts = [*(a.path for a in block.attentions), *(m.path for m in block.mlps), block.moe.path,
+             block.norm(model_anatomy.NormRole.PRE_MLP).path]
+
+    def hook_for(path):
+        def hook(module, args, output):
+            order.append(path)
+            inputs[path] = output if path == parts[-1] else args[0] if args else None
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_hook(hook_for(p)) for p in parts]
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    for handle in handles:
+        handle.remove()
+    first = {p: order.index(p) for p in parts[:4]}
+    assert first[parts[0]] < first[parts[2]] < first[parts[1]] < first[parts[3]]
+    assert torch.equal(inputs[block.moe.path], inputs[parts[-1]])
+
+
+def test_modernbert_embedding_norm_and_prediction_head(more_models):
+    """Regression (bench, modernbert-decoder 'blind to 9 of 9 mutations'): the norm inside the embeddings
+    container and the dense -> act -> norm head before the LM head were skipped silently, so calibration
+    scaled a final norm the head renormalizes (x 5.6e10) and the logits went flat."""
+    model = _more(more_models, "modernbert-decoder")
+    layout = model_anatomy.resolve_layout(model)
+    assert layout.embedding_norm == "model.embeddings.norm" and layout.first_norm == "model.embeddings.norm"
+    assert layout.token_embedding == "model.embeddings.tok_embeddings" and layout.final_norm == "model.final_norm"
+    head = layout.head_transform
+    assert (head.path, head.dense.path, head.norm, layout.lm_head) == ("lm_head", "lm_head.dense", "lm_head.norm",
+                                                                       "decoder")
+    assert model.get_submodule(head.dense.path).out_features == model.config.hidden_size
+
+
+def test_an_unknown_part_beside_the_decoder_is_named():
+    import torch
+
+    model = shrunk_model("llama")
+    assert model_anatomy.resolve_layout(model).head_transform is None
+    model.extra = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with pytest.raises(AnatomyError, match=re.escape("cannot resolve the part extra of LlamaForCausalLM")):
+        model_anatomy.resolve_layout(model)
+
+
+@pytest.mark.parametrize(("family", "table", "offset"), [("ctrl", "transformer.pos_encoding", 0),
+                                                         ("xglm", "model.embed_positions.weights", 2)])
+def test_fixed_sinusoidal_position_tables(more_models, family, table, offset):
+    """Regression (bench, ctrl 'blind to norm eps x100'): CTRL's non-persistent sinusoidal table (and XGLM's)
+    was not in the layout; it floors the first norm's input, so calibration drove the tokens to 1.9e-9."""
+    model = _more(more_models, family)
+    layout = model_anatomy.resolve_layout(model)
+    assert (layout.position_table, layout.position_offset, layout.position_embedding) == (table, offset, None)
+    owner, _, name = table.rpartition(".")
+    buffer = model.get_submodule(owner).get_buffer(name)
+    assert buffer.ndim == 2 and buffer.shape[-1] == model.config.to_dict().get("n_embd", model.config.hidden_size)
+
+
+def test_latent_rope_rows_are_the_rows_the_modeling_code_rotates(more_models):
+    """The RoPE part of latent attention (for the RoPE-style mutation): per query head the last rope_head_dim
+    rows of q (q_b_proj), and the kv_a rows after the latent; checked against DeepSeek-V3's own split."""
+    import torch
+
+    model = _more(more_models, "deepseek_v3")
+    attention = model_anatomy.resolve_layout(model).blocks[0].attention
+    latent, module = attention.latent, model.get_submodule(attention.path)
+    hidden = torch.randn(1, 3, model.config.hidden_size)
+    with torch.no_grad():
+        q = module.q_b_proj(module.q_a_layernorm(module.q_a_proj(hidden)))
+        kv = module.kv_a_proj_with_mqa(hidden)
+    q_rot = q.view(1, 3, -1, module.qk_head_dim).split([module.qk_nope_head_dim, module.qk_rope_head_dim], -1)[1]
+    k_rot = kv.split([module.kv_lora_rank, module.qk_rope_head_dim], -1)[1]
+    assert torch.equal(q[..., latent.query_rope_rows(attention.num_heads)], q_rot.reshape(1, 3, -1))
+    assert torch.equal(kv[..., latent.key_rope_rows()], k_rot)
