@@ -42,6 +42,8 @@ class Signal:
 
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# layer_types entries that attend through a window: sliding_attention, chunked_attention (Llama 4).
+WINDOWED_LAYER_MARKS = ("sliding", "chunk")
 
 
 def _value(config: dict[str, Any], text: dict[str, Any], key: str) -> Any:
@@ -88,6 +90,8 @@ def detect(config: dict[str, Any], tensors: dict[str, TensorInfo] | None = None,
     _config_signals(config, text, found)
     if reading is not None:
         _merge_code_signals(reading, found)
+        _drop_unit_logit_scale(text, found)
+        _drop_whole_head_rotary(config, found)
     if tensors:
         _tensor_signals(text, tensors, found)
         layernorm = found.signals.get("layernorm")
@@ -132,6 +136,36 @@ def hf_view(config: dict[str, Any], reading: Any) -> dict[str, Any]:
 def _json_safe(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool, type(None))) or (
         isinstance(value, (list, dict)) and "UNKNOWN" not in repr(value))
+
+
+def _drop_unit_logit_scale(text: dict[str, Any], found: _Collector) -> None:
+    """The code scales the logits by a config value that is 1 (GraniteMoE's default logits_scaling): a port
+    that ignores it matches this model, so it is no delta signal."""
+    import model_anatomy
+
+    if "logit_scale" not in found.signals:
+        return
+    values = [text[key] for key in model_anatomy.ALIASES["logit_scale"] if key in text]
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == 1 for v in values):
+        del found.signals["logit_scale"]
+
+
+def _drop_whole_head_rotary(config: dict[str, Any], found: _Collector) -> None:
+    """Code that can rotate part of each head, on a config whose RoPE covers the whole head (MiniMax-M2's
+    default has no partial fraction): a port ignoring the fraction matches this model, so it is no signal."""
+    import model_anatomy
+    from cli_support import ScriptError
+
+    signal = found.signals.get("partial_rotary")
+    if signal is None or not all(e.startswith("code:") for e in signal.evidence):
+        return
+    try:
+        view = model_anatomy.config_view(config)
+    except ScriptError:
+        return
+    if view.rotary_fraction == 1 and view.head_dim and view.rotary_dim == view.head_dim and not any(
+            r.partial_rotary_factor not in (None, 1, 1.0) for r in view.rope_by_layer_type.values()):
+        del found.signals["partial_rotary"]
 
 
 def _merge_code_signals(reading: Any, found: _Collector) -> None:
@@ -193,17 +227,23 @@ def _config_signals(config: dict[str, Any], text: dict[str, Any], found: _Collec
     window = _value(config, text, "sliding_window")
     use_window = _value(config, text, "use_sliding_window")
     layer_types = _value(config, text, "layer_types")
-    if isinstance(window, int) and window > 0 and use_window is not False:
-        found.add("sliding_window", f"sliding-window attention of {window} tokens", ev("sliding_window", window))
-    for key in ("sliding_window_pattern", "max_window_layers", "attention_chunk_size"):
-        value = _value(config, text, key)
-        if value is not None and (use_window is not False or key == "attention_chunk_size"):
-            found.add("sliding_window", "windowed or chunked attention on some layers", ev(key, value))
+    # A per-layer list of attention kinds decides which layers window: when it has no sliding or chunked
+    # layer, a sliding_window / max_window_layers value is a default no layer uses (Mellum, Dots1).
+    windowed = [k for k in map(str, layer_types) if any(m in k for m in WINDOWED_LAYER_MARKS)] \
+        if isinstance(layer_types, list) else None
+    if windowed is None or windowed:
+        if isinstance(window, int) and window > 0 and use_window is not False:
+            found.add("sliding_window", f"sliding-window attention of {window} tokens", ev("sliding_window", window))
+        for key in ("sliding_window_pattern", "max_window_layers", "attention_chunk_size"):
+            value = _value(config, text, key)
+            if value is not None and (use_window is not False or key == "attention_chunk_size"):
+                found.add("sliding_window", "windowed or chunked attention on some layers", ev(key, value))
     if isinstance(layer_types, list) and len(set(map(str, layer_types))) > 1:
         kinds = sorted(set(map(str, layer_types)))
         found.add("per_layer_attention", f"layers differ in kind: {', '.join(kinds)}", f"config: layer_types {kinds}")
-        if any("sliding" in k for k in kinds):
-            found.add("sliding_window", "some layers use sliding-window attention", f"config: layer_types {kinds}")
+        if any(m in k for k in kinds for m in WINDOWED_LAYER_MARKS):
+            found.add("sliding_window", "some layers use sliding-window or chunked attention",
+                      f"config: layer_types {kinds}")
     for key in ("no_rope_layers", "no_rope_layer_interval", "nope_layer_interval"):
         value = _value(config, text, key)
         if _truthy(value):

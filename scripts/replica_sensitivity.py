@@ -20,6 +20,13 @@ nor a failed replica: :func:`sensitivity_report` raises
 rest. Encoder and encoder-decoder classes that transformers also registers as
 causal LMs are refused before any model is loaded (:class:`NotDecoderOnly`,
 exit 2). Models load through ``hf_reference`` (float32, eager attention).
+
+The model is read only through ``model_anatomy``: ``config_view`` for the config's fields (and the
+key each came from, which config edits write) and ``resolve_layout`` for the module tree (blocks,
+q/k/v/o rows, norms, MLP/MoE, router, experts, shared-expert gate, position embedding and offset).
+A part the resolver cannot name is a tool error naming it. MoE routers are hooked where their
+top-k weights are (see ``RouterConvention``); a feature fixed by construction in a family's code
+(``ROUTER_SCORING_FIXED``, ``TOPK_FIXED``, ``WHOLE_HEAD_ROTARY_ONLY``) is "not applicable" with why.
 """
 
 from __future__ import annotations
@@ -49,28 +56,35 @@ def _aliases(name: str) -> tuple[str, ...]:
 
 NORM_EPS_KEYS = _aliases("norm_eps")
 ACTIVATION_KEYS = _aliases("activation")
-PARALLEL_KEYS = _aliases("parallel_block")
-EXPERT_COUNT_KEYS = _aliases("num_experts")
 TOPK_KEYS = _aliases("experts_per_token")
-RENORMALIZE_KEYS = _aliases("norm_topk_prob")
 LOGIT_SCALE_KEYS = _aliases("logit_scale")
 
 # Relative std of the noise the "one layer perturbed" mutation adds to the middle layer's matrices.
 PERTURB_RELATIVE_STD = 0.1
 # Factor the rope_theta mutation applies: far enough from 1 that every frequency moves visibly.
 ROPE_THETA_FACTOR = 0.05
+# The partial-rotary mutant's fraction sits this many dims above its even target rotary dim, so that a
+# family computing int(head_dim x fraction) and one computing round(...) both get the target.
+ROTARY_FRACTION_MARGIN = 0.25
+# Families whose modeling code cannot run RoPE on part of each head (the sin/cos tables and the rotated
+# slice are sized apart, so any fraction below 1 crashes in transformers itself): when their RoPE covers
+# the whole head, the "whole -> half" mutant is not applicable, for this reason.
+WHOLE_HEAD_ROTARY_ONLY = {
+    "gpt_neox_japanese": "its rotary embedding sizes sin/cos from the whole head while the attention rotates "
+                         "head x fraction dims (modeling_gpt_neox_japanese: no fraction below 1 runs)",
+    "solar_open": "its attention rotates the whole head while the rotary embedding sizes sin/cos from head x "
+                  "fraction (modeling_solar_open: no fraction below 1 runs)",
+}
 # Factor the eps mutations apply: the calibrated first norm sees 30 x eps, so x100 moves it clearly.
 EPS_FACTOR = 100.0
+# A norm's eps "is" a config key's value within this relative difference (float32 round trips).
+EPS_MATCH_RTOL = 1e-4
 # The shared-expert gate mutation pins the gate logit here: sigmoid(30) = 1 - 9e-14, i.e. no gate.
 UNGATED_LOGIT = 30.0
 # Two tensors count as "the same input" in the structural probes when they agree to this (float32).
 PROBE_ATOL = 1e-5
 # Relative spread below which the ratio of router scores to a candidate score function is "constant".
 ROUTER_RATIO_RTOL = 1e-4
-# Families whose fused query_key_value is laid out per head ([q_h; k_h; v_h] for each head h).
-PER_HEAD_FUSED_QKV = ("gpt_neox", "gpt_neox_japanese", "bloom", "persimmon")
-# Families whose fused QKV layout is neither [q; k; v] nor per head: editing it would be a guess.
-UNKNOWN_FUSED_QKV = ("codegen",)
 # Class-name fragments of activation modules (transformers.activations, torch.nn, family classes like BloomGelu).
 ACTIVATION_CLASS_MARKERS = ("gelu", "silu", "swish", "relu", "activation", "tanh", "sigmoid", "mish", "quickgelu")
 # Activation names of the GELU family: exact (erf) vs tanh approximations. The two differ by less than
@@ -79,6 +93,28 @@ ACTIVATION_CLASS_MARKERS = ("gelu", "silu", "swish", "relu", "activation", "tanh
 # must be a DIVERGED, not a MATCH), named "bounded" in the table.
 EXACT_GELU = ("gelu",)
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python_tanh")
+
+# "sliding window removed" sets the window (or Llama 4's attention chunk) this wide: wider than any prompt.
+NO_WINDOW = 1 << 20
+CHUNK_KEY = "attention_chunk_size"
+# GPT-OSS's experts gate with x * sigmoid(alpha x), alpha = 1.702 kept as this attribute (hidden_act is not
+# read); the activation mutation sets it to 1, i.e. SiLU, the activation a port would take from hidden_act.
+GATE_SLOPE_ATTR = "alpha"
+GATE_SLOPE_KEY = "swiglu_alpha"  # the same slope as a config key (MiniMax-M3), hidden_act forced to silu
+SILU_SLOPE = 1.0
+# Families whose router scoring is fixed by construction (neither a softmax/sigmoid choice nor a
+# renormalization switch): the router mutations are not applicable, for this reason.
+ROUTER_SCORING_FIXED = {
+    "phimoe": "the router is a sparsemixer (modeling_phimoe.sparsemixer): each pick's weight is a softmax over "
+              "the logits masked around that pick, fixed in the code, so there is no softmax/sigmoid kind or "
+              "renormalization to get wrong",
+}
+
+# Families whose experts-per-token count is fixed by construction: "MoE top-k" is not applicable, for this reason.
+TOPK_FIXED = {
+    "phimoe": "the sparsemixer router always picks two experts (modeling_phimoe.sparsemixer selects a first and "
+              "a second expert; num_experts_per_tok is not read past its signature)",
+}
 
 # Exit code of the up-front refusal of a non-decoder class: a hard stop, like a wall.
 NOT_DECODER_EXIT = EXIT_STOP
@@ -231,11 +267,33 @@ class SensitivityReport:
 
 @dataclass
 class Subject:
-    """What a mutation's plan inspects: the replica's fresh HF config and the unmutated model."""
+    """What a mutation's plan inspects: the replica's fresh HF config and the unmutated model.
+
+    ``view`` is the config's ConfigView and ``layout`` the model's ModelLayout (model_anatomy; the
+    layout is resolved once per report through the shared ``anatomy`` cache). A part the resolver
+    cannot name is a ToolError naming it.
+    """
 
     config: Any
     model: Any
     model_type: str
+    anatomy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def view(self) -> model_anatomy.ConfigView:
+        return _view(self.config)
+
+    @property
+    def layout(self) -> model_anatomy.ModelLayout:
+        if "layout" not in self.anatomy:
+            try:
+                self.anatomy["layout"] = model_anatomy.resolve_layout(self.model, _view(self.model.config))
+            except model_anatomy.AnatomyError as exc:
+                self.anatomy["layout"] = exc
+        found = self.anatomy["layout"]
+        if isinstance(found, Exception):
+            raise ToolError(str(found))
+        return found
 
 
 # A plan inspects the subject and returns the edit (raising NotApplicable or ToolError instead).
@@ -284,21 +342,47 @@ def check_decoder_only(config: dict[str, Any], label: str = "the replica") -> No
                              "decoder-only causal LMs only")
 
 
-# --- config helpers ----------------------------------------------------------------------------------
+# --- config view ---------------------------------------------------------------------------------------
+# Reading goes through model_anatomy.config_view; edits go to the loaded HF config object, at the key
+# the view read the field from (``view.key(name)``; a dotted key walks sub-configs and dicts).
 
 
-def _first_key(config: Any, keys: tuple[str, ...]) -> str | None:
-    for key in keys:
-        if getattr(config, key, None) is not None:
-            return key
-    return None
+def _view(config: Any) -> model_anatomy.ConfigView:
+    """The ConfigView of a loaded HF config object."""
+    return model_anatomy.config_view(config.to_dict())
+
+
+def _key_parent(config: Any, key: str) -> tuple[Any, str]:
+    """The object (sub-config or dict) holding the last part of a dotted key, and that part."""
+    *parents, last = key.split(".")
+    target = config
+    for part in parents:
+        target = target.get(part) if isinstance(target, dict) else getattr(target, part, None)
+        if target is None:
+            raise ToolError(f"the config key {key} names no part of the loaded config ({part} is missing)")
+    return target, last
+
+
+def _get_key(config: Any, key: str) -> Any:
+    target, last = _key_parent(config, key)
+    return target.get(last) if isinstance(target, dict) else getattr(target, last, None)
+
+
+def _set_key(config: Any, key: str, value: Any) -> None:
+    target, last = _key_parent(config, key)
+    if isinstance(target, dict):
+        target[last] = value
+    else:
+        setattr(target, last, value)
 
 
 def _present_keys(config: Any, keys: tuple[str, ...]) -> list[str]:
+    """Every spelling of a field (model_anatomy's alias table) that the loaded config sets."""
     return [key for key in keys if getattr(config, key, None) is not None]
 
 
 def _rope_dicts(config: Any) -> list[dict[str, Any]]:
+    """The loaded config's RoPE parameter dicts to edit (one, or one per layer type)."""
     params = getattr(config, "rope_parameters", None)
     if not isinstance(params, dict) or not params:
         return []
@@ -307,179 +391,114 @@ def _rope_dicts(config: Any) -> list[dict[str, Any]]:
     return [params]
 
 
-def _heads(config: Any) -> int:
-    return int(config.num_attention_heads)
+def _has_rope(view: model_anatomy.ConfigView) -> bool:
+    """RoPE configured by rope parameters, or by a rotary dim key (GPT-J style, base fixed in the code)."""
+    return _has_rope_theta(view) or view.key("rotary_dim") is not None
 
 
-def _kv_heads(config: Any) -> int:
-    if getattr(config, "multi_query", False) is True and not getattr(config, "new_decoder_architecture", False):
-        return 1
-    for key in ("num_key_value_heads", "num_kv_heads"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return _heads(config)
+def _has_rope_theta(view: model_anatomy.ConfigView) -> bool:
+    settings = [view.rope] + list(view.rope_by_layer_type.values())
+    return any(s is not None and s.theta for s in settings)
 
 
-def _head_dim(config: Any) -> int:
-    value = getattr(config, "head_dim", None)
-    return value if isinstance(value, int) and value > 0 else config.hidden_size // _heads(config)
+def _head_dim(view: model_anatomy.ConfigView) -> int:
+    if not view.head_dim:
+        raise ToolError("cannot tell the head size from the config (no head_dim, hidden size or heads)")
+    return int(view.head_dim)
 
 
-def _rotary_dim(config: Any) -> int:
-    explicit = getattr(config, "rotary_dim", None)
-    if isinstance(explicit, int) and explicit > 0:
-        return explicit
-    factors = [p.get("partial_rotary_factor") for p in _rope_dicts(config) if p.get("partial_rotary_factor")]
-    factor = factors[0] if factors else (getattr(config, "partial_rotary_factor", None) or 1.0)
-    return int(_head_dim(config) * factor)
+# --- the model's layout (model_anatomy.resolve_layout) ---------------------------------------------------
 
 
-def _has_rope(config: Any) -> bool:
-    """RoPE configured by rope parameters, or by a rotary_dim key (GPT-J style, base fixed in the code)."""
-    rotary_dim = getattr(config, "rotary_dim", None)
-    return any(p.get("rope_theta") for p in _rope_dicts(config)) or (isinstance(rotary_dim, int) and rotary_dim > 0)
+def _module(model: Any, path: str) -> Any:
+    return model.get_submodule(path) if path else model
 
 
-def _has_rope_theta(config: Any) -> bool:
-    return any(p.get("rope_theta") for p in _rope_dicts(config))
+def _ffn_input_path(block: model_anatomy.BlockLayout) -> str:
+    """The module whose input is the block's feed-forward input (the MLP, the MoE, or an inline up projection)."""
+    if block.moe is not None:
+        return block.moe.path
+    if block.mlp is None:
+        raise ToolError(f"the block {block.path} has no MLP or MoE the resolver could name")
+    if block.mlp.path != block.path:
+        return block.mlp.path
+    first = block.mlp.gate_up or block.mlp.up or block.mlp.gate
+    return first.path  # type: ignore[union-attr]
 
 
-def _expert_count(config: Any) -> int:
-    key = _first_key(config, EXPERT_COUNT_KEYS)
-    value = getattr(config, key, None) if key else None
-    return value if isinstance(value, int) else 0
+def _ffn_leaves(model: Any, block: model_anatomy.BlockLayout) -> list[str]:
+    """Paths of the leaf modules of a block's feed-forward part (an inline MLP: the block minus attention)."""
+    root = block.moe.path if block.moe is not None else block.mlp.path if block.mlp is not None else block.path
+    attention = block.attention.path
+    leaves = []
+    for name, module in _module(model, root).named_modules():
+        path = f"{root}.{name}" if name else root
+        if path == attention or path.startswith(attention + "."):
+            continue
+        if next(module.children(), None) is None:
+            leaves.append(path)
+    return leaves
 
 
-# --- layout adapter ------------------------------------------------------------------------------------
-# TODO(H1 model_anatomy): a local adapter over the HF module tree, written before model_anatomy.resolve_layout
-# was published (02:37); switch these helpers (blocks, q/k rows, o projection, norms, MoE router and
-# shared-expert gate, position embedding and offset) to its ModelLayout/BlockLayout.
+def _norm_paths(model: Any, layout: model_anatomy.ModelLayout) -> list[str]:
+    """Every norm the resolver names (model, block, attention and MLP norms), containers opened to their norms."""
+    found: list[str | None] = [layout.embedding_norm, layout.final_norm]
+    if layout.per_layer_inputs is not None:
+        found.append(layout.per_layer_inputs.norm)
+    for block in layout.blocks:
+        found += [n.path for n in block.norms]
+        attention = block.attention
+        found += [attention.q_norm, attention.k_norm, attention.v_norm, attention.sub_norm]
+        if attention.latent is not None:
+            found += [attention.latent.q_a_norm, attention.latent.kv_a_norm]
+        for mlp in (block.mlp, block.moe.shared_expert if block.moe else None):
+            if mlp is not None:
+                found.append(mlp.sub_norm)
+    paths: list[str] = []
+    for path in dict.fromkeys(p for p in found if p):
+        module = _module(model, path)
+        children = [(n, c) for n, c in module.named_children() if model_anatomy.is_norm_module(c)]
+        paths += [f"{path}.{n}" for n, _ in children] if children else [path]
+    return paths
 
 
-def _named(model: Any) -> dict[int, str]:
-    return {id(module): name for name, module in model.named_modules()}
-
-
-def _is_norm(module: Any) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
-def _is_projection(module: Any) -> bool:
-    import torch
-
-    return isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
-
-
-def _blocks(model: Any, config: Any) -> list[tuple[str, Any]]:
-    """The decoder blocks (name, module): the module list as long as the layer count that holds attention."""
-    import torch
-
-    layers = getattr(config, "num_hidden_layers", None)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == layers and len(module) > 0:
-            if all(_attention_of(block) is not None for block in module):
-                return [(f"{name}.{i}", block) for i, block in enumerate(module)]
-    raise ToolError(f"cannot find the decoder blocks (a module list of {layers} blocks with attention)")
-
-
-def _attention_of(block: Any) -> Any | None:
-    """The innermost attention module of a block that owns its projections."""
-    found = None
-    for module in block.modules():
-        if "attention" in type(module).__name__.lower() and any(_is_projection(c) for c in module.children()):
-            found = module if found is None or _contains(found, module) else found
-    return found
-
-
-def _contains(outer: Any, inner: Any) -> bool:
-    return any(m is inner for m in outer.modules()) and outer is not inner
-
-
-def _mlp_of(block: Any, attention: Any) -> tuple[str, Any]:
-    """The block's direct child that is its MLP or MoE (has parameters; not attention, not a norm)."""
-    candidates = [(name, child) for name, child in block.named_children()
-                  if not _is_norm(child) and child is not attention and not _contains(child, attention)
-                  and next(child.parameters(), None) is not None]
-    if len(candidates) > 1:
-        named = [c for c in candidates if any(t in c[0].lower() for t in ("mlp", "ffn", "feed_forward", "moe"))]
-        candidates = named or candidates
-    if len(candidates) > 1 and all(_is_projection(c) for _, c in candidates):
-        # The MLP's projections sit in the block itself (OPT: fc1, fc2): its input is the input projection's.
-        first = [c for c in candidates if c[0] in MLP_INPUT_NAMES]
-        candidates = first[:1] if first else candidates
-    if len(candidates) != 1:
-        raise ToolError(f"cannot tell the block's MLP among {[name for name, _ in candidates]}")
-    return candidates[0]
+def _qk_norm_paths(layout: model_anatomy.ModelLayout) -> list[str]:
+    """The q/k norm paths of every attention (one path once: Llama 4's single qk_norm serves both)."""
+    return list(dict.fromkeys(p for b in layout.blocks for p in (b.attention.q_norm, b.attention.k_norm) if p))
 
 
 @dataclass
 class HeadFeatures:
     """Where each head's output features sit in a projection (q or k), fused or not."""
 
-    module: Any
+    projection: model_anatomy.Projection
     rows: list[list[int]]  # rows[h] = the output feature indices of head h, in order
 
 
-def _projection(attention: Any, names: tuple[str, ...]) -> Any | None:
-    for name in names:
-        module = getattr(attention, name, None)
-        if module is not None and _is_projection(module):
-            return module
-    return None
+def _head_features(attention: model_anatomy.AttentionLayout, which: str) -> HeadFeatures:
+    """The query or key head features of an attention, from the resolver's rows (AnatomyError -> ToolError)."""
+    try:
+        if which == "query":
+            projection, rows, heads = attention.query_projection, attention.query_rows(), attention.num_heads
+        else:
+            projection, rows, heads = attention.key_projection, attention.key_rows(), attention.num_kv_heads
+    except model_anatomy.AnatomyError as exc:
+        raise ToolError(str(exc)) from None
+    if projection.storage is model_anatomy.WeightStorage.STACKED:
+        raise ToolError(f"the {which} projection {projection.path} of {attention.path} is stacked expert weights")
+    width, extra = divmod(len(rows), heads)
+    if extra:
+        raise ToolError(f"the {which} rows of {attention.path} are not {heads} heads of one size")
+    return HeadFeatures(projection, [rows[h * width:(h + 1) * width] for h in range(heads)])
 
 
-Q_NAMES = ("q_proj", "query", "q", "wq", "q_lin")
-K_NAMES = ("k_proj", "key", "k", "wk", "k_lin")
-FUSED_NAMES = ("qkv_proj", "query_key_value", "c_attn", "Wqkv", "qkv", "W_pack")
-O_NAMES = ("o_proj", "dense", "out_proj", "c_proj", "o", "wo", "proj")
-# The MLP input projection when a block holds its MLP projections directly (no MLP module).
-MLP_INPUT_NAMES = ("fc1", "fc_in", "c_fc", "up_proj", "dense_h_to_4h", "w1")
-
-
-def _out_features(module: Any) -> int:
-    weight = module.weight
-    return int(weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0])
-
-
-def _qk_features(attention: Any, config: Any, model_type: str, where: str) -> tuple[HeadFeatures, HeadFeatures]:
-    """The q and k head features of an attention module (separate, fused [q;k;v], per head or grouped)."""
-    heads, kv, dim = _heads(config), _kv_heads(config), _head_dim(config)
-    q, k = _projection(attention, Q_NAMES), _projection(attention, K_NAMES)
-    if q is not None and k is not None:
-        return (HeadFeatures(q, [list(range(h * dim, (h + 1) * dim)) for h in range(heads)]),
-                HeadFeatures(k, [list(range(j * dim, (j + 1) * dim)) for j in range(kv)]))
-    fused = _projection(attention, FUSED_NAMES)
-    if fused is None:
-        raise ToolError(f"cannot find the q/k projections of {where} (separate q/k or a fused qkv)")
-    if model_type in UNKNOWN_FUSED_QKV:
-        raise ToolError(f"the fused QKV layout of {where} ({model_type}) is not one this tool can edit")
-    if _out_features(fused) != (heads + 2 * kv) * dim:
-        raise ToolError(f"the fused QKV of {where} has {_out_features(fused)} outputs, not "
-                        f"(heads + 2 kv) x head_dim = {(heads + 2 * kv) * dim}")
-    span = lambda start: list(range(start, start + dim))  # noqa: E731
-    grouped = model_type == "falcon" and getattr(config, "new_decoder_architecture", False)
-    if grouped:  # per kv group: [q heads of the group; k; v]
-        group, width = heads // kv, (heads // kv + 2) * dim
-        q_rows = [span((h // group) * width + (h % group) * dim) for h in range(heads)]
-        k_rows = [span(j * width + group * dim) for j in range(kv)]
-    elif model_type in PER_HEAD_FUSED_QKV or (model_type == "falcon" and kv == heads):
-        q_rows = [span(h * 3 * dim) for h in range(heads)]  # per head: [q_h; k_h; v_h]
-        k_rows = [span(h * 3 * dim + dim) for h in range(heads)]
-    else:  # [q; k; v]
-        q_rows = [span(h * dim) for h in range(heads)]
-        k_rows = [span(heads * dim + j * dim) for j in range(kv)]
-    return HeadFeatures(fused, q_rows), HeadFeatures(fused, k_rows)
-
-
-def _permute_outputs(module: Any, rows: list[int], order: list[int]) -> None:
+def _permute_outputs(module: Any, projection: model_anatomy.Projection, rows: list[int], order: list[int]) -> None:
     """Output features ``rows`` of a Linear/Conv1D take the values of ``rows[order[i]]``."""
     import torch
 
     index, source = torch.tensor(rows), torch.tensor([rows[i] for i in order])
-    conv = type(module).__name__ == "Conv1D"
     weight = module.weight
-    if conv:
+    if projection.transposed:
         weight[:, index] = weight[:, source].clone()
     else:
         weight[index] = weight[source].clone()
@@ -487,27 +506,15 @@ def _permute_outputs(module: Any, rows: list[int], order: list[int]) -> None:
         module.bias[index] = module.bias[source].clone()
 
 
-def _permute_inputs(module: Any, order: list[int]) -> None:
+def _permute_inputs(module: Any, projection: model_anatomy.Projection, order: list[int]) -> None:
     """Input features of a Linear/Conv1D reordered: feature i takes feature ``order[i]``."""
     import torch
 
     index = torch.tensor(order)
-    if type(module).__name__ == "Conv1D":
+    if projection.transposed:
         module.weight.copy_(module.weight.clone()[index])
     else:
         module.weight.copy_(module.weight.clone()[:, index])
-
-
-Q_NORM_NAMES = ("q_norm", "q_layernorm", "query_layernorm")
-K_NORM_NAMES = ("k_norm", "k_layernorm", "key_layernorm")
-
-
-def _norm_named(attention: Any, names: tuple[str, ...]) -> Any | None:
-    return next((getattr(attention, n) for n in names if getattr(attention, n, None) is not None), None)
-
-
-def _qk_norms(attention: Any) -> list[Any]:
-    return [n for n in (_norm_named(attention, Q_NORM_NAMES), _norm_named(attention, K_NORM_NAMES)) if n is not None]
 
 
 def _permute_norm(norm: Any, order_full: list[int], per_head: list[int] | None) -> None:
@@ -523,29 +530,20 @@ def _permute_norm(norm: Any, order_full: list[int], per_head: list[int] | None) 
         norm.weight.copy_(norm.weight.clone()[torch.tensor(per_head)])
 
 
-def _attention_parts(subject: Subject) -> list[tuple[str, Any]]:
-    return [(name, _attention_of(block)) for name, block in _blocks(subject.model, subject.config)]
-
-
-def _resolve_in(model: Any, subject: Subject) -> list[tuple[str, Any]]:
-    """The same (block name, attention) pairs in a deep copy of the subject's model."""
-    named = dict(model.named_modules())
-    names = _named(subject.model)
-    return [(name, named[names[id(attention)]]) for name, attention in _attention_parts(subject)]
-
-
 # --- the mutations: config edits -------------------------------------------------------------------
 
 
 def _plan_rope_theta(subject: Subject) -> Callable[..., None]:
-    if not _has_rope(subject.config):
+    view = subject.view
+    if not _has_rope(view):
         raise NotApplicable("no RoPE parameters (rope_theta or rotary_dim)")
-    if not _has_rope_theta(subject.config):
+    if not _has_rope_theta(view):
         return _sinusoid_table_edit(subject)
 
     def edit(config: Any) -> None:
         for params in _rope_dicts(config):
-            params["rope_theta"] = params["rope_theta"] * ROPE_THETA_FACTOR
+            if params.get("rope_theta"):
+                params["rope_theta"] = params["rope_theta"] * ROPE_THETA_FACTOR
     return _ConfigEdit(edit)
 
 
@@ -566,9 +564,9 @@ def _sinusoid_table_edit(subject: Subject) -> Callable[..., None]:
     """
     import torch
 
-    parts = _attention_parts(subject)
-    tables = [(name, getattr(attention, "embed_positions", None)) for name, attention in parts]
-    missing = [name for name, table in tables if not isinstance(table, torch.Tensor) or table.ndim != 2]
+    paths = [block.attention.path for block in subject.layout.blocks]
+    tables = [(path, getattr(_module(subject.model, path), "embed_positions", None)) for path in paths]
+    missing = [path for path, table in tables if not isinstance(table, torch.Tensor) or table.ndim != 2]
     if missing:
         raise ToolError(f"the RoPE base is fixed in the code and {missing[0]} has no sin/cos table "
                         "(embed_positions) to rebuild")
@@ -583,63 +581,118 @@ def _sinusoid_table_edit(subject: Subject) -> Callable[..., None]:
     mutated = _sinusoid_table(base * ROPE_THETA_FACTOR, positions, dim)
 
     def edit(model: Any, config: Any) -> None:
-        for _, attention in _resolve_in(model, subject):
+        for path in paths:
+            attention = _module(model, path)
             attention.embed_positions = mutated.to(attention.embed_positions.dtype)
     return _ModelEdit(edit)
 
 
+def _other_rotary_dim(current: int, head_dim: int) -> int:
+    """The mutant's rotary dim: the whole head when RoPE covers part of it, else half of it.
+
+    RoPE rotates dims in pairs, so both are rounded down to an even count (a shrunk head of 17 dims
+    rotates 16 or 8): an odd rotary dim is not a port bug but a model no family can run.
+    """
+    whole = head_dim - head_dim % 2
+    half = (head_dim // 2) - (head_dim // 2) % 2
+    return whole if current < whole else half
+
+
+def _measured_rotary_dim(subject: Subject) -> int | None:
+    """The rotary dim the model's RoPE module computes (twice its inverse frequencies), None when unknown."""
+    path = subject.layout.rotary
+    inv_freq = getattr(_module(subject.model, path), "inv_freq", None) if path else None
+    return 2 * int(inv_freq.numel()) if inv_freq is not None and inv_freq.ndim == 1 else None
+
+
 def _plan_partial(subject: Subject) -> Callable[..., None]:
-    config = subject.config
-    if not _has_rope(config):
+    view = subject.view
+    if not _has_rope(view):
         raise NotApplicable("no RoPE parameters")
-    rotary_dim = getattr(config, "rotary_dim", None)
-    if isinstance(rotary_dim, int) and rotary_dim > 0:
-        def edit_dim(cfg: Any) -> None:
-            dim = _head_dim(cfg)
-            cfg.rotary_dim = dim if rotary_dim < dim else dim // 2
-        return edit_dim
-    if getattr(config, "partial_rotary_factor", None) is None and not any(
-            "partial_rotary_factor" in p for p in _rope_dicts(config)):
+    head_dim = _head_dim(view)
+    dim_key = view.key("rotary_dim")
+    if dim_key is not None and "." not in dim_key:
+        current = int(_get_key(subject.config, dim_key))
+        measured = _measured_rotary_dim(subject)
+        if measured is not None and measured != current and _rope_dicts(subject.config):
+            # The code does not read the key (MiniMax-M3 sizes RoPE from rope_parameters): the bug is a port
+            # that obeys it, i.e. the model rotating `current` dims through the fraction the code reads.
+            target = current - current % 2
+            fraction = (target + ROTARY_FRACTION_MARGIN) / head_dim
+
+            def obey(cfg: Any) -> None:
+                for params in _rope_dicts(cfg):
+                    params["partial_rotary_factor"] = fraction
+            return obey
+        target = _other_rotary_dim(current, head_dim)
+        if target in (0, current):
+            raise NotApplicable(f"a head of {head_dim} dims has no other even rotary dim than {current}")
+        return lambda cfg: _set_key(cfg, dim_key, target)
+    fraction_key = view.key("rotary_fraction") or ""
+    settings = [view.rope, *view.rope_by_layer_type.values()]
+    if not fraction_key and not any(s is not None and s.partial_rotary_factor is not None for s in settings):
         raise NotApplicable("RoPE covers the whole head (no partial_rotary_factor, rotary_pct or rotary_dim)")
+    current = int(view.rotary_dim if view.rotary_dim is not None else head_dim)
+    target = _other_rotary_dim(current, head_dim)
+    if target < current and subject.model_type in WHOLE_HEAD_ROTARY_ONLY:  # whole -> half
+        raise NotApplicable(f"RoPE covers the whole head ({fraction_key or 'rotary fraction'}="
+                            f"{view.rotary_fraction:g}) and {WHOLE_HEAD_ROTARY_ONLY[subject.model_type]}")
+    if target in (0, current):
+        raise NotApplicable(f"a head of {head_dim} dims has no other even rotary dim than {current}")
+    # A fraction a quarter dim above target: int() and round() of head_dim x fraction both give target.
+    fraction = 1.0 if target == head_dim else (target + ROTARY_FRACTION_MARGIN) / head_dim
+    top_keys = tuple(k for k in model_anatomy.ALIASES["rotary_fraction"] if "." not in k)
 
     def edit(cfg: Any) -> None:
-        current = _rotary_dim(cfg) / _head_dim(cfg)
-        new = 1.0 if current < 1.0 else 0.5
-        if getattr(cfg, "partial_rotary_factor", None) is not None:
-            cfg.partial_rotary_factor = new
-        half = int(_head_dim(cfg) * new) // 2
+        for key in _present_keys(cfg, top_keys):
+            setattr(cfg, key, fraction)
         for params in _rope_dicts(cfg):
-            params["partial_rotary_factor"] = new
+            if "partial_rotary_factor" in params or fraction_key.startswith("rope_parameters"):
+                params["partial_rotary_factor"] = fraction
             for name in ("long_factor", "short_factor"):  # longrope lists have one entry per rotary pair
                 if isinstance(params.get(name), list):
-                    params[name] = resample_factors(params[name], half)
+                    params[name] = resample_factors(params[name], target // 2)
     return edit
 
 
 def _plan_no_sliding(subject: Subject) -> Callable[..., None]:
-    config = subject.config
-    if not getattr(config, "sliding_window", None):
+    view, config = subject.view, subject.config
+    kinds = set(view.layer_types)
+    chunk = getattr(config, CHUNK_KEY, None)
+    if any("chunk" in kind for kind in kinds) and isinstance(chunk, int) and chunk > 0:
+        # Chunked attention (Llama 4): the same bug as a dropped window, one chunk wider than any prompt.
+        return lambda cfg: setattr(cfg, CHUNK_KEY, NO_WINDOW)
+    if not view.sliding_window:
         raise NotApplicable("no sliding window")
     if getattr(config, "use_sliding_window", None) is False:
         raise NotApplicable("use_sliding_window is false")
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
+    if not any("sliding" in kind for kind in kinds):
         raise NotApplicable("no layer uses sliding attention")
-
-    def edit(cfg: Any) -> None:
-        cfg.sliding_window = 1 << 20  # wider than any prompt: the same as no window
-    return edit
+    key = view.key("sliding_window") or "sliding_window"
+    return lambda cfg: _set_key(cfg, key, NO_WINDOW)
 
 
 def _plan_eps(subject: Subject) -> Callable[..., None]:
     keys = _present_keys(subject.config, NORM_EPS_KEYS)
-    if not keys:
+    if not keys or _eps_key_unread(subject, keys):
         return _norm_module_eps_edit(subject)
 
     def edit(cfg: Any) -> None:
         for key in keys:
             setattr(cfg, key, getattr(cfg, key) * EPS_FACTOR)
     return _ConfigEdit(edit)
+
+
+def _eps_key_unread(subject: Subject, keys: list[str]) -> bool:
+    """True when some norm's eps matches no eps key of the config: the code does not build it from the key
+    (BioGPT's nn.LayerNorm(dim) keeps torch's 1e-5 while layer_norm_eps says 1e-12), so editing the key
+    would leave that norm as it is."""
+    values = [float(getattr(subject.config, key)) for key in keys]
+    for path in _norm_paths(subject.model, subject.layout):
+        eps = model_anatomy.norm_eps(_module(subject.model, path))
+        if eps is not None and not any(abs(eps - v) <= EPS_MATCH_RTOL * v for v in values):
+            return True
+    return False
 
 
 def _measured_layer_norm_eps(norm: Any) -> float | None:
@@ -659,38 +712,37 @@ def _measured_layer_norm_eps(norm: Any) -> float | None:
     return eps if eps > 0 else None
 
 
+def _eps_attr(module: Any) -> str | None:
+    return next((a for a in model_anatomy.NORM_EPS_ATTRS if isinstance(getattr(module, a, None), float)), None)
+
+
 def _norm_module_eps_edit(subject: Subject) -> Callable[..., None]:
     """No eps key: the eps lives in the norm modules (an attribute) or is fixed in their code.
 
     Attributes are scaled. A weightless LayerNorm with the eps fixed in its code is replaced by
     layer_norm with its measured eps x factor. Any other norm is a tool error naming it.
     """
-    from replica_init import NORM_EPS_ATTRS
-
-    names = _named(subject.model)
     plan: list[tuple[str, str | None, float | None]] = []
-    for module in subject.model.modules():
-        if not _is_norm(module) or next(module.children(), None) is not None:
-            continue
-        attr = next((a for a in NORM_EPS_ATTRS if isinstance(getattr(module, a, None), float)), None)
+    for path in _norm_paths(subject.model, subject.layout):
+        module = _module(subject.model, path)
+        attr = _eps_attr(module)
         if attr is not None:
-            plan.append((names[id(module)], attr, None))
+            plan.append((path, attr, None))
             continue
         weightless = next(module.parameters(), None) is None and hasattr(module, "normalized_shape")
         eps = _measured_layer_norm_eps(module) if weightless else None
         if eps is None:
-            raise ToolError(f"no norm eps key ({', '.join(NORM_EPS_KEYS)}) and the eps of {names[id(module)]} "
+            raise ToolError(f"no norm eps key ({', '.join(NORM_EPS_KEYS)}) and the eps of {path} "
                             f"({type(module).__name__}) is neither an attribute nor measurable")
-        plan.append((names[id(module)], None, eps))
+        plan.append((path, None, eps))
     if not plan:
         raise NotApplicable("no norm layers")
 
     def edit(model: Any, config: Any) -> None:
         import torch
 
-        modules = dict(model.named_modules())
-        for name, attr, eps in plan:
-            norm = modules[name]
+        for path, attr, eps in plan:
+            norm = _module(model, path)
             if attr is not None:
                 setattr(norm, attr, getattr(norm, attr) * EPS_FACTOR)
             else:
@@ -701,21 +753,39 @@ def _norm_module_eps_edit(subject: Subject) -> Callable[..., None]:
 
 
 def _activation_modules(subject: Subject) -> list[str]:
-    """Names of the activation modules inside the blocks' MLPs (leaf modules named like an activation)."""
-    names = _named(subject.model)
+    """Paths of the activation modules in the blocks' feed-forward parts (weightless leaves named like one)."""
     found = []
-    for _, block in _blocks(subject.model, subject.config):
-        attention = _attention_of(block)
-        for module in block.modules():
-            if module is block or _contains(attention, module) or next(module.children(), None) is not None:
-                continue
+    for block in subject.layout.blocks:
+        for path in _ffn_leaves(subject.model, block):
+            module = _module(subject.model, path)
             if next(module.parameters(), None) is None and any(
                     t in type(module).__name__.lower() for t in ACTIVATION_CLASS_MARKERS):
-                found.append(names[id(module)])
+                found.append(path)
     return found
 
 
+def _gate_slopes(subject: Subject) -> list[str]:
+    """Expert modules whose gate activation x * sigmoid(alpha x) keeps its slope as a float attribute
+    (GPT-OSS's clamped SwiGLU: the config's hidden_act is not read)."""
+    paths = []
+    for block in subject.layout.blocks:
+        if block.moe is not None and block.moe.experts_fused and "," not in block.moe.experts:
+            if isinstance(getattr(_module(subject.model, block.moe.experts), GATE_SLOPE_ATTR, None), float):
+                paths.append(block.moe.experts)
+    return paths
+
+
 def _plan_activation(subject: Subject) -> Callable[..., None]:
+    if isinstance(getattr(subject.config, GATE_SLOPE_KEY, None), float):
+        # MiniMax-M3: the gate is x * sigmoid(swiglu_alpha x) and the config forces hidden_act to silu.
+        return _ConfigEdit(lambda cfg: setattr(cfg, GATE_SLOPE_KEY, SILU_SLOPE))
+    slopes = _gate_slopes(subject) if subject.view.is_moe else []
+    if slopes:
+        def slope(model: Any, config: Any) -> None:
+            """The gate's x * sigmoid(1.702 x) ported as SiLU (slope 1)."""
+            for path in slopes:
+                setattr(_module(model, path), GATE_SLOPE_ATTR, SILU_SLOPE)
+        return _ModelEdit(slope)
     keys = _present_keys(subject.config, ACTIVATION_KEYS)
     if not keys:
         modules = _activation_modules(subject)
@@ -727,11 +797,11 @@ def _plan_activation(subject: Subject) -> Callable[..., None]:
             """The activation fixed in the code replaced by SiLU (or SiLU by tanh GELU)."""
             import torch
 
-            named = dict(model.named_modules())
-            for name in modules:
-                silu = "silu" in type(named[name]).__name__.lower() or "swish" in type(named[name]).__name__.lower()
+            for path in modules:
+                module = _module(model, path)
+                silu = any(t in type(module).__name__.lower() for t in ("silu", "swish"))
                 replacement = torch.nn.GELU(approximate="tanh") if silu else torch.nn.SiLU()
-                named[name].forward = replacement.forward
+                module.forward = replacement.forward
         return _ModelEdit(swap)
 
     def edit(cfg: Any) -> None:
@@ -766,71 +836,94 @@ def _plan_drop(key: str) -> Plan:
 
 
 def _plan_logit_scale(subject: Subject) -> Callable[..., None]:
-    key = _first_key(subject.config, LOGIT_SCALE_KEYS)
-    if key is None:
+    view = subject.view
+    key = view.key("logit_scale")
+    if key is None or view.logit_scale is None:
         raise NotApplicable(f"no logit scale ({', '.join(LOGIT_SCALE_KEYS)})")
-    if float(getattr(subject.config, key)) == 1.0:
+    if float(view.logit_scale) == 1.0:
         raise NotApplicable(f"{key} is 1")
-    return lambda cfg: setattr(cfg, key, 1.0)
+    return lambda cfg: _set_key(cfg, key, 1.0)
 
 
-def _is_moe(subject: Subject) -> bool:
-    return _expert_count(subject.config) > 1
+def _not_moe(view: model_anatomy.ConfigView) -> str:
+    if view.num_experts == 1:
+        return (f"not a mixture of experts ({view.key('num_experts')}=1: every token takes the one expert with "
+                "weight 1, so top-k and router scoring change nothing)")
+    return "not a mixture of experts"
 
 
 def _plan_topk(subject: Subject) -> Callable[..., None]:
-    if not _is_moe(subject):
-        raise NotApplicable("not a mixture of experts")
-    key = _first_key(subject.config, TOPK_KEYS)
-    if key is None:
+    view = subject.view
+    if not view.is_moe:
+        raise NotApplicable(_not_moe(view))
+    if subject.model_type in TOPK_FIXED:
+        raise NotApplicable(TOPK_FIXED[subject.model_type])
+    key = view.key("experts_per_token")
+    present = _present_keys(subject.config, TOPK_KEYS)
+    if key is None and present and isinstance(getattr(subject.config, present[0]), list):
+        key = present[0]
+        values = list(getattr(subject.config, key))  # one k per layer (HunYuan's moe_topk)
+        if not all(isinstance(v, int) and 0 < v for v in values):
+            raise ToolError(f"the per-layer experts-per-token list {key} is not whole numbers")
+        changed = [v - 1 if v > 1 else v + 1 for v in values]
+        if any(v > int(view.num_experts) for v in changed):
+            raise NotApplicable(f"top-k {values} of {view.num_experts} experts: no other k")
+        return lambda cfg: setattr(cfg, key, changed)
+    if key is None or view.experts_per_token is None:
         raise ToolError(f"the experts-per-token key is not one of {', '.join(TOPK_KEYS)}")
-    k, experts = int(getattr(subject.config, key)), _expert_count(subject.config)
+    k, experts = int(view.experts_per_token), int(view.num_experts)  # type: ignore[arg-type]
     new = k - 1 if k > 1 else k + 1
     if new > experts:
         raise NotApplicable(f"top-{k} of {experts} experts: no other k")
-    return lambda cfg: setattr(cfg, key, new)
+    return lambda cfg: _set_key(cfg, key, new)
 
 
 # --- the mutations: weight edits ----------------------------------------------------------------------
 
 
-def _norm_offset_style(model: Any) -> bool:
-    """True when norms compute x * (1 + w): probed on a copy of the first norm."""
+def _weighted_norms(subject: Subject) -> list[str]:
+    return [p for p in _norm_paths(subject.model, subject.layout)
+            if getattr(_module(subject.model, p), "weight", None) is not None]
+
+
+def _norm_offset_style(model: Any, path: str) -> bool:
+    """True when the norm at ``path`` computes x * (1 + w): probed on a copy with w = 0."""
     import torch
 
-    norm = next((m for m in model.modules() if _is_norm(m) and getattr(m, "weight", None) is not None), None)
-    if norm is None:
-        return False
-    probe = copy.deepcopy(norm).float()
+    probe = copy.deepcopy(_module(model, path)).float()
     with torch.no_grad():
         probe.weight.zero_()
         if getattr(probe, "bias", None) is not None:
             probe.bias.zero_()
-        out = probe(torch.randn(1, 2, probe.weight.shape[0]))
+        out = probe(torch.randn(1, 2, probe.weight.shape[-1]))
     return bool(out.abs().max() > 0)
 
 
 def _plan_norm_offset(subject: Subject) -> Callable[..., None]:
-    if not any(_is_norm(m) and getattr(m, "weight", None) is not None for m in subject.model.modules()):
+    paths = _weighted_norms(subject)
+    if not paths:
         raise NotApplicable("no norm has a learnable weight")
-    offset_style = _norm_offset_style(subject.model)
+    offset_style = _norm_offset_style(subject.model, paths[0])
 
     def edit(model: Any, config: Any) -> None:
-        for module in model.modules():
-            if _is_norm(module) and getattr(module, "weight", None) is not None:
-                module.weight.add_(-1.0 if offset_style else 1.0)
+        for path in paths:
+            _module(model, path).weight.add_(-1.0 if offset_style else 1.0)
     return edit
 
 
 def _plan_tie(subject: Subject) -> Callable[..., None]:
-    if subject.model.get_output_embeddings() is None:
-        raise ToolError("cannot find the LM head (get_output_embeddings() is None)")
+    layout = subject.layout
+    head_path, embed_path = layout.lm_head, layout.token_embedding
+    head, embed = _module(subject.model, head_path), _module(subject.model, embed_path)
+    if tuple(head.weight.shape) != tuple(embed.weight.shape):
+        raise NotApplicable(f"the LM head {head_path} {tuple(head.weight.shape)} and the token embedding "
+                            f"{embed_path} {tuple(embed.weight.shape)} differ in shape: no port can tie them")
 
     def edit(model: Any, config: Any) -> None:
         """Tied: the port loads a separate lm_head that is absent (MAX zero-fills it). Untied: it ties."""
         import torch
 
-        head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+        head, embed = _module(model, head_path), _module(model, embed_path)
         if head.weight is embed.weight or head.weight.data_ptr() == embed.weight.data_ptr():
             head.weight = torch.nn.Parameter(torch.zeros_like(embed.weight))
         else:
@@ -839,60 +932,78 @@ def _plan_tie(subject: Subject) -> Callable[..., None]:
 
 
 def _plan_gqa(subject: Subject) -> Callable[..., None]:
-    config = subject.config
-    heads, kv = _heads(config), _kv_heads(config)
-    if kv in (1, heads):
+    view = subject.view
+    heads, kv = view.num_heads, view.num_kv_heads
+    if not heads or not kv or kv in (1, heads):
         raise NotApplicable("no grouped KV heads (MHA or MQA)")
-    parts = _attention_parts(subject)
-    for name, attention in parts:  # resolve every part now: a missing one is a tool error, not a failed row
-        _qk_features(attention, config, subject.model_type, name)
-        if _projection(attention, O_NAMES) is None:
-            raise ToolError(f"cannot find the attention output projection of {name} (one of {', '.join(O_NAMES)})")
+    attentions = [block.attention for block in subject.layout.blocks]
+    for attention in attentions:  # resolve every part now: a missing one is a tool error, not a failed row
+        _head_features(attention, "query")
+        if attention.num_kv_heads in (1, attention.num_heads):
+            raise ToolError(f"the config groups {heads} heads into {kv} KV heads but {attention.path} has "
+                            f"{attention.num_kv_heads}")
 
     def edit(model: Any, cfg: Any) -> None:
         """Query head h reads KV head h % kv instead of h // group: reorder q heads and the o inputs."""
-        group, dim = heads // kv, _head_dim(cfg)
-        source = [(h // group) + (h % group) * kv for h in range(heads)]
-        order = [source[h] * dim + i for h in range(heads) for i in range(dim)]
-        for name, attention in _resolve_in(model, subject):
-            q, _ = _qk_features(attention, cfg, subject.model_type, name)
+        for attention in attentions:
+            n, groups, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+            group = n // groups
+            source = [(h // group) + (h % group) * groups for h in range(n)]
+            order = [source[h] * dim + i for h in range(n) for i in range(dim)]
+            q = _head_features(attention, "query")
             rows = [r for head_rows in q.rows for r in head_rows]
-            _permute_outputs(q.module, rows, order)
-            _permute_norm(_norm_named(attention, Q_NORM_NAMES), order, None)  # a full-width q norm follows
-            _permute_inputs(_projection(attention, O_NAMES), order)
+            _permute_outputs(_module(model, q.projection.path), q.projection, rows, order)
+            if attention.q_norm and attention.q_norm != attention.k_norm:
+                _permute_norm(_module(model, attention.q_norm), order, None)  # a full-width q norm follows
+            _permute_inputs(_module(model, attention.o.path), attention.o, order)
     return edit
 
 
 def _plan_rope_style(subject: Subject) -> Callable[..., None]:
-    config = subject.config
-    if not _has_rope(config):
+    view = subject.view
+    if not _has_rope(view):
         raise NotApplicable("no RoPE parameters")
-    parts = _attention_parts(subject)
-    for name, attention in parts:
-        _qk_features(attention, config, subject.model_type, name)
+    blocks = subject.layout.blocks
+    for block in blocks:
+        _head_features(block.attention, "query")
+        _head_features(block.attention, "key")
+    rot, dim = view.rotary_dim or _head_dim(view), _head_dim(view)
+
+    def rotary_of(block: model_anatomy.BlockLayout) -> int:
+        """The block's rotary dim: the config's, or (a head size of its own, Gemma 4's global layers) its
+        layer type's rotary fraction of that head."""
+        size = block.attention.head_dim
+        if size == dim:
+            return rot
+        kinds = view.layer_types
+        settings = view.rope_by_layer_type.get(kinds[block.index]) if block.index < len(kinds) else None
+        fraction = settings.partial_rotary_factor if settings and settings.partial_rotary_factor else 1.0
+        rotated = int(size * fraction)
+        return rotated - rotated % 2
 
     def edit(model: Any, cfg: Any) -> None:
         """Reorder each q/k head's rotary dims [evens, odds]: RoPE then pairs the other way."""
-        rot, dim = _rotary_dim(cfg), _head_dim(cfg)
-        per_head = list(range(0, rot, 2)) + list(range(1, rot, 2)) + list(range(rot, dim))
-        for name, attention in _resolve_in(model, subject):
-            q, k = _qk_features(attention, cfg, subject.model_type, name)
-            for features, norm_names in ((q, Q_NORM_NAMES), (k, K_NORM_NAMES)):
+        for block in blocks:
+            attention, size, rotated = block.attention, block.attention.head_dim, rotary_of(block)
+            per_head = list(range(0, rotated, 2)) + list(range(1, rotated, 2)) + list(range(rotated, size))
+            for which, norm in (("query", attention.q_norm), ("key", attention.k_norm)):
+                features = _head_features(attention, which)
                 rows = [r for head_rows in features.rows for r in head_rows]
-                order = [h * dim + i for h in range(len(features.rows)) for i in per_head]
-                _permute_outputs(features.module, rows, order)
-                _permute_norm(_norm_named(attention, norm_names), order, per_head)
+                order = [h * size + i for h in range(len(features.rows)) for i in per_head]
+                _permute_outputs(_module(model, features.projection.path), features.projection, rows, order)
+                if norm and (which == "query" or norm != attention.q_norm):
+                    _permute_norm(_module(model, norm), order, per_head)
     return edit
 
 
 def _plan_perturb(subject: Subject) -> Callable[..., None]:
-    blocks = _blocks(subject.model, subject.config)
-    middle = blocks[len(blocks) // 2][0]
+    blocks = subject.layout.blocks
+    middle = blocks[len(blocks) // 2].path
 
     def edit(model: Any, config: Any) -> None:
         import torch
 
-        block = dict(model.named_modules())[middle]
+        block = _module(model, middle)
         generator = torch.Generator().manual_seed(1234)
         for param in block.parameters():
             if param.ndim >= 2:
@@ -901,29 +1012,17 @@ def _plan_perturb(subject: Subject) -> Callable[..., None]:
     return edit
 
 
-def _position_embedding(subject: Subject) -> tuple[str, Any] | None:
-    """The learned absolute position embedding (name, module), or None."""
-    import torch
-
-    positions = getattr(subject.config, "max_position_embeddings", None)
-    token = subject.model.get_input_embeddings()
-    for name, module in subject.model.named_modules():
-        if isinstance(module, torch.nn.Embedding) and module is not token and isinstance(positions, int):
-            if module.num_embeddings >= positions and module.embedding_dim == token.embedding_dim:
-                return name, module
-    return None
-
-
 def _plan_learned_positions(subject: Subject) -> Callable[..., None]:
-    found = _position_embedding(subject)
-    if found is None:
+    layout = subject.layout
+    path, offset = layout.position_embedding, layout.position_offset
+    if path is None:
         raise NotApplicable("no learned absolute position embedding")
-    name, module = found
-    offset = getattr(module, "offset", None)
+    if offset and getattr(_module(subject.model, path), "offset", None) != offset:
+        raise ToolError(f"the position embedding {path} skips {offset} rows but keeps no 'offset' attribute to edit")
 
     def edit(model: Any, config: Any) -> None:
-        target = dict(model.named_modules())[name]
-        if isinstance(offset, int) and offset:
+        target = _module(model, path)
+        if offset:
             target.offset = 0  # the port reads row p instead of p + offset
         else:
             target.weight.zero_()  # the port never adds the position embeddings
@@ -931,39 +1030,47 @@ def _plan_learned_positions(subject: Subject) -> Callable[..., None]:
 
 
 def _plan_head_dim(subject: Subject) -> Callable[..., None]:
-    config = subject.config
-    heads, dim = _heads(config), _head_dim(config)
-    if dim * heads == config.hidden_size:
+    view = subject.view
+    if not view.head_dim_differs:
         raise NotApplicable("head_dim x heads equals hidden_size")
-    parts = _attention_parts(subject)
-    for name, attention in parts:
-        if not isinstance(getattr(attention, "scaling", None), float):
-            raise ToolError(f"cannot find the score scale of {name} (no float 'scaling' attribute)")
-    wrong = (config.hidden_size // heads) ** -0.5
+    heads, dim = int(view.num_heads), _head_dim(view)  # type: ignore[arg-type]
+    paths = [block.attention.path for block in subject.layout.blocks]
+    for path in paths:
+        if not isinstance(getattr(_module(subject.model, path), "scaling", None), float):
+            raise ToolError(f"cannot find the score scale of {path} (no float 'scaling' attribute)")
+    wrong = (int(view.hidden_size) // heads) ** -0.5  # type: ignore[arg-type]
 
     def edit(model: Any, cfg: Any) -> None:
         """Scores scaled by 1/sqrt(hidden/heads) instead of 1/sqrt(head_dim), as a port sizing from hidden."""
         correct = dim ** -0.5
-        for _, attention in _resolve_in(model, subject):
+        for path in paths:
+            attention = _module(model, path)
             attention.scaling = attention.scaling * wrong / correct
     return edit
 
 
-def _plan_qk_norm_eps(subject: Subject) -> Callable[..., None]:
-    from replica_init import NORM_EPS_ATTRS
+def _eps_modules(model: Any, path: str) -> list[Any]:
+    """The modules holding a norm's eps: the norm, or each per-head norm of a container (StableLM)."""
+    module = _module(model, path)
+    if _eps_attr(module) is not None:
+        return [module]
+    return [child for child in module.children() if _eps_attr(child) is not None]
 
-    norms = [n for _, attention in _attention_parts(subject) for n in _qk_norms(attention)]
-    if not norms:
+
+def _plan_qk_norm_eps(subject: Subject) -> Callable[..., None]:
+    paths = _qk_norm_paths(subject.layout)
+    if not paths:
         raise NotApplicable("no q/k norm")
-    if not all(any(isinstance(getattr(n, a, None), float) for a in NORM_EPS_ATTRS) for n in norms):
-        raise ToolError(f"cannot find the eps of the q/k norms (none of {', '.join(NORM_EPS_ATTRS)})")
+    missing = [p for p in paths if not _eps_modules(subject.model, p)]
+    if missing:
+        raise ToolError(f"cannot find the eps of the q/k norm {missing[0]} "
+                        f"(none of {', '.join(model_anatomy.NORM_EPS_ATTRS)})")
 
     def edit(model: Any, config: Any) -> None:
-        for _, attention in _resolve_in(model, subject):
-            for norm in _qk_norms(attention):
-                for attr in NORM_EPS_ATTRS:
-                    if isinstance(getattr(norm, attr, None), float):
-                        setattr(norm, attr, getattr(norm, attr) * EPS_FACTOR)
+        for path in paths:
+            for norm in _eps_modules(model, path):
+                attr = _eps_attr(norm)
+                setattr(norm, attr, getattr(norm, attr) * EPS_FACTOR)
     return edit
 
 
@@ -991,60 +1098,50 @@ def _probe_ids(config: Any) -> Any:
     return torch.arange(1, 9).remainder(vocab).unsqueeze(0)
 
 
-def _block_parts(subject: Subject) -> list[tuple[str, Any, Any, str, Any]]:
-    """Per block: (name, block, attention, MLP child name, MLP)."""
-    parts = []
-    for name, block in _blocks(subject.model, subject.config):
-        attention = _attention_of(block)
-        mlp_name, mlp = _mlp_of(block, attention)
-        parts.append((name, block, attention, mlp_name, mlp))
-    return parts
-
-
 def _probe_parallel(subject: Subject) -> tuple[bool, dict[str, str]]:
     """Whether the first block's MLP input ignores the attention output, and the norm that feeds each MLP.
 
     Runs the unmutated model twice: once as is, once with the first block's attention output doubled.
-    Returns (parallel, {block name: name of the norm child whose output is the MLP input}).
+    Returns (parallel, {block path: path of the block norm whose output is the MLP input}).
     """
     import torch
 
-    parts = _block_parts(subject)
+    model, blocks = subject.model, subject.layout.blocks
     captured: dict[str, Any] = {}
     feeding: dict[str, str] = {}
     scale = {"factor": 1.0}
     handles = []
-    first = parts[0][0]
-    for name, block, attention, mlp_name, mlp in parts:
-        for norm_name, norm in ((n, c) for n, c in block.named_children() if _is_norm(c)):
-            def norm_hook(module, args, output, name=name, norm_name=norm_name):
-                captured.setdefault(f"{name}/norms", []).append((norm_name, _first_tensor(output).detach().clone()))
-            handles.append(norm.register_forward_hook(norm_hook))
+    first = blocks[0].path
+    for block in blocks:
+        for norm in block.norms:
+            def norm_hook(module, args, output, name=block.path, norm_path=norm.path):
+                captured.setdefault(f"{name}/norms", []).append((norm_path, _first_tensor(output).detach().clone()))
+            handles.append(_module(model, norm.path).register_forward_hook(norm_hook))
 
-        def mlp_pre(module, args, kwargs, name=name):
+        def mlp_pre(module, args, kwargs, name=block.path):
             captured[f"{name}/mlp"] = _hidden_arg(args, kwargs).detach().clone()
-        handles.append(mlp.register_forward_pre_hook(mlp_pre, with_kwargs=True))
-        if name == first:
+        handles.append(_module(model, _ffn_input_path(block)).register_forward_pre_hook(mlp_pre, with_kwargs=True))
+        if block.path == first:
             def attention_hook(module, args, output):
                 if scale["factor"] == 1.0:
                     return None
                 if isinstance(output, tuple):
                     return (output[0] * scale["factor"],) + output[1:]
                 return output * scale["factor"]
-            handles.append(attention.register_forward_hook(attention_hook))
+            handles.append(_module(model, block.attention.path).register_forward_hook(attention_hook))
     ids = _probe_ids(subject.config)
     try:
         with torch.no_grad():
-            subject.model(input_ids=ids)
+            model(input_ids=ids)
             plain = captured[f"{first}/mlp"]
-            for name, *_ in parts:
-                mlp_in = captured.get(f"{name}/mlp")
-                for norm_name, out in captured.get(f"{name}/norms", []):
+            for block in blocks:
+                mlp_in = captured.get(f"{block.path}/mlp")
+                for norm_path, out in captured.get(f"{block.path}/norms", []):
                     if mlp_in is not None and out.shape == mlp_in.shape and torch.allclose(out, mlp_in, atol=PROBE_ATOL):
-                        feeding.setdefault(name, norm_name)
+                        feeding.setdefault(block.path, norm_path)
             captured.clear()
             scale["factor"] = 2.0
-            subject.model(input_ids=ids)
+            model(input_ids=ids)
             doubled = captured[f"{first}/mlp"]
     finally:
         for handle in handles:
@@ -1059,28 +1156,25 @@ def _plan_parallel(subject: Subject) -> Callable[..., None]:
     The block's kind is probed, not read from the flag: some families ignore or constrain the flag
     (Falcon's new decoder architecture is parallel whatever parallel_attn says).
     """
-    key = _first_key(subject.config, PARALLEL_KEYS)
+    key = subject.view.key("parallel_block")
     parallel, feeding = _probe_parallel(subject)
     if not parallel:
-        if key is not None and isinstance(getattr(subject.config, key), bool):
+        if key is not None and "." not in key and isinstance(getattr(subject.config, key, None), bool):
             current = getattr(subject.config, key)
             return _ConfigEdit(lambda cfg: setattr(cfg, key, not current))
         raise NotApplicable("the block is sequential (probed: the MLP input depends on the attention output) "
                             "and the config has no parallel flag")
-    parts = _block_parts(subject)
-    missing = [name for name, *_ in parts if name not in feeding]
+    blocks = subject.layout.blocks
+    missing = [block.path for block in blocks if block.path not in feeding]
     if missing:
         raise ToolError(f"cannot find the norm feeding the MLP of {missing[0]} (parallel block)")
-    names = _named(subject.model)
-    plan = [(names[id(block)], names[id(attention)], names[id(mlp)], f"{names[id(block)]}.{feeding[name]}")
-            for name, block, attention, _, mlp in parts]
+    plan = [(block.path, block.attention.path, _ffn_input_path(block), feeding[block.path]) for block in blocks]
 
     def edit(model: Any, config: Any) -> None:
         """The MLP reads norm(x + attention output) instead of norm(x): a sequential port of a parallel block."""
-        modules = dict(model.named_modules())
-        for block_name, attention_name, mlp_name, norm_name in plan:
+        for block_path, attention_path, mlp_path, norm_path in plan:
             state: dict[str, Any] = {}
-            norm = modules[norm_name]
+            norm = _module(model, norm_path)
 
             def block_pre(module, args, kwargs, state=state):
                 state["x"] = _hidden_arg(args, kwargs)
@@ -1090,9 +1184,9 @@ def _plan_parallel(subject: Subject) -> Callable[..., None]:
 
             def mlp_pre(module, args, kwargs, state=state, norm=norm):
                 return _with_hidden(args, kwargs, norm(state["x"] + state["a"]))
-            modules[block_name].register_forward_pre_hook(block_pre, with_kwargs=True)
-            modules[attention_name].register_forward_hook(attention_post)
-            modules[mlp_name].register_forward_pre_hook(mlp_pre, with_kwargs=True)
+            _module(model, block_path).register_forward_pre_hook(block_pre, with_kwargs=True)
+            _module(model, attention_path).register_forward_hook(attention_post)
+            _module(model, mlp_path).register_forward_pre_hook(mlp_pre, with_kwargs=True)
     return edit
 
 
@@ -1116,144 +1210,304 @@ class _ModelEdit:
         self.edit(model, config)
 
 
-def _moe_routers(subject: Subject) -> list[tuple[str, Any]]:
-    """(name, router module) of every MoE layer: the experts' gate modules."""
-    names = _named(subject.model)
-    routers = []
-    for name, block in _blocks(subject.model, subject.config):
-        for child_name, module in block.named_modules():
-            leaf = child_name.rsplit(".", 1)[-1]
-            if "shared" in child_name:
-                continue
-            if "router" in type(module).__name__.lower() or (leaf == "gate" and getattr(module, "weight", None) is not None):
-                if getattr(module, "weight", None) is not None and module.weight.ndim == 2 and \
-                        module.weight.shape[0] == _expert_count(subject.config):
-                    routers.append((names[id(module)], module))
-                    break
-    return routers
+# --- MoE routers ------------------------------------------------------------------------------------------
+# A router's top-k weights reach the experts by one of four conventions, told apart by the shapes of what
+# the router returns and what the experts receive (transformers 5):
+#   ROUTER_TUPLE   the router returns (logits [T, E], weights [T, k], indices [T, k])      Qwen2-MoE, Mixtral
+#   EXPERTS_INPUT  the router returns logits [T, E]; the MoE block picks and weighs, and the experts
+#                  module receives (hidden, indices [T, k], weights [T, k])               DeepSeek-V3 style
+#   DENSE_SCORES   the router returns (scores [T, E] zero outside the top k, logits [T, E])   Llama 4
+#   SORTED_GATES   the router returns logits [T, E] and the weights flattened [T*k] in the order of a
+#                  sorting permutation [T*k] it also returns                                GraniteMoE
 
 
-def _router_probe(subject: Subject) -> dict[str, Any]:
-    """Run the model once and read each router's (logits, scores, indices): the kind and normalization."""
+class RouterConvention(str, enum.Enum):
+    """Where a router's top-k weights can be rewritten."""
+
+    ROUTER_TUPLE = "router tuple"
+    EXPERTS_INPUT = "experts input"
+    DENSE_SCORES = "dense scores"
+    SORTED_GATES = "sorted gates"
+
+
+@dataclass
+class Routing:
+    """One MoE block's router, as probed: where its weights live and how they are scored."""
+
+    router: str
+    experts: str | None
+    convention: RouterConvention
+    kind: str  # softmax or sigmoid
+    normalized: bool  # the top-k weights are divided by their sum
+    scale: float  # a constant factor on the weights (DeepSeek's routed_scaling_factor), 1.0 for none
+    positions: tuple[int, ...] = ()  # where the parts sit in the router's output tuple or the experts' args
+
+
+def _is_float(t: Any, ndim: int) -> bool:
     import torch
 
-    routers = _moe_routers(subject)
-    if not routers:
-        raise ToolError("cannot find the MoE routers (a gate with one weight row per expert)")
-    seen: dict[str, Any] = {}
-    handles = [module.register_forward_hook(lambda m, a, o, name=name: seen.setdefault(name, o))
-               for name, module in routers]
-    try:
-        with torch.no_grad():
-            subject.model(input_ids=_probe_ids(subject.config))
-    finally:
-        for handle in handles:
-            handle.remove()
-    kinds = {}
-    for name, output in seen.items():
-        order = _router_output_order(output, _expert_count(subject.config))
-        if order is None:
-            raise ToolError(f"the router {name} does not return its logits, top-k scores and top-k indices")
-        kinds[name] = dict(_router_kind(name, *(output[i] for i in order)), order=order)
-    if len(kinds) != len(routers):
-        raise ToolError(f"a router never ran on the probe: {sorted(set(n for n, _ in routers) - set(kinds))}")
-    return {"routers": routers, "kinds": kinds}
+    return isinstance(t, torch.Tensor) and t.is_floating_point() and t.ndim == ndim
 
 
-def _router_output_order(output: Any, experts: int) -> tuple[int, int, int] | None:
-    """Positions of (logits [T, experts], scores [T, k], indices [T, k] integers) in a router's output tuple."""
+def _is_int(t: Any, ndim: int) -> bool:
     import torch
 
-    if not isinstance(output, tuple) or len(output) != 3 or not all(isinstance(t, torch.Tensor) for t in output):
-        return None
-    logits = [i for i, t in enumerate(output) if t.is_floating_point() and t.ndim == 2 and t.shape[-1] == experts]
-    indices = [i for i, t in enumerate(output) if not t.is_floating_point() and t.ndim == 2]
-    scores = [i for i, t in enumerate(output) if t.is_floating_point() and t.ndim == 2 and i not in logits[:1]]
-    if len(indices) != 1 or not logits or not scores or output[scores[0]].shape != output[indices[0]].shape:
-        return None
-    return logits[0], scores[0], indices[0]
+    return isinstance(t, torch.Tensor) and not t.is_floating_point() and t.ndim == ndim
 
 
-def _router_kind(name: str, logits: Any, scores: Any, indices: Any) -> dict[str, Any]:
+def _scoring(logits: Any, weights: Any, indices: Any) -> tuple[str, bool, float] | None:
+    """(kind, normalized, scale) when the top-k weights are softmax or sigmoid probabilities of the chosen
+    experts, as they are or divided by their sum, times one constant; None when they are neither."""
     import torch
 
-    logits = logits.float()
-    normalized = bool(torch.allclose(scores.float().sum(-1), torch.ones(scores.shape[0]), atol=PROBE_ATOL))
+    logits, weights = logits.float(), weights.float()
     for kind, probs in (("softmax", torch.softmax(logits, -1)), ("sigmoid", torch.sigmoid(logits))):
-        ratio = scores.float() / probs.gather(-1, indices)
-        row = ratio / ratio[:, :1]
-        if torch.allclose(row, torch.ones_like(row), rtol=ROUTER_RATIO_RTOL, atol=ROUTER_RATIO_RTOL):
-            return {"kind": kind, "normalized": normalized}
-    raise ToolError(f"cannot tell the scoring of router {name} (neither softmax nor sigmoid top-k scores)")
+        ratio = weights / probs.gather(-1, indices)
+        if not torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=ROUTER_RATIO_RTOL, atol=ROUTER_RATIO_RTOL):
+            continue
+        first = ratio[:, 0]
+        if torch.allclose(first, first[:1].expand_as(first), rtol=ROUTER_RATIO_RTOL, atol=ROUTER_RATIO_RTOL):
+            return kind, False, float(first[0])
+        sums = weights.sum(-1)
+        if torch.allclose(sums, sums[:1].expand_as(sums), rtol=ROUTER_RATIO_RTOL, atol=ROUTER_RATIO_RTOL):
+            return kind, True, float(sums[0])
+    return None
 
 
-def _rescore(logits: Any, scores: Any, indices: Any, kind: str, normalized: bool) -> Any:
-    """Top-k scores for the same experts under ``kind``, renormalized or scaled like the original."""
+def _rescore(logits: Any, indices: Any, kind: str, normalized: bool, scale: float, like: Any) -> Any:
+    """Top-k weights for the same experts under ``kind``, renormalized or not, times ``scale``."""
     import torch
 
     logits = logits.float()
     probs = torch.softmax(logits, -1) if kind == "softmax" else torch.sigmoid(logits)
     chosen = probs.gather(-1, indices)
     if normalized:
-        return (chosen / chosen.sum(-1, keepdim=True)).to(scores.dtype)
-    return chosen.to(scores.dtype)
+        chosen = chosen / chosen.sum(-1, keepdim=True)
+    return (chosen * scale).to(like.dtype)
 
 
-def _router_edit(subject: Subject, change: Callable[[dict[str, Any]], tuple[str, bool]]) -> Callable[..., None]:
-    probe = _router_probe(subject)
+def _logits_in(output: Any, experts: int) -> int | None:
+    """Position of the [T, experts] logits in a router output (-1: the output is the logits tensor)."""
+    if _is_float(output, 2) and output.shape[-1] == experts:
+        return -1
+    if isinstance(output, tuple):
+        found = [i for i, t in enumerate(output) if _is_float(t, 2) and t.shape[-1] == experts]
+        return found[-1] if found else None
+    return None
+
+
+def _read_routing(moe: model_anatomy.MoELayout, output: Any, experts_call: tuple | None, k: int | None
+                  ) -> tuple[Routing | None, Any]:
+    """The Routing of one router from its output and the experts' call, and the (logits, weights, indices)
+    it was scored on (None, None when no convention fits)."""
+    experts = moe.num_experts
+    flat = _flat_args(experts_call)
+    if isinstance(output, tuple) and len(output) == 3:
+        logits = [i for i, t in enumerate(output) if _is_float(t, 2) and t.shape[-1] == experts]
+        indices = [i for i, t in enumerate(output) if _is_int(t, 2)]
+        weights = [i for i, t in enumerate(output) if _is_float(t, 2) and i not in logits[:1]]
+        if len(indices) == 1 and logits and weights and output[weights[0]].shape == output[indices[0]].shape:
+            parts = (output[logits[0]], output[weights[0]], output[indices[0]])
+            return _routing(moe, RouterConvention.ROUTER_TUPLE, parts, (logits[0], weights[0], indices[0]))
+    if isinstance(output, tuple) and len(output) == 2 and all(_is_float(t, 2) for t in output) and k:
+        sparse = [i for i, t in enumerate(output) if int((t != 0).sum(-1).max()) <= k < t.shape[-1]]
+        if len(sparse) == 1 and output[1 - sparse[0]].shape == output[sparse[0]].shape:
+            scores, logits = output[sparse[0]], output[1 - sparse[0]]
+            indices = logits.float().topk(k, dim=-1).indices
+            parts = (logits, scores.gather(-1, indices), indices)
+            return _routing(moe, RouterConvention.DENSE_SCORES, parts, (1 - sparse[0], sparse[0]))
+    position = _logits_in(output, experts)
+    if position is None:
+        return None, None
+    logits = output if position == -1 else output[position]
+    tokens = logits.shape[0]
+    if isinstance(output, tuple) and k:
+        gates = [i for i, t in enumerate(output) if _is_float(t, 1) and t.shape[0] == tokens * k]
+        perms = [i for i, t in enumerate(output) if _is_int(t, 1) and t.shape[0] == tokens * k
+                 and bool((t.sort().values == _arange(tokens * k)).all())]
+        if len(gates) == 1 and perms:
+            indices = logits.float().topk(k, dim=-1).indices
+            for perm in perms:
+                weights = output[gates[0]].new_zeros(tokens * k)
+                weights[output[perm]] = output[gates[0]]
+                parts = (logits, weights.view(tokens, k), indices)
+                found = _routing(moe, RouterConvention.SORTED_GATES, parts, (position, gates[0], perm))
+                if found[0] is not None:
+                    return found
+    ints = [i for i, t in enumerate(flat) if _is_int(t, 2) and t.shape[0] == tokens]
+    floats = [i for i, t in enumerate(flat) if _is_float(t, 2) and t.shape[0] == tokens and i
+              and any(t.shape == flat[j].shape for j in ints)]
+    if len(ints) == 1 and len(floats) == 1:
+        parts = (logits, flat[floats[0]], flat[ints[0]])
+        return _routing(moe, RouterConvention.EXPERTS_INPUT, parts, (position, floats[0], ints[0]))
+    return None, None
+
+
+def _arange(n: int) -> Any:
+    import torch
+
+    return torch.arange(n)
+
+
+def _flat_args(call: tuple | None) -> list[Any]:
+    """An experts call's (args, kwargs) as one list: positional first, then keyword values in order."""
+    if call is None:
+        return []
+    args, kwargs = call
+    return list(args) + list(kwargs.values())
+
+
+def _routing(moe: model_anatomy.MoELayout, convention: RouterConvention, parts: tuple, positions: tuple
+             ) -> tuple[Routing | None, Any]:
+    scoring = _scoring(*parts)
+    if scoring is None:
+        return None, parts
+    kind, normalized, scale = scoring
+    return Routing(moe.router, moe.experts if "," not in moe.experts else None, convention, kind, normalized,
+                   scale, positions), parts
+
+
+def _router_probe(subject: Subject) -> list[Routing]:
+    """Run the model once, reading each router's output and its experts' call: one Routing per MoE block."""
+    import torch
+
+    moes = [block.moe for block in subject.layout.blocks if block.moe is not None]
+    if not moes:
+        raise ToolError("the config has experts but the resolver found no MoE block")
+    outputs: dict[str, Any] = {}
+    calls: dict[str, tuple] = {}
+    handles = []
+    for moe in moes:
+        handles.append(_module(subject.model, moe.router).register_forward_hook(
+            lambda m, a, o, path=moe.router: outputs.setdefault(path, o)))
+        if "," not in moe.experts:
+            handles.append(_module(subject.model, moe.experts).register_forward_pre_hook(
+                lambda m, a, kw, path=moe.experts: calls.setdefault(path, (a, kw)), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            subject.model(input_ids=_probe_ids(subject.config))
+    finally:
+        for handle in handles:
+            handle.remove()
+    k = subject.view.experts_per_token
+    routings = []
+    for moe in moes:
+        if moe.router not in outputs:
+            raise ToolError(f"the router {moe.router} never ran on the probe")
+        routing, parts = _read_routing(moe, outputs[moe.router], calls.get(moe.experts), k)
+        if routing is None:
+            fixed = ROUTER_SCORING_FIXED.get(subject.model_type)
+            if fixed:
+                raise NotApplicable(fixed)
+            if parts is None:
+                raise ToolError(f"the router {moe.router} returns neither (logits, top-k weights, top-k indices), "
+                                "nor logits with the top-k weights and indices passed to its experts, nor dense "
+                                "top-k scores, nor sorted top-k gates")
+            raise ToolError(f"cannot tell the scoring of router {moe.router} (the top-k weights are neither "
+                            "softmax nor sigmoid probabilities of the chosen experts, renormalized or not)")
+        routings.append(routing)
+    return routings
+
+
+def _router_edit(subject: Subject, change: Callable[[Routing], tuple[str, bool]]) -> Callable[..., None]:
+    """Hooks that rewrite each router's top-k weights as ``change`` scores them, for the same experts."""
+    routings = _router_probe(subject)
+    k = subject.view.experts_per_token
 
     def edit(model: Any, config: Any) -> None:
-        modules = dict(model.named_modules())
-        for name, _ in probe["routers"]:
-            kind, normalized = change(probe["kinds"][name])
-            order = probe["kinds"][name]["order"]
-
-            def hook(module, args, output, kind=kind, normalized=normalized, order=order):
-                logits, scores, indices = (output[i] for i in order)
-                result = list(output)
-                result[order[1]] = _rescore(logits, scores, indices, kind, normalized)
-                return tuple(result)
-            modules[name].register_forward_hook(hook)
+        for routing in routings:
+            kind, normalized = change(routing)
+            _hook_routing(model, routing, kind, normalized, k)
     return edit
 
 
+def _hook_routing(model: Any, routing: Routing, kind: str, normalized: bool, k: int | None) -> None:
+    positions, scale = routing.positions, routing.scale
+    router = _module(model, routing.router)
+    if routing.convention is RouterConvention.ROUTER_TUPLE:
+        def tuple_hook(module, args, output):
+            logits, weights, indices = (output[i] for i in positions)
+            result = list(output)
+            result[positions[1]] = _rescore(logits, indices, kind, normalized, scale, weights)
+            return tuple(result)
+        router.register_forward_hook(tuple_hook)
+    elif routing.convention is RouterConvention.DENSE_SCORES:
+        def dense_hook(module, args, output):
+            logits, scores = output[positions[0]], output[positions[1]]
+            indices = logits.float().topk(k, dim=-1).indices
+            dense = scores.new_zeros(scores.shape).scatter(-1, indices, _rescore(logits, indices, kind, normalized,
+                                                                                 scale, scores))
+            result = list(output)
+            result[positions[1]] = dense
+            return tuple(result)
+        router.register_forward_hook(dense_hook)
+    elif routing.convention is RouterConvention.SORTED_GATES:
+        def sorted_hook(module, args, output):
+            logits = output[positions[0]]
+            indices = logits.float().topk(k, dim=-1).indices
+            weights = _rescore(logits, indices, kind, normalized, scale, output[positions[1]]).reshape(-1)
+            result = list(output)
+            result[positions[1]] = weights[output[positions[2]]]
+            return tuple(result)
+        router.register_forward_hook(sorted_hook)
+    else:
+        state: dict[str, Any] = {}
+
+        def logits_hook(module, args, output):
+            state["logits"] = output if positions[0] == -1 else output[positions[0]]
+
+        def experts_pre(module, args, kwargs):
+            flat = list(args) + list(kwargs.values())
+            weights, indices = flat[positions[1]], flat[positions[2]]
+            new = _rescore(state["logits"], indices, kind, normalized, scale, weights)
+            if positions[1] < len(args):
+                return tuple(new if i == positions[1] else a for i, a in enumerate(args)), kwargs
+            name = list(kwargs)[positions[1] - len(args)]
+            return args, dict(kwargs, **{name: new})
+        router.register_forward_hook(logits_hook)
+        _module(model, routing.experts).register_forward_pre_hook(experts_pre, with_kwargs=True)
+
+
 def _plan_router_kind(subject: Subject) -> Callable[..., None]:
-    if not _is_moe(subject):
-        raise NotApplicable("not a mixture of experts")
-    return _router_edit(subject, lambda k: ("sigmoid" if k["kind"] == "softmax" else "softmax", k["normalized"]))
+    if not subject.view.is_moe:
+        raise NotApplicable(_not_moe(subject.view))
+    return _router_edit(subject, lambda r: ("sigmoid" if r.kind == "softmax" else "softmax", r.normalized))
 
 
 def _plan_renormalize(subject: Subject) -> Callable[..., None]:
-    if not _is_moe(subject):
-        raise NotApplicable("not a mixture of experts")
+    if not subject.view.is_moe:
+        raise NotApplicable(_not_moe(subject.view))
+    scale_free = [block.path for block in subject.layout.blocks if block.moe is not None
+                  and block.moe.shared_expert is None and block.norm(model_anatomy.NormRole.MLP_OUTPUT) is not None]
+    if scale_free and len(scale_free) == sum(block.moe is not None for block in subject.layout.blocks):
+        raise NotApplicable(f"each MoE output goes through a norm before the residual add ({scale_free[0]} and "
+                            "every other MoE block, no shared expert): renormalizing the top-k weights scales a "
+                            "token's MoE output by one factor, which that norm removes")
     # The router's own output decides (a key can be ignored: Cohere2-MoE's softmax over the top-k always
     # sums to 1 whatever norm_topk_prob says); the key is flipped only when the router cannot be hooked.
     try:
-        return _router_edit(subject, lambda k: (k["kind"], not k["normalized"]))
+        return _router_edit(subject, lambda r: (r.kind, not r.normalized))
     except ToolError:
-        key = _first_key(subject.config, RENORMALIZE_KEYS)
-        if key is None or not isinstance(getattr(subject.config, key), bool):
+        key = subject.view.key("norm_topk_prob")
+        if key is None or not isinstance(_get_key(subject.config, key), bool):
             raise
-        current = getattr(subject.config, key)
-        return _ConfigEdit(lambda cfg: setattr(cfg, key, not current))
+        current = _get_key(subject.config, key)
+        return _ConfigEdit(lambda cfg: _set_key(cfg, key, not current))
 
 
 def _plan_shared_gate(subject: Subject) -> Callable[..., None]:
-    if not _is_moe(subject):
-        raise NotApplicable("not a mixture of experts")
-    names = _named(subject.model)
-    gates = [names[id(m)] for _, block in _blocks(subject.model, subject.config)
-             for child, m in block.named_modules() if child.rsplit(".", 1)[-1] == "shared_expert_gate"]
+    if not subject.view.is_moe:
+        raise NotApplicable(_not_moe(subject.view))
+    moes = [block.moe for block in subject.layout.blocks if block.moe is not None]
+    gates = [moe.shared_expert_gate for moe in moes if moe.shared_expert_gate]
     if not gates:
-        shared = any("shared_expert" in child for _, b in _blocks(subject.model, subject.config)
-                     for child, _ in b.named_modules())
+        shared = any(moe.shared_expert is not None for moe in moes)
         raise NotApplicable("the shared expert has no gate" if shared else "no shared expert")
 
     def edit(model: Any, config: Any) -> None:
         """The port adds the shared expert ungated: its sigmoid gate pinned at 1."""
-        modules = dict(model.named_modules())
-        for name in gates:
-            modules[name].register_forward_hook(lambda m, a, o: o.new_full(o.shape, UNGATED_LOGIT))
+        for path in gates:
+            _module(model, path).register_forward_hook(lambda m, a, o: o.new_full(o.shape, UNGATED_LOGIT))
     return edit
 
 
@@ -1261,15 +1515,17 @@ MUTATIONS = [
     Mutation("rope_theta x0.05", None, EditKind.CONFIG, f"every rope_theta (all layer types) x {ROPE_THETA_FACTOR:g} "
              "(a base fixed in the code: the sin/cos tables rebuilt)", _plan_rope_theta),
     Mutation("partial_rotary_factor", DeltaCode.PARTIAL_ROTARY, EditKind.CONFIG,
-             "partial_rotary_factor: <1 -> 1.0, 1.0 -> 0.5 (rotary_dim: < head_dim -> head_dim)", _plan_partial),
+             "rotary fraction (or rotary_dim): part of the head -> the whole head, whole -> half "
+             "(an even rotary dim: RoPE rotates pairs)", _plan_partial),
     Mutation("sliding window removed", DeltaCode.SLIDING_WINDOW, EditKind.CONFIG,
-             "sliding_window set wider than the prompt", _plan_no_sliding),
-    Mutation("norm eps x100", None, EditKind.CONFIG, f"every norm eps key x {EPS_FACTOR:g} (no key: each norm's "
-             "eps, attribute or measured)", _plan_eps),
+             "sliding_window (or Llama 4's attention_chunk_size) set wider than the prompt", _plan_no_sliding),
+    Mutation("norm eps x100", None, EditKind.CONFIG, f"every norm eps key x {EPS_FACTOR:g} (no key, or a norm whose "
+             "eps is not the key's: each norm's eps, attribute or measured)", _plan_eps),
     Mutation("norm weight offset", DeltaCode.NORM_OFFSET, EditKind.WEIGHT,
              "norm weights +1 (w -> 1+w) or -1 for (1+w) norms", _plan_norm_offset),
     Mutation("activation swap", DeltaCode.ACTIVATION, EditKind.CONFIG,
-             "activation key: silu -> gelu_pytorch_tanh, others -> silu (no key: the MLPs' activation modules)",
+             "activation key: silu -> gelu_pytorch_tanh, others -> silu (no key: the MLPs' activation modules; "
+             "a gate x*sigmoid(1.702x): its slope set to 1, SiLU)",
              _plan_activation),
     Mutation("exact vs tanh GELU", DeltaCode.ACTIVATION, EditKind.CONFIG,
              "gelu -> gelu_pytorch_tanh, tanh approximations -> gelu (bar: compare's tolerance)",
@@ -1370,9 +1626,10 @@ def sensitivity_report(replica_dir: str | Path, *, dtype: str | None = None, tru
     report = SensitivityReport(str(replica), dtype, threshold, delta(logprobs(load())), int(ids.shape[1]),
                                reference_spread=hf_reference.reference_spread(base))
     model_type = str(raw_config.get("model_type") or "")
+    anatomy: dict[str, Any] = {}  # the unmutated model's layout, resolved once for every plan
     for mutation in MUTATIONS:
         bar = tolerances.logprob_atol(dtype) if mutation.bounded else threshold
-        report.mutations.append(_run_mutation(mutation, Subject(fresh_config(), base_model, model_type),
+        report.mutations.append(_run_mutation(mutation, Subject(fresh_config(), base_model, model_type, anatomy),
                                               load, logprobs, delta, bar))
     if report.tool_errors and raise_on_tool_error:
         raise SensitivityToolError(report)

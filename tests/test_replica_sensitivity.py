@@ -69,6 +69,41 @@ LAYOUTS: dict[str, tuple[str, dict]] = {
     "stablelm": ("stablelm", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
                               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256,
                               "use_parallel_residual": True}),
+    # router returns logits only; the experts get (hidden, indices, weights) x routed_scaling_factor, sigmoid;
+    # an odd head_dim (17) with partial_rotary_factor 0.5
+    "glm4_moe": ("glm4_moe", {"hidden_size": 68, "intermediate_size": 64, "moe_intermediate_size": 16,
+                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                              "head_dim": 17, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1,
+                              "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+                              "max_position_embeddings": 256}),
+    # router (GraniteMoeTopKGating) returns sorted flat gates and a sorting permutation
+    "granitemoe": ("granitemoe", {"hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4,
+                                  "num_experts_per_tok": 2, "max_position_embeddings": 256}),
+    # router returns dense sigmoid scores; weightless L2 qk_norm; chunked attention
+    "llama4_text": ("llama4_text", {"hidden_size": 64, "intermediate_size": 32, "intermediate_size_mlp": 64,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 1,
+                                    "max_position_embeddings": 256, "attention_chunk_size": 8}),
+    # sparsemixer router: scoring and top-2 fixed by construction
+    "phimoe": ("phimoe", {"hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+                          "max_position_embeddings": 256, "sliding_window": None}),
+    # rotary fraction 1.0 and modeling code that cannot run a smaller one
+    "gpt_neox_japanese": ("gpt_neox_japanese", {"hidden_size": 64, "intermediate_multiple_size": 2,
+                                                "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                "max_position_embeddings": 256}),
+    # experts gate x * sigmoid(1.702 x): hidden_act is not read
+    "gpt_oss": ("gpt_oss", {"hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+                            "num_experts_per_tok": 2, "max_position_embeddings": 256, "sliding_window": 8}),
+    # layer_norm_eps in the config, nn.LayerNorm(dim) with torch's eps in the code
+    "biogpt": ("biogpt", {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "max_position_embeddings": 256}),
+    # MoE output normalized before the residual add (post_feedforward_layernorm)
+    "flex_olmo": ("flex_olmo", {"hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 4,
+                                "num_experts_per_tok": 2, "max_position_embeddings": 256}),
 }
 
 
@@ -177,6 +212,77 @@ def test_mutation_moves_where_it_applies(reports, layout, name, kind):
     assert row.kind == kind and row.delta >= row.threshold > 0
 
 
+# Regressions of the last coverage run (each was a tool error or a blind replica): (layout, mutation, kind).
+REGRESSION_MOVES = [
+    ("glm4_moe", "partial_rotary_factor", "config edit"),  # was: the mutant crashed (odd rotary dim 17)
+    ("glm4_moe", "router kind", "structural edit"),  # was: router returns only its logits
+    ("glm4_moe", "router renormalization", "structural edit"),
+    ("granitemoe", "router kind", "structural edit"),  # was: cannot find the MoE routers
+    ("granitemoe", "router renormalization", "structural edit"),
+    ("llama4_text", "router kind", "structural edit"),  # was: router returns dense scores
+    ("llama4_text", "router renormalization", "structural edit"),
+    ("llama4_text", "qk-norm eps x100", "structural edit"),  # was: not applicable (one qk_norm module)
+    ("llama4_text", "sliding window removed", "config edit"),  # was: not applicable (chunked attention)
+    ("gpt_oss", "activation swap", "structural edit"),  # was: blind (hidden_act is not read)
+    ("biogpt", "norm eps x100", "structural edit"),  # was: blind (layer_norm_eps is not read)
+]
+
+
+@pytest.mark.parametrize("layout, name, kind", REGRESSION_MOVES)
+def test_regressions_of_the_coverage_run_move(reports, layout, name, kind):
+    row = reports.row(layout, name)
+    assert row.outcome is Outcome.MOVED, (row.outcome, row.delta, row.reason)
+    assert row.kind == kind and row.delta >= row.threshold > 0
+
+
+def test_the_router_probe_reads_each_convention_and_its_scale(reports):
+    """GLM-4-MoE: sigmoid, renormalized, x routed_scaling_factor; Granite: softmax of the top-k logits."""
+    import hf_reference
+
+    found = {}
+    for layout in ("glm4_moe", "granitemoe", "llama4_text", "qwen2_moe"):
+        model = hf_reference.load(str(reports.folder(layout)))
+        subject = replica_sensitivity.Subject(model.config, model, layout)
+        found[layout] = replica_sensitivity._router_probe(subject)[0]
+    conventions = replica_sensitivity.RouterConvention
+    assert found["glm4_moe"].convention is conventions.EXPERTS_INPUT
+    assert (found["glm4_moe"].kind, found["glm4_moe"].normalized) == ("sigmoid", True)
+    assert found["glm4_moe"].scale == pytest.approx(model_scale(reports, "glm4_moe"), rel=1e-4)
+    assert found["granitemoe"].convention is conventions.SORTED_GATES
+    assert (found["granitemoe"].kind, found["granitemoe"].normalized) == ("softmax", True)
+    assert found["llama4_text"].convention is conventions.DENSE_SCORES
+    assert (found["llama4_text"].kind, found["llama4_text"].normalized) == ("sigmoid", False)
+    assert found["qwen2_moe"].convention is conventions.ROUTER_TUPLE
+
+
+def model_scale(reports, layout: str) -> float:
+    return json.loads((reports.folder(layout) / "config.json").read_text())["routed_scaling_factor"]
+
+
+# Not applicable by construction, with the reason (was a tool error or a blind replica).
+BY_CONSTRUCTION = [
+    ("phimoe", "router kind", "sparsemixer"),
+    ("phimoe", "router renormalization", "sparsemixer"),
+    ("phimoe", "MoE top-k", "always picks two"),
+    ("gpt_neox_japanese", "partial_rotary_factor", "no fraction below 1 runs"),
+    ("flex_olmo", "router renormalization", "norm before the residual add"),
+]
+
+
+@pytest.mark.parametrize("layout, name, words", BY_CONSTRUCTION)
+def test_a_feature_fixed_by_construction_is_not_applicable(reports, layout, name, words):
+    row = reports.row(layout, name)
+    assert row.outcome is Outcome.NOT_APPLICABLE and words in row.reason, (row.outcome, row.reason)
+
+
+def test_the_fixed_by_construction_tables_name_real_families():
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    tables = (replica_sensitivity.ROUTER_SCORING_FIXED, replica_sensitivity.TOPK_FIXED,
+              replica_sensitivity.WHOLE_HEAD_ROTARY_ONLY)
+    assert all(family in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES for table in tables for family in table)
+
+
 # (layout, mutation, words the reason must contain)
 NOT_APPLICABLE = [
     ("gpt2", "rope_theta x0.05", "no RoPE"),
@@ -216,21 +322,24 @@ def test_opt_learned_position_offset_is_dropped(reports):
     row = reports.row("opt", "learned positions")
     assert row.outcome in (Outcome.MOVED, Outcome.DID_NOT_MOVE) and row.delta > 0, row.reason
     model = __import__("hf_reference").load(str(reports.folder("opt")))
-    subject = replica_sensitivity.Subject(model.config, model, "opt")
-    name, module = replica_sensitivity._position_embedding(subject)
-    assert module.offset == 2 and name.endswith("embed_positions")
+    layout = replica_sensitivity.Subject(model.config, model, "opt").layout
+    assert layout.position_offset == 2 and layout.position_embedding.endswith("embed_positions")
+    assert model.get_submodule(layout.position_embedding).offset == 2
 
 
 def test_a_part_the_tool_cannot_edit_is_a_tool_error_not_a_failed_replica(reports, monkeypatch):
     folder = reports.folder("phi")
-    monkeypatch.setattr(replica_sensitivity, "O_NAMES", ("o_proj",))  # as if `dense` were unknown
+    import model_anatomy
+
+    # As if the resolver did not know `dense`: the layout cannot be resolved, and the row names the part.
+    monkeypatch.setattr(model_anatomy, "OUTPUT_NAMES", ("o_proj",))
     with pytest.raises(SensitivityToolError) as caught:
         sensitivity_report(folder)
     assert caught.value.exit_code == 3
-    assert "GQA head mapping" in str(caught.value) and "output projection" in str(caught.value)
+    assert "GQA head mapping" in str(caught.value) and "dense" in str(caught.value)
     report = sensitivity_report(folder, raise_on_tool_error=False)
     row = next(m for m in report.mutations if m.name == "GQA head mapping")
-    assert row.outcome is Outcome.TOOL_ERROR and "model.layers.0" in row.reason
+    assert row.outcome is Outcome.TOOL_ERROR and "model.layers.0.self_attn.dense" in row.reason
     assert report.verdict is Verdict.TOOL_ERROR and not report.passed
     assert "GQA head mapping" not in report.failures()  # not a failed replica
     last = report.table().splitlines()[-1]
@@ -250,10 +359,13 @@ def test_a_mutant_that_crashes_is_a_tool_error(reports, monkeypatch):
 
 
 def test_an_unknown_fused_layout_is_a_tool_error(reports, monkeypatch):
-    monkeypatch.setattr(replica_sensitivity, "UNKNOWN_FUSED_QKV", ("gpt_neox",))
+    import model_anatomy
+
+    layouts = {k: v for k, v in model_anatomy.FUSED_QKV_LAYOUTS.items() if k != "gpt_neox"}
+    monkeypatch.setattr(model_anatomy, "FUSED_QKV_LAYOUTS", layouts)
     report = sensitivity_report(reports.folder("gpt_neox"), raise_on_tool_error=False)
     row = next(m for m in report.mutations if m.name == "RoPE style")
-    assert row.outcome is Outcome.TOOL_ERROR and "fused QKV layout" in row.reason
+    assert row.outcome is Outcome.TOOL_ERROR and "fused q/k/v layout" in row.reason
 
 
 @pytest.mark.parametrize("model_type", ["bert", "bart", "big_bird", "roberta"])
@@ -283,3 +395,21 @@ def test_decoder_only_families_are_not_refused(model_type):
 def test_bert_with_is_decoder_true_is_a_decoder():
     assert decoder_only_refusal({"model_type": "bert", "is_decoder": True}) is None
     assert "encoder-decoder" in decoder_only_refusal({"model_type": "llama", "is_encoder_decoder": True})
+
+
+@pytest.mark.parametrize("model_type, name, outcome, words", [
+    ("gemma4_text", "RoPE style", Outcome.MOVED, ""),  # global layers have their own head size and rotary dim
+    ("moshi", "tie vs untie", Outcome.NOT_APPLICABLE, "differ in shape"),  # was: crashed (513 vs 512 rows)
+])
+def test_default_config_replicas_of_the_coverage_run(tmp_path, monkeypatch, model_type, name, outcome, words):
+    """tiny's replica of transformers' default config (as the coverage bench builds it), one mutation."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from bench_family_coverage import default_config
+    from make_tiny_model import ReplicaOptions, build_replica
+
+    config, _ = default_config(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    build_replica(config, tmp_path / model_type, ReplicaOptions())
+    monkeypatch.setattr(replica_sensitivity, "MUTATIONS", [m for m in replica_sensitivity.MUTATIONS if m.name == name])
+    row = sensitivity_report(tmp_path / model_type, raise_on_tool_error=False).mutations[0]
+    assert row.outcome is outcome and words in row.reason, (row.outcome, row.reason)

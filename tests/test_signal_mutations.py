@@ -35,7 +35,8 @@ FAMILIES = {
 @pytest.mark.parametrize("model_type", sorted(FAMILIES))
 def test_each_reported_signal_has_a_mutation_that_moves(tmp_path, model_type):
     replica = tmp_path / model_type
-    build_replica(default_config(model_type, FAMILIES[model_type]), replica, ReplicaOptions())
+    config, _ = default_config(model_type, FAMILIES[model_type])  # (config, the REPAIRS entry applied)
+    build_replica(config, replica, ReplicaOptions())
     config = json.loads((replica / "config.json").read_text())
     tensors = model_source.read_tensor_infos(model_source.resolve(str(replica)))
     codes = {str(s.code) for s in delta_signals.detect(config, tensors, hf_source.read_model(config))}
