@@ -270,7 +270,7 @@ def _build_in(staging: Path, source: model_source.ModelSource | None, original: 
     quiet_transformers()
 
     text = model_source.text_config(original)
-    causal_arch = _text_only_architecture(original, text)
+    causal_arch, composite = _text_only_architecture(original, text)
     hf_layer_types = _hf_layer_types(text, options.trust_remote_code)
     try:
         tokenizer_info = _write_tokenizer(source, staging, options)
@@ -278,7 +278,7 @@ def _build_in(staging: Path, source: model_source.ModelSource | None, original: 
             original, options.shrink, layer_types=hf_layer_types,
             vocab_size=tokenizer_info.pop("vocab_size_for_config"),
             special_ids=tokenizer_info.pop("special_ids"), dtype=options.dtype,
-            causal_lm_architecture=causal_arch,
+            causal_lm_architecture=causal_arch, keep_composite=composite,
         )
         tiny_config.check_replica_sizes(shrunk.config)
         if source is not None and options.trust_remote_code and source.is_local:
@@ -361,16 +361,25 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 
-def _text_only_architecture(original: dict[str, Any], text: dict[str, Any]) -> str | None:
-    """The causal-LM class of a nested text_config (multimodal configs), else None."""
+def _text_only_architecture(original: dict[str, Any], text: dict[str, Any]) -> tuple[str | None, bool]:
+    """The causal-LM class of a nested text_config (multimodal configs), else None; and whether that
+    class reads the composite config (True: the text config type has no causal-LM mapping entry, but the
+    composite type's causal-LM class builds only the language model from it, as MllamaForCausalLM and
+    Emu3ForCausalLM do)."""
     if text is original:
-        return None
+        return None, False
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.get("model_type", ""))
-    if not name:
-        raise ScriptError(f"no text-only causal-LM class for text_config model_type {text.get('model_type')!r}")
-    return name
+    if name:
+        return name, False
+    outer = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(original.get("model_type", ""))
+    cls = getattr(transformers, outer, None) if outer else None
+    text_class = getattr(cls, "config_class", None)
+    if text_class is not None and getattr(text_class, "model_type", None) == text.get("model_type"):
+        return outer, True
+    raise ScriptError(f"no text-only causal-LM class for text_config model_type {text.get('model_type')!r}")
 
 
 def _hf_layer_types(text: dict[str, Any], trust_remote_code: bool) -> list[str] | None:

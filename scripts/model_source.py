@@ -239,6 +239,8 @@ def read_config(source: ModelSource, *, require_architectures: bool = True) -> d
 # Size fields every consumer reads as integers (null means "not set").
 INTEGER_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "head_dim", "max_position_embeddings")
+# Of those, the ones a config may also give per layer, as a list (Gemma 3n's intermediate_size).
+PER_LAYER_INTEGER_FIELDS = ("intermediate_size",)
 # Fields read as real numbers, with the range each must lie in (null means "not set").
 NUMBER_FIELDS = {
     "rope_theta": "positive", "rope_local_base_freq": "positive", "partial_rotary_factor": "fraction",
@@ -298,9 +300,13 @@ def check_config_fields(config: dict[str, Any], label: str = "config") -> None:
             value = part.get(key)
             if value is None:
                 continue
-            integral = _is_number(value) and math.isfinite(value) and float(value).is_integer()
-            if not integral or value < 0:
-                raise ScriptError(f"{label}: {prefix}{key} is {_describe(value)}, expected a whole number >= 0")
+            values = value if key in PER_LAYER_INTEGER_FIELDS and isinstance(value, list) and value else [value]
+            for item in values:
+                integral = _is_number(item) and math.isfinite(item) and float(item).is_integer()
+                if not integral or item < 0:
+                    expected = "a whole number >= 0" + (" or a list of them, one per layer"
+                                                        if key in PER_LAYER_INTEGER_FIELDS else "")
+                    raise ScriptError(f"{label}: {prefix}{key} is {_describe(value)}, expected {expected}")
         for key, kind in NUMBER_FIELDS.items():
             _check_number(part.get(key), prefix + key, kind, label)
         if isinstance(part.get("rope_scaling"), dict):

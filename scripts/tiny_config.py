@@ -5,7 +5,10 @@ norms and eps, activations, biases, softcaps, tie flag, multipliers) and
 every relation between sizes a port must honor: head_dim x heads vs hidden
 (an explicit head_dim keeps its ratio), the query/KV head ratio (MHA, GQA,
 multi-query), the rotated share of each head, the per-layer pattern
-(attention types, NoPE and MoE layers), the top-k vs expert-count relation.
+(attention types, NoPE and MoE layers, KV-sharing layers, per-layer FFN
+widths), a second layer count's ratio (LongCat), the top-k vs expert-count
+relation. A composite config whose text config has no causal-LM class of its
+own (Mllama, Emu3) keeps its composite form with text_config shrunk.
 It shrinks only sizes. Every field is found through ``model_anatomy``'s one
 alias table, so GPT-2 spellings (``n_embd``, ``n_head``, ``n_layer``) shrink
 like Llama's. A sliding window becomes the smallest one MAX compiles with
@@ -57,14 +60,32 @@ RULES = {
                                "the RoPE scaling type reads it (yarn, longrope, dynamic)",
     "sliding_window": "set to the sliding-window floor of the replica dtype (max_compat.SLIDING_WINDOW_FLOOR)",
     "sliding_window_flag": "set to --sliding-window",
+    "attention_chunk": "attention chunk set like a sliding window (the floor, or --sliding-window), so the probe "
+                       "prompt, twice as long, crosses a chunk boundary",
     "query_pre_attn_scalar": "followed head_dim (or hidden/heads) when it equalled it, else scaled by the "
                              "head_dim ratio",
     "rope_factor_list": "longrope factor lists resampled (evenly spaced entries) to rotary_dim / 2",
     "max_window_layers": "number of leading full-attention layers kept, so the same layers slide",
+    "layer_count_ratio": "a second layer count kept in its whole-number ratio to the block count (LongCat: "
+                         "num_hidden_layers = 2 x num_layers blocks); the smaller count is the block count and "
+                         "gets the kept layers",
+    "per_layer_widths": "each layer's FFN width scaled by one factor, so the largest is 2 x the new hidden size "
+                        "(equal widths stay equal, their order is kept)",
+    "vocab_follows": "the vocabulary of an embedding indexed by the same token ids, at most the new vocab size",
+    "kv_shared_layers": "number of kept layers among the source's trailing KV-sharing layers",
+    "encoder_tower_layers": "a vision/audio tower the causal-LM class builds keeps --layers layers (widths kept: "
+                            "text-only runs never call it, so only its build time and weights shrink)",
+    "latent_attention": "latent attention: the rotated part of a head set to the replica's head_dim, the other "
+                        "head parts scaled by the same factor (even), qk_head_dim their sum, the low ranks scaled "
+                        "with hidden (at least 8)",
+    "zero_experts": "identity (zero-compute) experts scaled with the routed experts, so the same share of the "
+                    "router's choices skips compute",
     "layer_index_list": "layer indices remapped to the kept layers",
     "special_token_id": "the replica tokenizer's token of the same role (bos/eos/pad)",
     "dtype": "the dtype the replica weights are saved in",
     "text_only": "the language model of a multimodal config, as its own causal-LM config",
+    "text_in_composite": "the multimodal config kept, naming the causal-LM class that reads only its text_config "
+                         "(the text config type has no causal-LM class of its own); only text_config is shrunk",
 }
 
 # When the source is already small, its shapes are kept so the named model compiles to the same graph
@@ -96,15 +117,38 @@ ALIASES = model_anatomy.ALIASES
 # The config keys tiny reads, from model_anatomy's one alias table (first present spelling wins).
 LAYER_COUNT_KEYS = ALIASES["num_layers"]
 # Lists of layer indices (not one entry per layer): remapped to the kept layers.
-INDEX_LIST_KEYS = ALIASES["moe_dense_layers"] + ALIASES["moe_layers"]
+# Layers that cross-attend to another model's states (Mllama): a per-layer type, given as indices.
+CROSS_ATTENTION_LAYERS_KEY = "cross_attention_layers"
+INDEX_LIST_KEYS = ALIASES["moe_dense_layers"] + ALIASES["moe_layers"] + (CROSS_ATTENTION_LAYERS_KEY,)
 EXPERT_COUNT_KEYS = ALIASES["num_experts"]
 TOPK_KEYS = ALIASES["experts_per_token"]
 EXPERT_SIZE_KEYS = ALIASES["expert_intermediate_size"] + ALIASES["shared_expert_intermediate_size"]
-# Widths defined relative to the hidden size that no alias names (OPT projects embeddings to this width).
-WIDTH_FOLLOWS_HIDDEN_KEYS = ("word_embed_proj_dim",)
+# Widths defined relative to the hidden size that no alias names (OPT projects embeddings to this width;
+# Gemma 3n / Gemma 4 per-layer inputs and Gemma 3n's LAuReL low-rank residual).
+WIDTH_FOLLOWS_HIDDEN_KEYS = ("word_embed_proj_dim", "hidden_size_per_layer_input", "laurel_rank")
+# FFN widths a config may give per layer, as a list (Gemma 3n): scaled together, so the pattern is kept.
+PER_LAYER_WIDTH_KEYS = ALIASES["intermediate_size"]
+# Vocabularies of extra embeddings that index the same token ids (Gemma 3n / Gemma 4 per-layer inputs).
+VOCAB_FOLLOWS_KEYS = ("vocab_size_per_layer_input",)
+# The last N layers reuse the KV of an earlier layer of their type (Gemma 3n): a per-layer type.
+KV_SHARED_KEY = "num_kv_shared_layers"
 # Group-limited MoE routing (DeepSeek-V3): experts split into n_group groups, topk_group of them searched.
 EXPERT_GROUP_KEY = "n_group"
 EXPERT_TOPK_GROUP_KEY = "topk_group"
+# Non-text towers a causal-LM class builds besides its language model (their layers are cut to --layers).
+ENCODER_SUBCONFIGS = ("vision_config", "audio_config")
+# Layer counts of those towers that no language-model alias names (Phi-4-multimodal's conformer blocks).
+ENCODER_LAYER_COUNT_KEYS = ("num_blocks",)
+# Chunked attention (Llama 4): layers of this type attend within chunks of ATTENTION_CHUNK_KEY tokens.
+ATTENTION_CHUNK_KEY = "attention_chunk_size"
+CHUNKED_LAYER_TYPE = "chunked_attention"
+# Latent (MLA) attention sizes: the rotated part of a head, the other head parts, their sum, the low ranks.
+MLA_ROPE_KEY = "qk_rope_head_dim"
+MLA_HEAD_KEYS = ("qk_nope_head_dim", "v_head_dim")
+MLA_QK_HEAD_KEY = "qk_head_dim"
+MLA_RANK_KEYS = ("q_lora_rank", "kv_lora_rank")
+# Identity experts the router may pick besides the routed ones (LongCat-Flash); scaled with the experts.
+ZERO_EXPERTS_KEY = "zero_expert_num"
 # Leading-layer counts: the first k layers are dense (DeepSeek); remapped like max_window_layers.
 LEADING_DENSE_KEY = "first_k_dense_replace"
 TOKEN_ID_ROLES = {"bos_token_id": "bos", "eos_token_id": "eos", "pad_token_id": "pad"}
@@ -169,6 +213,7 @@ def shrink_config(
     special_ids: dict[str, int] | None = None,
     dtype: str = "float32",
     causal_lm_architecture: str | None = None,
+    keep_composite: bool = False,
 ) -> ShrunkConfig:
     """Shrink ``original`` (a raw config.json dict).
 
@@ -177,13 +222,23 @@ def shrink_config(
     ``vocab_size`` replaces the vocab (None keeps it). ``special_ids`` maps the
     roles bos/eos/pad to replica token ids; ids are rewritten when given.
     ``causal_lm_architecture`` names the text-only class when ``original``
-    nests a ``text_config`` (multimodal). Raises ScriptError when a per-layer
-    pattern cannot be kept.
+    nests a ``text_config`` (multimodal). ``keep_composite``: that class reads the
+    composite config itself (Mllama, Emu3: their text config type has no causal-LM
+    mapping entry), so the shrunk text_config stays nested in the composite config.
+    Raises ScriptError when a per-layer pattern cannot be kept.
     """
     result = ShrunkConfig(config={})
     config = copy.deepcopy(original)
     nested = config.get("text_config")
-    if isinstance(nested, dict) and nested and causal_lm_architecture:
+    outer = None
+    if isinstance(nested, dict) and nested and causal_lm_architecture and keep_composite:
+        outer = config
+        outer["architectures"] = [causal_lm_architecture]
+        result.changes.append(FieldChange("(config)", f"{config.get('model_type')} (multimodal)",
+                                          f"{config.get('model_type')} ({causal_lm_architecture}, text_config "
+                                          "shrunk in place)", RULES["text_in_composite"]))
+        config, result.text_only = copy.deepcopy(nested), True
+    elif isinstance(nested, dict) and nested and causal_lm_architecture:
         text = copy.deepcopy(nested)
         text["architectures"] = [causal_lm_architecture]
         for key in ("torch_dtype", "dtype", "tie_word_embeddings", *TOKEN_ID_ROLES):
@@ -211,16 +266,31 @@ def shrink_config(
         _shrink_attention(config, source_view, options, set_field, changes)
         hidden = model_anatomy.get_config_value(config, source_view.key("hidden_size") or "") or options.hidden_size
         _shrink_widths(config, source_view, hidden, set_field)
+        _shrink_latent_attention(config, source_view, options, hidden, set_field)
         _shrink_experts(config, source_view, options, set_field)
         vocab_key = source_view.key("vocab_size")
         if vocab_size is not None and vocab_key:
             set_field(vocab_key, vocab_size, "vocab_size")
+        for key in VOCAB_FOLLOWS_KEYS:
+            value = config.get(key)
+            if vocab_size is not None and is_int(value) and value > vocab_size:
+                set_field(key, vocab_size, "vocab_follows")
         _shrink_max_positions(config, source_view, options, set_field)
         _set_sliding_window(config, source_view, options, dtype, set_field)
+    if not keep:
+        _shrink_encoder_towers(config, options, set_field)
     _set_token_ids_and_dtype(config, special_ids, dtype, set_field)
     result.config = config
     result.relations = kept_relations(source_view, model_anatomy.config_view(config))
     _check_layer_pattern(config, layer_types, result)
+    if outer is not None:
+        for change in changes:
+            if not change.field.startswith("("):
+                change.field = f"text_config.{change.field}"
+        outer["text_config"] = config
+        _set_token_ids_and_dtype(outer, special_ids, dtype, lambda key, new, rule, reason=None: outer.__setitem__(
+            key, new))
+        result.config = outer
     return result
 
 
@@ -347,6 +417,11 @@ def _shrink_widths(config, view: model_anatomy.ConfigView, hidden: int, set_fiel
     ffn_key = view.key("intermediate_size")
     if ffn_key and is_int(model_anatomy.get_config_value(config, ffn_key)):
         set_field(ffn_key, 2 * hidden, "intermediate_size")
+    for key in PER_LAYER_WIDTH_KEYS:
+        widths = config.get(key)
+        if isinstance(widths, list) and widths and all(is_int(w) and w > 0 for w in widths):
+            scale = Fraction(2 * hidden, max(widths))
+            set_field(key, [max(MIN_EXPERT_WIDTH, round(w * scale)) for w in widths], "per_layer_widths")
     for key in EXPERT_SIZE_KEYS:
         value = model_anatomy.get_config_value(config, key)
         if is_int(value) and value:
@@ -359,6 +434,31 @@ def _shrink_widths(config, view: model_anatomy.ConfigView, hidden: int, set_fiel
             set_field(key, new, "width_follows_hidden")
 
 
+def _shrink_latent_attention(config, view: model_anatomy.ConfigView, options: ShrinkOptions, hidden: int,
+                             set_field) -> None:
+    """Latent (MLA) attention: the RoPE part of a head becomes the replica's head_dim, the other head parts
+    keep their ratio to it, the low ranks their ratio to hidden (DeepSeek, LongCat, GLM-4-MoE-Lite)."""
+    rope = config.get(MLA_ROPE_KEY)
+    if not is_int(rope) or rope <= 0:
+        return
+    head_dim = config.get("head_dim") if is_int(config.get("head_dim")) and view.head_dim_explicit else None
+    new_rope = head_dim if head_dim and head_dim != rope else options.head_dim
+    factor = Fraction(new_rope, rope)
+    set_field(MLA_ROPE_KEY, new_rope, "latent_attention")
+    for key in MLA_HEAD_KEYS:
+        value = config.get(key)
+        if is_int(value) and value > 0:
+            set_field(key, max(MIN_ROTARY_DIM, MIN_ROTARY_DIM * round(value * factor / MIN_ROTARY_DIM)),
+                      "latent_attention")
+    if is_int(config.get(MLA_QK_HEAD_KEY)):
+        set_field(MLA_QK_HEAD_KEY, config.get("qk_nope_head_dim", 0) + new_rope, "latent_attention")
+    old_hidden = view.hidden_size
+    for key in MLA_RANK_KEYS:
+        value = config.get(key)
+        if is_int(value) and value > 0 and old_hidden:
+            set_field(key, max(MIN_EXPERT_WIDTH, round(value * hidden / old_hidden)), "latent_attention")
+
+
 def _shrink_experts(config, view: model_anatomy.ConfigView, options: ShrinkOptions, set_field) -> None:
     """At most --experts experts; top-k below the kept experts unless every expert was picked."""
     experts_key = view.key("num_experts")
@@ -366,6 +466,9 @@ def _shrink_experts(config, view: model_anatomy.ConfigView, options: ShrinkOptio
         return
     experts = min(view.num_experts, options.experts)
     set_field(experts_key, experts, "experts")
+    zero = config.get(ZERO_EXPERTS_KEY)
+    if is_int(zero) and zero > 0:
+        set_field(ZERO_EXPERTS_KEY, max(1, round(zero * experts / view.num_experts)), "zero_experts")
     if not view.is_moe:
         return
     topk_key, top_k = view.key("experts_per_token"), view.experts_per_token
@@ -382,6 +485,10 @@ def _shrink_experts(config, view: model_anatomy.ConfigView, options: ShrinkOptio
 def _set_sliding_window(config, view: model_anatomy.ConfigView, options: ShrinkOptions, dtype: str,
                         set_field) -> None:
     """A source with a sliding window gets MAX's floor for the replica dtype (or --sliding-window)."""
+    if _attention_chunk(config):
+        window = options.sliding_window or max_compat.sliding_window_floor(
+            dtype if dtype in max_compat.SLIDING_WINDOW_FLOOR else "float32")
+        set_field(ATTENTION_CHUNK_KEY, window, "attention_chunk")
     key = view.key("sliding_window")
     if not key or not view.sliding_window:
         return
@@ -394,8 +501,19 @@ def _set_sliding_window(config, view: model_anatomy.ConfigView, options: ShrinkO
 
 
 def replica_sliding_window(config: dict[str, Any]) -> int | None:
-    """The sliding window of a (replica) config, None when it has none."""
-    return model_anatomy.config_view(config).sliding_window
+    """The sliding window (or attention chunk, the longer of the two) of a (replica) config, None when it
+    has neither; the probe prompt must reach past it."""
+    text = model_source.text_config(config)
+    spans = [model_anatomy.config_view(config).sliding_window, _attention_chunk(text)]
+    return max((s for s in spans if s), default=None)
+
+
+def _attention_chunk(config: dict[str, Any]) -> int | None:
+    """The attention chunk size when some layer attends in chunks (Llama 4), else None."""
+    chunk = config.get(ATTENTION_CHUNK_KEY)
+    types = config.get("layer_types")
+    chunked = not isinstance(types, list) or any(CHUNKED_LAYER_TYPE == t for t in types)
+    return chunk if is_int(chunk) and chunk > 0 and chunked else None
 
 
 def kept_relations(source: model_anatomy.ConfigView, replica: model_anatomy.ConfigView) -> dict[str, dict[str, Any]]:
@@ -456,6 +574,10 @@ def layer_signatures(config: dict[str, Any], layer_types: list[str] | None) -> l
     lists = {k: v for k, v in config.items()
              if isinstance(v, list) and len(v) == count and k not in ("layer_types", *INDEX_LIST_KEYS, *NOT_PER_LAYER)
              and all(isinstance(x, (int, str, bool, float)) or x is None for x in v)}
+    # Per-layer widths are compared by rank (the shrunk widths differ in value, not in pattern).
+    ranks = {k: {w: n for n, w in enumerate(sorted(set(lists[k])))} for k in PER_LAYER_WIDTH_KEYS if k in lists}
+    shared = config.get(KV_SHARED_KEY)
+    cross = config.get(CROSS_ATTENTION_LAYERS_KEY)
     signatures = []
     for i in range(count):
         parts = []
@@ -465,7 +587,12 @@ def layer_signatures(config: dict[str, Any], layer_types: list[str] | None) -> l
             parts.append("moe" if i in moe_layers else "dense")
         if nope and not view.rope_layers[i]:
             parts.append("nope")
-        parts.extend(f"{k}={lists[k][i]}" for k in sorted(lists))
+        if is_int(shared) and shared > 0:
+            parts.append("kv_shared" if i >= count - shared else "kv_own")
+        if isinstance(cross, list) and cross:
+            parts.append("cross_attention" if i in cross else "self_attention")
+        parts.extend(f"{k}=width#{ranks[k][lists[k][i]]}" if k in ranks else f"{k}={lists[k][i]}"
+                     for k in sorted(lists))
         signatures.append(",".join(parts) or "uniform")
     return signatures
 
@@ -496,6 +623,7 @@ def _shrink_layers(config, options, layer_types, result, set_field) -> None:
     result.layer_signatures = [signatures[i] for i in kept]
     key = model_anatomy.config_view(config).key("num_layers")
     set_field(key, len(kept), rule)
+    _keep_layer_count_ratio(config, key, count, len(kept), set_field)
     for name, value in list(config.items()):
         if isinstance(value, list) and len(value) == count and name not in INDEX_LIST_KEYS + NOT_PER_LAYER:
             set_field(name, [value[i] for i in kept], rule)
@@ -511,6 +639,40 @@ def _shrink_layers(config, options, layer_types, result, set_field) -> None:
         set_field("max_window_layers", new, "max_window_layers")
     if is_int(config.get(LEADING_DENSE_KEY)):
         set_field(LEADING_DENSE_KEY, sum(1 for i in kept if i < config[LEADING_DENSE_KEY]), "layer_index_list")
+    shared = config.get(KV_SHARED_KEY)
+    if is_int(shared) and shared > 0:
+        set_field(KV_SHARED_KEY, sum(1 for i in kept if i >= count - shared), "kv_shared_layers")
+
+
+def _shrink_encoder_towers(config: dict[str, Any], options: ShrinkOptions, set_field) -> None:
+    """Vision/audio towers the causal-LM class builds (Phi-4-multimodal, GIT) keep --layers layers; their
+    widths stay, so their projections into the language model still match it."""
+    for name in ENCODER_SUBCONFIGS:
+        part = config.get(name)
+        if not isinstance(part, dict):
+            continue
+        for key in (*LAYER_COUNT_KEYS, *ENCODER_LAYER_COUNT_KEYS):
+            value = part.get(key)
+            if is_int(value) and value > options.min_layers:
+                set_field(f"{name}.{key}", options.min_layers, "encoder_tower_layers")
+
+
+def _keep_layer_count_ratio(config: dict[str, Any], key: str, count: int, kept: int, set_field) -> None:
+    """Other layer counts present (top level) keep their whole-number ratio to ``key``'s count.
+
+    The smaller of two counts is the block count (LongCat builds ``num_layers`` blocks and reads
+    ``num_hidden_layers`` as twice that): it gets ``kept`` and the larger one ``kept`` x the ratio.
+    """
+    for other in LAYER_COUNT_KEYS:
+        value = config.get(other)
+        if other == key or not is_int(value) or value <= 0:
+            continue
+        if count % value == 0:
+            ratio = count // value
+            set_field(other, kept, "layer_count_ratio")
+            set_field(key, kept * ratio, "layer_count_ratio")
+        elif value % count == 0:
+            set_field(other, kept * (value // count), "layer_count_ratio")
 
 
 def _check_layer_pattern(config: dict[str, Any], layer_types: list[str] | None, result: ShrunkConfig) -> None:
@@ -622,6 +784,12 @@ MAX_POSITIONS = 1 << 26
 MAX_REPLICA_LAYERS = 64
 MAX_REPLICA_HIDDEN = 8192
 MAX_REPLICA_HEAD_DIM = 512
+# A transformer layer of width h holds about 12 h^2 weights (4 h^2 attention, 8 h^2 MLP at 4 h).
+SUBCONFIG_PARAMETERS_PER_LAYER_PER_WIDTH_SQUARED = 12
+# Sub-configs tiny leaves at full size (a vision tower, BLT's byte encoder/global/decoder/patcher) up to
+# this many parameters still build in seconds (GIT's 85 M vision tower: 3 s); BLT's ~1.5 B held 5.8 GB
+# for minutes and was killed by the coverage benchmark after 180 s.
+MAX_UNSHRUNK_SUBCONFIG_PARAMETERS = 1_000_000_000
 
 # Source size fields: name -> (smallest allowed, largest allowed). null means "not set".
 SOURCE_INT_FIELDS: dict[str, tuple[int, int]] = {
@@ -682,8 +850,12 @@ def check_source_config(config: Any, label: str = "config") -> None:
         parts.append(("text_config.", config["text_config"]))
     for prefix, part in parts:
         for key, (low, high) in SOURCE_INT_FIELDS.items():
-            if part.get(key) is not None:
-                check_int(part[key], prefix + key, low, high, label)
+            value = part.get(key)
+            if key in PER_LAYER_WIDTH_KEYS and isinstance(value, list) and value:
+                for index, item in enumerate(value):
+                    check_int(item, f"{prefix}{key}[{index}]", low, high, label)
+            elif value is not None:
+                check_int(value, prefix + key, low, high, label)
         for key in SOURCE_INT_LIST_FIELDS:
             value = part.get(key)
             if value is not None and not (isinstance(value, list) and all(is_int(v) for v in value)):
@@ -736,3 +908,26 @@ def check_replica_sizes(config: dict[str, Any], label: str = "the replica") -> N
     if is_int(hidden) and hidden > MAX_REPLICA_HIDDEN:
         raise ScriptError(f"{label} would have {view.key('hidden_size')} {hidden} (more than {MAX_REPLICA_HIDDEN}); "
                           "lower --head-dim or --hidden-size")
+    nested = unshrunk_subconfigs(config)
+    estimate = sum(nested.values())
+    if estimate > MAX_UNSHRUNK_SUBCONFIG_PARAMETERS:
+        parts = ", ".join(f"{name} (~{count / 1e6:.0f} M)" for name, count in nested.items())
+        raise ScriptError(f"{label} would keep sub-configs with their own layers at full size: {parts}; tiny "
+                          "shrinks the language model's config only (and text_config), so the replica would "
+                          f"have about {estimate / 1e9:.1f} B parameters")
+
+
+def unshrunk_subconfigs(config: dict[str, Any]) -> dict[str, int]:
+    """Nested sub-configs with their own layer count (not shrunk by tiny) -> estimated parameters.
+
+    Estimate per sub-config: 12 x layers x hidden^2 (attention 4 h^2 + an MLP of 4 h; embeddings left out).
+    """
+    found = {}
+    for name, part in config.items():
+        if name == "text_config" or not isinstance(part, dict):
+            continue
+        layers = next((part[k] for k in LAYER_COUNT_KEYS if is_int(part.get(k)) and part[k] > 0), None)
+        width = next((part[k] for k in ALIASES["hidden_size"] if is_int(part.get(k)) and part[k] > 0), None)
+        if layers and width:
+            found[name] = SUBCONFIG_PARAMETERS_PER_LAYER_PER_WIDTH_SQUARED * layers * width * width
+    return found

@@ -157,9 +157,12 @@ def model_files(model_type: str) -> ModelFiles | None:
         return None
 
     def one(prefix: str) -> Path | None:
-        path = folder / f"{prefix}_{name}.py"
-        if path.is_file():
-            return path
+        # A folder can hold several models (models/data2vec: _audio, _text, _vision): the file named after the
+        # model type comes first, then the folder's own name, then any file of that kind.
+        for stem in dict.fromkeys((model_type.replace("-", "_"), name)):
+            path = folder / f"{prefix}_{stem}.py"
+            if path.is_file():
+                return path
         found = sorted(folder.glob(f"{prefix}_*.py"))
         return found[0] if found else None
 

@@ -31,12 +31,33 @@ NATIVE_REF = "references/native-arch-check.md"
 SSM_MODEL_TYPES = {
     "mamba", "mamba2", "falcon_mamba", "rwkv", "rwkv5", "rwkv6", "rwkv7", "jamba", "bamba", "zamba", "zamba2",
     "falcon_h1", "recurrent_gemma", "xlstm", "nemotron_h", "granitemoehybrid", "plamo2", "lfm2", "qwen3_next",
-    "minimax", "hymba",
+    "minimax", "hymba", "lfm2_moe",
 }
 SSM_NAME_MARKERS = ("mamba", "rwkv", "jamba", "bamba", "zamba", "recurrent", "xlstm", "hymba")
 SSM_KEYS = {"ssm_cfg", "ssm_state_size", "state_size", "d_state", "mamba_d_state", "mamba_d_conv", "conv_kernel",
             "layers_block_type", "hybrid_override_pattern", "attn_layer_period", "mamba_expand", "rescale_every",
             "linear_attn_config", "linear_num_value_heads"}
+# Families whose causal-LM class attends both ways unless one config flag says otherwise:
+# model_type -> (flag, the value that makes attention causal). From transformers 5.12's code:
+# XLNet builds a causal mask only when attn_type == "uni" (modeling_xlnet.py, XLNetModel.forward; the
+# default "bi" masks nothing); XLM only when causal is true (modeling_xlm.py, get_masks; default false).
+CAUSAL_ONLY_WHEN = {"xlnet": ("attn_type", "uni"), "xlm": ("causal", True)}
+# Families that are not a standalone decoder-only LM over one stream of text tokens, whatever the config
+# says; model_type -> why (read in transformers 5.12's code).
+NOT_A_TEXT_DECODER = {
+    "cpmant": "attends both ways: its model sets a context flag of 1 at every position and ORs it into the "
+              "attention mask, so every token sees the later ones (modeling_cpmant.py, _prepare_attention_mask)",
+    "gemma4_assistant": "is a draft head for assisted decoding: its forward needs the target model's input "
+                        "embeddings and KV states and ignores input_ids, not a standalone LM",
+    "gemma4_unified_assistant": "is a draft head for assisted decoding: its forward needs the target model's "
+                                "input embeddings and KV states and ignores input_ids, not a standalone LM",
+    "musicgen": "is an audio-codebook decoder conditioned on a text encoder: each position predicts "
+                "num_codebooks streams of audio codes (one LM head per codebook), not one text token stream",
+    "musicgen_melody": "is an audio-codebook decoder conditioned on text and audio: each position predicts "
+                       "num_codebooks streams of audio codes (one LM head per codebook), not one text token stream",
+}
+NOT_A_TEXT_DECODER["musicgen_decoder"] = NOT_A_TEXT_DECODER["musicgen"]
+NOT_A_TEXT_DECODER["musicgen_melody_decoder"] = NOT_A_TEXT_DECODER["musicgen_melody"]
 # Quantization schemes MAX 26.7 loads for MoE experts.
 MOE_LOADABLE_QUANT = {"fp8", "fbgemm_fp8", "compressed-tensors", "modelopt", "mxfp4", "mxfp6", "mxfp8", "quark"}
 LARGE_MODEL_PARAMETERS = 30_000_000_000
@@ -137,16 +158,26 @@ def config_walls(config: dict[str, Any], native: bool, reading: hf_source.Source
 def not_causal_lm(config: dict[str, Any], arch: str, reading: hf_source.SourceReading | None) -> str | None:
     """Why the model is not a decoder-only causal LM, decided from the config; None when it is one.
 
-    Encoder-decoder (``is_encoder_decoder``), diffusion, a class outside transformers' causal-LM
-    mapping, or a class in it whose code reads ``is_decoder`` while the config leaves it False
-    (BertLMHeadModel, by default an encoder). The class-name suffix decides nothing.
+    Encoder-decoder (``is_encoder_decoder``), diffusion, a family of ``NOT_A_TEXT_DECODER`` (bidirectional,
+    a draft head, audio codebooks), a ``CAUSAL_ONLY_WHEN`` family whose flag leaves attention bidirectional,
+    a class outside transformers' causal-LM mapping, or a class in it whose code reads ``is_decoder`` while
+    the config leaves it False (BertLMHeadModel, by default an encoder). The class-name suffix decides nothing.
     """
+    model_type, text = hf_source.text_model_type(config)
+    for name in dict.fromkeys([config.get("model_type"), model_type]):
+        if isinstance(name, str) and name in NOT_A_TEXT_DECODER:
+            return f"({name}) {NOT_A_TEXT_DECODER[name]}"
     if config.get("is_encoder_decoder") is True or (
             reading is not None and reading.effective.get("is_encoder_decoder") is True):
         return "is encoder-decoder (seq2seq), not a causal LM"
     if "diffusion" in arch.lower() or "_diffusers_version" in config:
         return "is a diffusion model, not a causal LM"
-    model_type, _ = hf_source.text_model_type(config)
+    if model_type in CAUSAL_ONLY_WHEN:
+        flag, causal = CAUSAL_ONLY_WHEN[model_type]
+        value = text.get(flag, reading.effective.get(flag) if reading is not None else None)
+        if value != causal:
+            return (f"({model_type}) attends both ways: its code builds a causal mask only when {flag} is "
+                    f"{causal!r}, and the config has {flag}={value!r}")
     mapping = transformers_catalog.causal_lm_classes()
     if not mapping or not model_type or "auto_map" in config:
         return None  # transformers missing or remote code: nothing to decide from

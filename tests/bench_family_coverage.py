@@ -15,10 +15,16 @@ it, as ``tiny`` does), run ``replica_sensitivity.sensitivity_report`` and the HF
 * ok: every tool ran, no tool error, and the replica passed its sensitivity report;
 * replica failed: every tool ran, but some applicable mutation did not move the logprobs enough
   (the mutation is named), or the reference is flat;
-* refused: not a decoder-only causal LM, a state-space/recurrent wall, or the class needs remote code
-  or a package that is not installed;
+* refused: a reason from the closed list ``Refusal``: not a decoder-only causal LM over one text token
+  stream (an encoder or encoder-decoder, a class that attends both ways such as XLNet, XLM or CPM-Ant, a
+  draft head fed by another model's states, an audio-codebook decoder; the rule is
+  ``wall_scan.not_causal_lm``, which ``tiny`` applies too, exit 2), a state-space/recurrent wall
+  (``wall_scan``'s ``ssm_recurrence``), or the class needs remote code or a package that is not installed;
 * tool error: a tool could not run, a mutation ended in a tool error, or a mutation was reported not
   applicable while ``inspect`` reports its delta signal (the tool missed a feature the model has).
+
+A default config that transformers itself cannot build a model from (a size it leaves None) is not a
+refusal: ``REPAIRS`` names, per family, the keys set and why, and the row says "repaired".
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class Status(str, enum.Enum):
 class Refusal(str, enum.Enum):
     """The closed list of reasons a family is refused."""
 
+    # wall_scan.not_causal_lm: encoder, encoder-decoder, bidirectional, draft head, audio codebooks.
     NOT_DECODER_ONLY = "not a decoder-only causal LM"
     RECURRENT_WALL = "state-space/recurrent wall"
     REMOTE_OR_PACKAGE = "needs remote code or a package not installed"
@@ -81,6 +88,7 @@ class Row:
     missed_signals: list[str] = field(default_factory=list)
     parameters: int | None = None
     seconds: float = 0.0
+    repair: str = ""  # the REPAIRS entry applied to the default config, "" for none
 
 
 class FamilyTimeout(Exception):
@@ -96,14 +104,51 @@ def _missing_package(exc: BaseException) -> bool:
     return isinstance(exc, ImportError) or "requires the" in text or "pip install" in text or "trust_remote_code" in text
 
 
-def default_config(model_type: str, architecture: str) -> dict:
-    """transformers' default config for ``model_type`` as a config.json dict naming the causal-LM class."""
+# Default configs transformers itself cannot build a model from (a size left None that the modeling code
+# reads): model_type -> (the keys set, why). The minimal repair, so the tools are still tested on the family;
+# the values follow the family's own convention where its code has one.
+REPAIRS: dict[str, tuple[dict, str]] = {
+    "dbrx": ({"attn_config.rope_theta": 10000.0}, "the modeling code reads attn_config.rope_theta, which "
+             "DbrxAttentionConfig does not define (Hub configs set it); 10000 = the default rope_parameters' theta"),
+    "dots1": ({"n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1},
+              "the default leaves the expert counts None; Dots1NaiveMoe sizes torch.empty with them"),
+    "hunyuan_v1_dense": ({"head_dim": 128}, "the default leaves head_dim None; the attention reads it as "
+                                            "head_dim**-0.5 (128 = hidden_size 4096 / 32 heads)"),
+    "hunyuan_v1_moe": ({"head_dim": 128}, "the default leaves head_dim None; the attention reads it as "
+                                          "head_dim**-0.5 (128 = hidden_size 4096 / 32 heads)"),
+    "ministral": ({"head_dim": 128}, "the default leaves head_dim None; the attention reads it as head_dim**-0.5 "
+                                     "(128 = hidden_size 4096 / 32 heads)"),
+    "nemotron": ({"num_key_value_heads": 48}, "the default leaves num_key_value_heads None; the attention divides "
+                                              "by it (48 = num_attention_heads: multi-head attention)"),
+}
+
+
+def default_config(model_type: str, architecture: str) -> tuple[dict, str]:
+    """transformers' default config for ``model_type`` as a config.json dict naming the causal-LM class,
+    and the repair applied to it ("" for none).
+
+    Top-level fields are all written out (``to_dict``); a nested sub-config is written as transformers'
+    own config.json has it (``to_diff_dict``): ``to_dict`` adds base fields such as ``_name_or_path`` to
+    sub-config dicts, which DBRX's FFN config refuses when the dict is read back.
+    """
     import transformers
 
-    config = transformers.AutoConfig.for_model(model_type).to_dict()
+    built = transformers.AutoConfig.for_model(model_type)
+    config, written = built.to_dict(), built.to_diff_dict()
+    for key, value in config.items():
+        if isinstance(getattr(built, key, None), transformers.PreTrainedConfig) and isinstance(written.get(key), dict):
+            config[key] = written[key]
     config["architectures"] = [architecture]
     config["model_type"] = model_type
-    return config
+    repair = ""
+    if model_type in REPAIRS:
+        keys, why = REPAIRS[model_type]
+        import model_anatomy
+
+        for key, value in keys.items():
+            model_anatomy.set_config_value(config, key, value)
+        repair = f"repaired default config: set {', '.join(f'{k}={v}' for k, v in keys.items())} ({why})"
+    return config, repair
 
 
 def refusal(config: dict) -> tuple[Refusal, str] | None:
@@ -143,9 +188,12 @@ def run_family(model_type: str, architecture: str, work: Path) -> Row:
 
     row = Row(model_type, architecture, Status.TOOL_ERROR)
     try:
-        config = default_config(model_type, architecture)
+        config, row.repair = default_config(model_type, architecture)
     except Exception as exc:  # noqa: BLE001 - the config class itself cannot be built here
-        if _missing_package(exc):
+        refused = refusal({"model_type": model_type, "architectures": [architecture]})
+        if refused:  # a family refused by type (its composite default config needs sub-configs)
+            row.status, row.reason = Status.REFUSED, f"{refused[0].value}: {_one_line(refused[1])}"
+        elif _missing_package(exc):
             row.status, row.reason = Status.REFUSED, f"{Refusal.REMOTE_OR_PACKAGE.value}: {_one_line(exc)}"
         else:
             row.reason = f"default config: {type(exc).__name__}: {_one_line(exc)}"
@@ -264,13 +312,17 @@ def table(rows: list[Row]) -> str:
         counts = f"{r.moved}/{r.applicable}" if r.verdict else "-"
         params = f"{r.parameters:,}" if r.parameters else "-"
         na = str(r.not_applicable) if r.verdict else "-"
+        repaired = f" [repaired: {', '.join(REPAIRS[r.model_type][0])}]" if r.repair else ""
         lines.append(f"{r.model_type:<26} {r.status.value:<15} {counts:>10} {na:>4} {params:>10} {r.seconds:>6.1f}  "
-                     f"{r.reason}")
+                     f"{r.reason}{repaired}")
     lines.append("")
     for status in Status:
         members = [r.model_type for r in rows if r.status is status]
         lines.append(f"{status.value}: {len(members)}" + (f" ({', '.join(members)})" if status is not Status.OK
                                                           and members else ""))
+    repaired = [r.model_type for r in rows if r.repair]
+    if repaired:
+        lines.append(f"repaired default configs (REPAIRS): {len(repaired)} ({', '.join(repaired)})")
     required = [r for r in rows if r.model_type in REQUIRED]
     if required:
         not_ok = [r.model_type for r in required if r.status is not Status.OK]

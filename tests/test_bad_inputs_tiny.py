@@ -385,3 +385,17 @@ def test_a_failed_build_removes_its_staging_folder_and_the_parents_it_made(layou
     assert "Traceback" not in result.stderr
     assert not (layout.parent / "a").exists()
     assert tree_hash(layout.parent) == before
+
+
+@pytest.mark.parametrize("widths,named", [
+    ([16384, "wide"], "intermediate_size"),  # a list entry that is not a number
+    ([16384, 1.5], "intermediate_size"),  # a fraction inside a per-layer list
+    ([16384, 0], "intermediate_size[1]"),  # a zero-width layer
+])
+def test_a_bad_per_layer_width_list_is_refused_naming_the_entry(widths, named):
+    """Per-layer FFN widths (Gemma 3n) are a list; a bad entry is one ScriptError naming the field."""
+    config = {"architectures": ["Gemma3nForCausalLM"], "model_type": "gemma3n_text", "num_hidden_layers": 2,
+              "hidden_size": 64, "intermediate_size": widths}
+    with pytest.raises(tiny_config.ScriptError, match=named.replace("[", r"\[")):
+        tiny_config.check_source_config(config)
+    tiny_config.check_source_config(config | {"intermediate_size": [16384, 8192]})  # a good list passes

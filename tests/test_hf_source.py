@@ -306,3 +306,10 @@ def test_a_top_level_rope_key_the_shared_config_code_moves_is_not_a_decoy():
     config["partial_rotary_factor"] = 0.5
     reading = hf_source.read_model(config)
     assert reading is not None and reading.key_is_read("partial_rotary_factor")
+
+
+def test_a_shared_model_folder_reads_the_model_types_own_file():
+    """models/data2vec holds _audio, _text and _vision: data2vec-text read the audio file (found by the coverage
+    bench: its is_decoder read was missed, so the encoder was not refused)."""
+    assert transformers_catalog.model_files("data2vec-text").modeling.name == "modeling_data2vec_text.py"
+    assert transformers_catalog.model_files("data2vec-audio").modeling.name == "modeling_data2vec_audio.py"

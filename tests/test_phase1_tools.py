@@ -341,6 +341,51 @@ def test_full_width_qk_norm_signal_from_tensor_shape():
     assert "qk_norm_full_width" not in {s.code for s in delta_signals.detect(config)}
 
 
+def test_a_window_no_layer_uses_is_not_a_sliding_window_signal():
+    """Mellum and Dots1 keep a default sliding_window while every layer type is full_attention (was a signal)."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import delta_signals
+
+    base = {"model_type": "acme", "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+
+    def codes(**edits) -> set[str]:
+        return {s.code for s in delta_signals.detect(dict(base, **edits))}
+
+    full = ["full_attention", "full_attention"]
+    assert "sliding_window" not in codes(sliding_window=1024, layer_types=full)
+    assert "sliding_window" not in codes(sliding_window=4096, max_window_layers=2, layer_types=full)
+    assert "sliding_window" in codes(sliding_window=1024)  # no per-layer kinds: every layer slides (Mistral)
+    assert "sliding_window" in codes(sliding_window=1024, layer_types=["sliding_attention", "full_attention"])
+    assert "sliding_window" in codes(attention_chunk_size=8, layer_types=["chunked_attention", "full_attention"])
+
+
+@pytest.mark.parametrize("model_type, architecture, code, edits", [
+    # GraniteMoE divides the logits by logits_scaling, whose default is 1
+    ("granitemoe", "GraniteMoeForCausalLM", "logit_scale", {"logits_scaling": 8.0}),
+    # MiniMax-M2 slices a rotary part of each head; its default RoPE covers the whole head
+    ("minimax_m2", "MiniMaxM2ForCausalLM", "partial_rotary",
+     {"rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5}}),
+])
+def test_a_code_signal_whose_config_value_changes_nothing_is_dropped(model_type, architecture, code, edits):
+    """Code that scales the logits by a config value of 1 (or rotates a fraction 1 of each head) gives a port
+    nothing to get wrong on this model; the bench counted the mutation's honest "not applicable" as a missed
+    signal."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import transformers
+
+    import delta_signals
+    import hf_source
+
+    config = transformers.AutoConfig.for_model(model_type).to_dict()
+    config["architectures"] = [architecture]
+
+    def codes(c: dict) -> set[str]:
+        return {s.code for s in delta_signals.detect(c, None, hf_source.read_model(c))}
+
+    assert code not in codes(config)
+    assert code in codes(dict(config, **edits))
+
+
 def test_inspect_config_map_and_candidate_deltas(models):
     report = run_script("inspect_hf", str(models["stablelm"]), "--json").json()
     rows = {row["key"]: row for row in report["config_keys"]}
@@ -458,6 +503,51 @@ def test_check_walls_catalogue(models, name, code, findings):
     for finding in result.json()["findings"]:
         assert "\n" not in finding["message"] and finding["reference"] in finding["message"]
         assert (REPO_ROOT / finding["reference"]).is_file()
+
+
+def _default_config(model_type: str, **edits) -> dict:
+    """transformers' default config for ``model_type`` (config.json form, causal-LM class named), edited."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = json.loads(json.dumps(AutoConfig.for_model(model_type).to_diff_dict(), default=str))
+    return config | {"architectures": [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]], "model_type": model_type} | edits
+
+
+@pytest.mark.parametrize("model_type,edits,expected", [
+    ("xlnet", {}, "attn_type"),  # XLNet's default attn_type "bi" builds no causal mask
+    ("xlm", {}, "causal"),  # XLM's default causal=false: a masked LM
+    ("cpmant", {}, "attends both ways"),
+    ("gemma4_assistant", {}, "draft head"),
+    ("gemma4_unified_assistant", {}, "draft head"),
+    ("xlnet", {"attn_type": "uni"}, None),  # the causal variants are decoder-only
+    ("xlm", {"causal": True}, None),
+    ("gpt2", {}, None),
+])
+def test_not_causal_lm_refuses_bidirectional_and_draft_head_families(model_type, edits, expected):
+    """The decoder-only rule refuses, from the config, families whose causal-LM class attends both ways or
+    is a draft head fed by another model's states; the flag that makes XLNet/XLM causal lifts it."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import hf_source
+    import wall_scan
+
+    config = _default_config(model_type, **edits)
+    why = wall_scan.not_causal_lm(config, config["architectures"][0], hf_source.read_model(config))
+    assert (why is None) if expected is None else (why and expected in why), why
+
+
+def test_not_causal_lm_refuses_audio_codebooks_by_type_and_lfm2_moe_is_a_recurrent_wall():
+    """MusicGen's composite default config cannot be built without its text encoder, so the type alone
+    refuses it; LFM2-MoE's short-conv layers are the same recurrent wall as LFM2's."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import hf_source
+    import wall_scan
+
+    for model_type, arch in (("musicgen", "MusicgenForCausalLM"), ("musicgen_melody", "MusicgenMelodyForCausalLM")):
+        bare = {"model_type": model_type, "architectures": [arch]}
+        assert "audio-codebook" in wall_scan.not_causal_lm(bare, arch, hf_source.read_model(bare))
+    lfm2_moe = _default_config("lfm2_moe")
+    assert "ssm_recurrence" in {f.code for f in wall_scan.config_walls(lfm2_moe, native=False)}
 
 
 def test_check_walls_text_and_scan_function(models):

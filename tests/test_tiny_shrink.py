@@ -28,6 +28,9 @@ FLOOR = max_compat.sliding_window_floor("float32")
 # the second fails only when the widths are not shrunk.
 GPT2_REPLICA_MAX_PARAMETERS = 1_000_000
 TRAINED_VOCAB = 512
+# Gemma 3n's 6-layer replica (one layer per attention type x sparsity x KV sharing) has about 1.1 M
+# parameters; with its per-layer embedding left at 262144 tokens x 256 per layer it had over 400 M.
+GEMMA3N_REPLICA_MAX_PARAMETERS = 10_000_000
 
 
 def _default_config(model_type: str) -> dict:
@@ -239,3 +242,144 @@ def test_a_zero_sliding_window_means_no_window():
               "vocab_size": 512}
     tiny_config.check_source_config(config)
     assert tiny_config.replica_sliding_window(config) is None
+
+
+def test_second_layer_count_and_zero_experts_follow_the_kept_blocks():
+    """LongCat-Flash builds num_layers blocks and reads num_hidden_layers as twice that; tiny shrank only
+    num_hidden_layers (56 -> 2), so the replica built 28 blocks and the bench killed it after 87 s. Its
+    identity experts (zero_expert_num) keep their share of the router's choices."""
+    source = _default_config("longcat_flash")
+    shrunk = _shrunk(source)
+    assert shrunk["num_layers"] == 2 and shrunk["num_hidden_layers"] == 2 * shrunk["num_layers"]
+    experts, zero = shrunk["n_routed_experts"], shrunk["zero_expert_num"]
+    assert 0 < zero < source["zero_expert_num"]
+    assert Fraction(zero, experts) == Fraction(source["zero_expert_num"], source["n_routed_experts"])
+
+
+def test_per_layer_widths_kv_sharing_and_per_layer_inputs_are_shrunk_faithfully():
+    """Gemma 3n gives intermediate_size per layer (a list), shares KV in its last num_kv_shared_layers
+    layers and embeds every token again per layer (vocab_size_per_layer_input x hidden_size_per_layer_input
+    per layer). Before the fix the list was refused, and the per-layer embedding stayed full size (Gemma 4's
+    2-layer replica took 14 s to build)."""
+    import transformers
+
+    source = _default_config("gemma3n_text")
+    shrunk_config = shrink_config(source, ShrinkOptions(keep_small_source=False), vocab_size=TRAINED_VOCAB,
+                                  layer_types=source["layer_types"])
+    shrunk = shrunk_config.config
+    layers = shrunk["num_hidden_layers"]
+    assert isinstance(shrunk["intermediate_size"], list) and len(shrunk["intermediate_size"]) == layers
+    assert set(shrunk["intermediate_size"]) == {2 * shrunk["hidden_size"]}  # equal widths stay equal
+    first_shared = source["num_hidden_layers"] - source["num_kv_shared_layers"]
+    kept_shared = [i >= first_shared for i in shrunk_config.kept_layers]
+    assert any(kept_shared) and not all(kept_shared)
+    assert shrunk["num_kv_shared_layers"] == sum(kept_shared)
+    assert shrunk["vocab_size_per_layer_input"] == TRAINED_VOCAB
+    assert shrunk["hidden_size_per_layer_input"] < source["hidden_size_per_layer_input"]
+    assert shrunk["laurel_rank"] < source["laurel_rank"]
+    fields = {k: v for k, v in shrunk.items() if k not in ("model_type", "architectures")}
+    model = transformers.Gemma3nForCausalLM(transformers.AutoConfig.for_model("gemma3n_text", **fields))
+    assert sum(p.numel() for p in model.parameters()) < GEMMA3N_REPLICA_MAX_PARAMETERS
+    assert [layer.self_attn.is_kv_shared_layer for layer in model.model.layers] == kept_shared
+
+
+def test_distinct_per_layer_widths_keep_their_order():
+    """A per-layer width list with two sizes keeps two sizes, in the same order, and the layer pattern."""
+    source = _default_config("gemma3n_text")
+    count = source["num_hidden_layers"]
+    source["intermediate_size"] = [8192 if i % 2 else 16384 for i in range(count)]
+    shrunk_config = shrink_config(source, ShrinkOptions(keep_small_source=False), vocab_size=TRAINED_VOCAB,
+                                  layer_types=source["layer_types"])
+    widths = shrunk_config.config["intermediate_size"]
+    expected = [source["intermediate_size"][i] for i in shrunk_config.kept_layers]
+    assert len(set(widths)) == len(set(expected)) == 2 and max(widths) == 2 * shrunk_config.config["hidden_size"]
+    assert [Fraction(w, max(widths)) for w in widths] == [Fraction(w, max(expected)) for w in expected]
+
+
+@pytest.mark.parametrize("model_type,architecture", [("emu3", "Emu3ForCausalLM")])
+def test_composite_whose_text_config_has_no_causal_lm_class_keeps_the_composite(tmp_path, model_type, architecture):
+    """Emu3's and Mllama's text configs (emu3_text_model, mllama_text_model) have no causal-LM mapping
+    entry, so tiny refused them ("no text-only causal-LM class"); their composite type's causal-LM class
+    builds only the language model, so the replica keeps the composite config with text_config shrunk.
+    (Mllama's replica is built in the next test: its cross-attention block is not resolved yet.)"""
+    import hf_reference
+
+    source = _default_config(model_type)
+    manifest = build_replica(source, tmp_path / "replica", ReplicaOptions())
+    config = json.loads((tmp_path / "replica" / "config.json").read_text())
+    assert config["model_type"] == model_type and config["architectures"] == [architecture]
+    text = config["text_config"]
+    assert text["hidden_size"] < source["text_config"]["hidden_size"]
+    assert text["num_hidden_layers"] < source["text_config"]["num_hidden_layers"]
+    assert manifest["replica"]["parameters"] < GPT2_REPLICA_MAX_PARAMETERS
+    assert type(hf_reference.load(str(tmp_path / "replica"))).__name__ == architecture
+
+
+def test_full_size_sub_configs_tiny_cannot_shrink_are_refused_before_building():
+    """BLT nests four sub-configs with their own layers (patcher, byte encoder, global, byte decoder) that
+    tiny does not shrink; its build held 5.8 GB until the coverage benchmark killed it after 180 s. Now
+    the size check refuses it in milliseconds, naming the sub-configs; GIT's small vision tower passes."""
+    from tiny_config import check_replica_sizes
+
+    blt = _shrunk(_default_config("blt"))
+    with pytest.raises(ScriptError, match="global_config"):
+        check_replica_sizes(blt)
+    check_replica_sizes(_shrunk(_default_config("git")))
+
+
+def test_attention_chunk_is_shrunk_like_a_sliding_window_and_the_probe_crosses_it():
+    """Llama 4's chunked layers attend within attention_chunk_size (8192) tokens; tiny kept it, so no
+    probe prompt reached a chunk boundary and the "sliding window removed" mutation could not move."""
+    source = _default_config("llama4_text")
+    shrunk = shrink_config(source, ShrinkOptions(keep_small_source=False), vocab_size=TRAINED_VOCAB,
+                           layer_types=source["layer_types"]).config
+    assert "chunked_attention" in shrunk["layer_types"]
+    assert shrunk["attention_chunk_size"] == FLOOR
+    prompt, rule = probe_prompt(shrunk, lambda text: len(text.split()))
+    assert len(prompt.split()) >= 2 * FLOOR, rule
+
+
+def test_cross_attention_layers_are_a_kept_per_layer_type():
+    """Mllama's language model cross-attends in the layers cross_attention_layers lists ([3, 8, ...]);
+    tiny kept the list as it was, so a 2-layer replica had no cross-attention layer at all."""
+    source = _default_config("mllama")
+    result = shrink_config(source, ShrinkOptions(keep_small_source=False), vocab_size=TRAINED_VOCAB,
+                           causal_lm_architecture="MllamaForCausalLM", keep_composite=True,
+                           special_ids={"bos": 1, "eos": 2, "pad": 3})
+    text = result.config["text_config"]
+    cross = text["cross_attention_layers"]
+    assert cross and all(0 <= i < text["num_hidden_layers"] for i in cross)
+    assert [result.kept_layers[i] for i in cross] == [i for i in result.kept_layers
+                                                      if i in source["text_config"]["cross_attention_layers"]]
+    import transformers
+
+    assert result.config["model_type"] == "mllama" and result.config["architectures"] == ["MllamaForCausalLM"]
+    fields = {k: v for k, v in result.config.items() if k not in ("model_type", "architectures")}
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("mllama", **fields))
+    assert type(model).__name__ == "MllamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) < GPT2_REPLICA_MAX_PARAMETERS
+
+
+def test_vision_and_audio_towers_keep_only_the_minimum_layers():
+    """Phi-4-multimodal's causal-LM class builds its 27-layer vision and 24-block audio towers; tiny left
+    them whole (an 870 M-parameter replica, 93 s in the coverage benchmark; 97 M and 13 s after)."""
+    source = _default_config("phi4_multimodal")
+    shrunk = _shrunk(source)
+    assert shrunk["vision_config"]["num_hidden_layers"] == ShrinkOptions().min_layers
+    assert shrunk["audio_config"]["num_blocks"] == ShrinkOptions().min_layers
+    assert shrunk["vision_config"]["hidden_size"] == source["vision_config"]["hidden_size"]  # widths kept
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "longcat_flash"])
+def test_latent_attention_head_parts_follow_the_replica_head_dim(model_type):
+    """Latent (MLA) attention: tiny set head_dim to 16 but left qk_rope_head_dim at 64, so the rotary
+    table (sized from head_dim) no longer matched the rotated query part and the replica's forward
+    crashed ("size of tensor a (32) must match ... b (8)"); the other head parts keep their ratio."""
+    source = _default_config(model_type)
+    shrunk = _shrunk(source)
+    assert shrunk["qk_rope_head_dim"] == shrunk["head_dim"] < source["qk_rope_head_dim"]
+    factor = Fraction(shrunk["qk_rope_head_dim"], source["qk_rope_head_dim"])
+    assert shrunk["qk_nope_head_dim"] == source["qk_nope_head_dim"] * factor
+    assert shrunk["v_head_dim"] == source["v_head_dim"] * factor
+    assert shrunk["qk_head_dim"] == shrunk["qk_nope_head_dim"] + shrunk["qk_rope_head_dim"]
+    assert shrunk["kv_lora_rank"] < source["kv_lora_rank"] and shrunk["q_lora_rank"] < source["q_lora_rank"]
