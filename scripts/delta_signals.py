@@ -409,7 +409,9 @@ _BASELINE = {"gqa", "mqa", "tied_embeddings", "head_dim_override", "rope_scaling
 # Donor features that are always on in the donor's graph, with the cost of
 # removing them when the model does not have them (structural ones cost more).
 # A donor's ``optional`` features (switched on by config or weights) cost nothing.
-_ALWAYS_ON = {"ssm": 3, "mla": 3, "moe": 2, "shared_experts": 1, "sandwich_norm": 1, "post_norm": 1,
+# A state-space/conv mixer the model lacks costs the most: every layer it runs in must be rewritten (an
+# attention model otherwise ranked the hybrid lfm2 above olmo2, Exaone 4 dogfood).
+_ALWAYS_ON = {"ssm": 6, "mla": 3, "moe": 2, "shared_experts": 1, "sandwich_norm": 1, "post_norm": 1,
               "per_layer_attention": 1, "layernorm": 1, "layernorm_weightless": 1, "fused_qkv": 1, "fused_gate_up": 1, "norm_offset": 1,
               "embedding_scale": 1, "nope_layers": 1, "qk_norm": 1, "qk_norm_full_width": 2,
               "attention_bias": 1, "mlp_bias": 1}
@@ -428,6 +430,21 @@ def _ranking_codes(signals: list[Signal]) -> list[str]:
     if router and any("scoring_func='sigmoid'" in e for e in router.evidence) and SIGMOID_ROUTER not in codes:
         codes.append(SIGMOID_ROUTER)
     return list(dict.fromkeys(codes))
+
+
+# A code and the code that names its form: a donor covers the code only in the form the model has (olmo2's
+# full-width QK-norm does not implement a per-head one; the Exaone 4 dogfood read "already implements: qk_norm").
+FORM_OF = {"qk_norm": "qk_norm_full_width"}
+
+
+def _covers(code: str, traits: Any, codes: list[str]) -> bool:
+    """Whether a donor with ``traits`` implements ``code`` in the form the model's ``codes`` ask for."""
+    if code not in traits.features:
+        return False
+    form = FORM_OF.get(code)
+    if form is None or form in traits.optional:
+        return True
+    return (form in traits.features) == (form in codes)
 
 
 @dataclass
@@ -509,8 +526,8 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
         traits = max_registry.DONOR_TRAITS.get(donor.slug)
         if traits is None:
             continue
-        covered = [c for c in codes if c in traits.features]
-        missing = [c for c in codes if c not in traits.features]
+        covered = [c for c in codes if _covers(c, traits, codes)]
+        missing = [c for c in codes if c not in covered]
         always_on = traits.features - traits.optional
         extra = sorted(f for f in always_on & _ALWAYS_ON.keys() if f not in codes)
         score = (sum(2 + _ALWAYS_ON.get(c, 0) for c in covered) - len(missing)

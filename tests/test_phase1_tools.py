@@ -259,6 +259,17 @@ def test_rank_donors_top_choice(codes, top, outscored):
     assert all(scores[slug] < ranked[0].score for slug in outscored), scores
 
 
+def test_a_donor_covers_a_code_only_in_the_models_form():
+    """olmo2's QK-norm spans all heads: for a per-head QK-norm it is work to do, not "already implements"
+    (Exaone 4 dogfood); qwen3's per-head one does not cover a full-width one either."""
+    per_head = {r.slug: r for r in _rank("qk_norm", "post_norm", limit=50)}
+    assert "qk_norm" in per_head["olmo2"].missing and "qk_norm" not in per_head["olmo2"].covered
+    assert "qk_norm" in per_head["qwen3"].covered
+    full = {r.slug: r for r in _rank("qk_norm", "qk_norm_full_width", "post_norm", limit=50)}
+    assert {"qk_norm", "qk_norm_full_width"} <= set(full["olmo2"].covered)
+    assert "qk_norm" in full["qwen3"].missing
+
+
 def test_rank_donors_ties_prefer_the_graph_owner():
     """granite builds exactly the llama3 graph, so they tie; llama3 owns it and goes first.
 
