@@ -40,7 +40,6 @@ Each mutation names the block it exercises.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 
 import pytest
@@ -205,10 +204,7 @@ def port_dir(replica, tmp_path_factory):
 @pytest.fixture(scope="module")
 def mutants(replica, tmp_path_factory):
     root = tmp_path_factory.mktemp("mutants")
-    edited = harness.mutant_copies(replica, root, REFERENCE_MUTATIONS)
-    for name in PATCHED_REFERENCES:  # its own folder, so the reference cache never mixes it with the replica
-        edited[name] = shutil.copytree(replica, root / name)
-    return edited
+    return harness.mutant_copies(replica, root, REFERENCE_MUTATIONS, patched=PATCHED_REFERENCES)
 
 
 # --- fast checks (no compile) ------------------------------------------------------

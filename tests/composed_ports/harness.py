@@ -20,6 +20,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 from composed_ports.compose import read_spec
 from conftest import REPO_ROOT, run_script
@@ -74,9 +75,13 @@ def edited_copy(replica: Path, dest: Path, edit_weights=None, edit_config=None) 
     return dest
 
 
-def mutant_copies(replica: Path, root: Path, mutations: dict) -> dict[str, Path]:
-    """One edited copy per ``name -> (edit_weights, edit_config)`` entry, under ``root/name``."""
-    return {name: edited_copy(replica, root / name, w, c) for name, (w, c) in mutations.items()}
+def mutant_copies(replica: Path, root: Path, mutations: dict, patched: Iterable[str] = ()) -> dict[str, Path]:
+    """One edited copy per ``name -> (edit_weights, edit_config)`` entry, under ``root/name``; plus an unedited
+    copy per name in ``patched`` (a reference compared under an in-process patch: its own folder, so the
+    reference cache never mixes it with the replica)."""
+    copies = {name: edited_copy(replica, root / name, w, c) for name, (w, c) in mutations.items()}
+    copies.update({name: Path(shutil.copytree(replica, root / name)) for name in patched})
+    return copies
 
 
 def load_block(name: str):
