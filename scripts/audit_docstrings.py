@@ -301,22 +301,9 @@ def unmodified_blocks(port_path: Path, manifest: dict) -> dict[Path, dict]:
     """Block files the manifest records whose bytes still hash to the recorded sha256: library code reviewed with
     the skill, so their docstrings (which name the transformers code they mirror) are not the port's claims.
     A block the port edited hashes differently and is audited like any other file."""
-    import hashlib
-
-    found: dict[Path, dict] = {}
     records = manifest.get("blocks")
-    for record in records if isinstance(records, list) else []:
-        if not (isinstance(record, dict) and isinstance(record.get("file"), str)
-                and isinstance(record.get("sha256"), str)):
-            continue
-        path = port_path / record["file"]
-        try:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        except OSError:
-            continue
-        if digest == record["sha256"]:
-            found[path] = record
-    return found
+    return {port_path / record["file"]: record for record in (records if isinstance(records, list) else [])
+            if port_layout.block_is_unmodified(port_path, record)}
 
 
 def read_manifest(port_path: Path) -> dict:

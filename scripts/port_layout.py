@@ -13,6 +13,7 @@ Imports neither torch nor max.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib.util
 import keyword
 import re
@@ -69,6 +70,17 @@ def slug_from_name(name: str) -> str:
     if slug[0].isdigit():
         slug = "m_" + slug
     return slug
+
+
+def block_is_unmodified(port_path: Path, record: dict) -> bool:
+    """Whether the block file a manifest ``blocks`` record names still hashes to the recorded sha256 (the
+    library's bytes, as scaffold copied them); False for a malformed record or an unreadable file."""
+    if not (isinstance(record, dict) and isinstance(record.get("file"), str) and isinstance(record.get("sha256"), str)):
+        return False
+    try:
+        return hashlib.sha256((port_path / record["file"]).read_bytes()).hexdigest() == record["sha256"]
+    except OSError:
+        return False
 
 
 def default_slug(config: dict, model_name: str) -> str:

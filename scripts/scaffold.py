@@ -585,9 +585,8 @@ def inherit_blocks(plan: PortPlan, donor: port_layout.PortDonor) -> None:
     for entry in recorded if isinstance(recorded, list) else []:
         rel = entry.get("file") if isinstance(entry, dict) else None
         if isinstance(rel, str) and rel in plan.texts:
-            original = input_files.read_text(donor.path / rel, "block file")
-            if hashlib.sha256(original.encode("utf-8")).hexdigest() == entry.get("sha256"):
-                plan.texts[rel] = original
+            if port_layout.block_is_unmodified(donor.path, entry):
+                plan.texts[rel] = input_files.read_text(donor.path / rel, "block file")
             plan.blocks.append({"name": entry.get("name"), "file": rel, "source": f"{shown}/{rel}",
                                 "version": entry.get("version"),
                                 "sha256": hashlib.sha256(plan.texts[rel].encode("utf-8")).hexdigest()})
