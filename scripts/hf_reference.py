@@ -70,6 +70,40 @@ def _quiet() -> None:
     hf_logging.disable_progress_bar()
 
 
+def native_config_class(model_type: str) -> Any | None:
+    """transformers' own config class for ``model_type``, or None when transformers ships none.
+
+    Importing ``max.pipelines`` registers MAX's config shims with ``AutoConfig``
+    (``exist_ok=True``); for ``deepseek_v4`` the shim replaces transformers'
+    class with one that no transformers model accepts, so the registry cannot
+    be trusted in a process that also imports MAX.
+    """
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    name = CONFIG_MAPPING_NAMES.get(model_type)
+    return getattr(transformers, name, None) if name else None
+
+
+def config_for_model(model_type: str, **fields: Any) -> Any:
+    """``AutoConfig.for_model`` that builds transformers' own class even after MAX registered a shim."""
+    from transformers import AutoConfig
+
+    native = native_config_class(model_type)
+    return native(**fields) if native is not None else AutoConfig.for_model(model_type, **fields)
+
+
+def load_config(location: str, *, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """``AutoConfig.from_pretrained``, reloaded with transformers' own class where a MAX shim answered."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(location, revision=revision, trust_remote_code=trust_remote_code)
+    native = native_config_class(getattr(config, "model_type", ""))
+    if native is not None and type(config) is not native and not getattr(config, "auto_map", None):
+        config = native.from_pretrained(location, revision=revision)
+    return config
+
+
 def load(location: str, *, dtype: str = "float32", device: str = "cpu",
          attn_implementation: str = DEFAULT_ATTN_IMPLEMENTATION, revision: str | None = None,
          trust_remote_code: bool = False, config: Any = None, label: str | None = None) -> Any:
@@ -85,11 +119,12 @@ def load(location: str, *, dtype: str = "float32", device: str = "cpu",
     check_attn_implementation(attn_implementation)
     label = label or location
     dtype = tolerances.canonical_dtype(dtype)
-    kwargs = {"config": config} if config is not None else {}
     try:
+        if config is None:
+            config = load_config(location, revision=revision, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=getattr(torch, dtype),
                                                      trust_remote_code=trust_remote_code,
-                                                     attn_implementation=attn_implementation, **kwargs)
+                                                     attn_implementation=attn_implementation, config=config)
     except Exception as exc:  # noqa: BLE001 - any loader failure is a one-line exit 3
         raise ScriptError(f"cannot load the HF reference {label} with attn_implementation={attn_implementation!r}: "
                           f"{_first_line(exc)}") from None

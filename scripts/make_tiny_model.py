@@ -287,7 +287,7 @@ def _build_in(staging: Path, source: model_source.ModelSource | None, original: 
                     shutil.copy(path, staging / path.name)
         _write_json(staging / "config.json", shrunk.config)
         torch.manual_seed(options.seed)
-        config = transformers.AutoConfig.from_pretrained(staging, trust_remote_code=options.trust_remote_code)
+        config = hf_reference.load_config(str(staging), trust_remote_code=options.trust_remote_code)
         hf_model = hf_reference.from_config(config, trust_remote_code=options.trust_remote_code)
         _check_hf_layer_types(config, hf_layer_types, shrunk)
         tokenizer = transformers.AutoTokenizer.from_pretrained(staging, trust_remote_code=options.trust_remote_code)
@@ -384,12 +384,10 @@ def _text_only_architecture(original: dict[str, Any], text: dict[str, Any]) -> t
 
 def _hf_layer_types(text: dict[str, Any], trust_remote_code: bool) -> list[str] | None:
     """Per-layer attention types as transformers derives them (from layer_types or pattern fields)."""
-    import transformers
-
     # A deep copy: transformers rewrites rope dicts it is given in place.
     fields = copy.deepcopy({k: v for k, v in text.items() if k not in ("model_type", "architectures", "auto_map")})
     try:
-        config = transformers.AutoConfig.for_model(text["model_type"], **fields)
+        config = hf_reference.config_for_model(text["model_type"], **fields)
     except Exception:  # noqa: BLE001 - unknown or remote-code model type: use the raw list
         return text.get("layer_types")
     value = getattr(config, "layer_types", None)

@@ -1614,7 +1614,7 @@ def sensitivity_report(replica_dir: str | Path, *, dtype: str | None = None, tru
             return torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]
 
     def fresh_config() -> Any:
-        return transformers.AutoConfig.from_pretrained(replica, trust_remote_code=trust_remote_code)
+        return hf_reference.load_config(str(replica), trust_remote_code=trust_remote_code)
 
     base_model = load()
     base = logprobs(base_model)

@@ -133,7 +133,9 @@ def default_config(model_type: str, architecture: str) -> tuple[dict, str]:
     """
     import transformers
 
-    built = transformers.AutoConfig.for_model(model_type)
+    import hf_reference
+
+    built = hf_reference.config_for_model(model_type)
     config, written = built.to_dict(), built.to_diff_dict()
     for key, value in config.items():
         if isinstance(getattr(built, key, None), transformers.PreTrainedConfig) and isinstance(written.get(key), dict):

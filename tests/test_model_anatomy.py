@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+import hf_reference
 import model_anatomy
 import model_source
 from model_anatomy import ALIASES, AnatomyError, ConfigView, config_view
@@ -187,11 +188,10 @@ def test_alias_table_covers_transformers_attribute_maps():
 
 def test_view_of_every_shipped_default_config_agrees_with_transformers():
     """For default configs of decoder families, heads / kv heads / layers match the config object's attributes."""
-    from transformers import AutoConfig
 
     for family in ("llama", "gpt2", "gpt_neox", "gptj", "falcon", "opt", "bloom", "mpt", "phi", "starcoder2",
                    "cohere", "olmoe", "qwen2_moe", "gemma2", "gpt_bigcode", "mixtral", "stablelm", "phi3"):
-        config = AutoConfig.for_model(family)
+        config = hf_reference.config_for_model(family)
         view = config_view(config.to_dict())
         assert view.hidden_size == config.hidden_size, family
         assert view.num_heads == config.num_attention_heads, family
@@ -212,9 +212,9 @@ TOKEN_ID_KEYS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_
 def shrunk_model(model_type: str, **overrides):
     """A randomly initialized model of ``model_type`` from its default config, shrunk through the view's own keys."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type).to_dict()
+    config = hf_reference.config_for_model(model_type).to_dict()
     view = config_view(config)
     for name, value in SHRUNK_SIZES.items():
         if view.key(name):  # every spelling present (DeepSeek-V3.2 lists num_experts and n_routed_experts)
@@ -251,7 +251,7 @@ def shrunk_model(model_type: str, **overrides):
     config.update(overrides)
     fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version", "architectures")}
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **fields))
+    return AutoModelForCausalLM.from_config(hf_reference.config_for_model(model_type, **fields))
 
 
 # family: (blocks, qkv kind, weight storage, output projection, MLP output module, block norm roles,
@@ -719,18 +719,16 @@ def test_gemma4_per_layer_inputs(more_models):
 
 def test_an_moe_switch_that_is_off_means_a_dense_model():
     """Regression (bench): Doge's default config has num_experts=2048 but is_moe=false builds dense MLPs."""
-    from transformers import AutoConfig
 
-    view = config_view(AutoConfig.for_model("doge").to_dict())
+    view = config_view(hf_reference.config_for_model("doge").to_dict())
     assert not view.is_moe and view.num_experts is None and view.moe_layers == ()
     assert "is_moe=false" in view.source("num_experts").note
     assert config_view({"num_experts": 8, "is_moe": True, "num_hidden_layers": 2}).is_moe
 
 
 def test_longcat_block_count_is_num_layers():
-    from transformers import AutoConfig
 
-    config = AutoConfig.for_model("longcat_flash").to_dict()
+    config = hf_reference.config_for_model("longcat_flash").to_dict()
     view = config_view(config)
     assert view.num_layers == config["num_layers"] and view.key("num_layers") == "num_layers"
     assert config["num_hidden_layers"] == 2 * view.num_layers

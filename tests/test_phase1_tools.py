@@ -382,12 +382,11 @@ def test_a_code_signal_whose_config_value_changes_nothing_is_dropped(model_type,
     nothing to get wrong on this model; the bench counted the mutation's honest "not applicable" as a missed
     signal."""
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    import transformers
-
     import delta_signals
+    import hf_reference
     import hf_source
 
-    config = transformers.AutoConfig.for_model(model_type).to_dict()
+    config = hf_reference.config_for_model(model_type).to_dict()
     config["architectures"] = [architecture]
 
     def codes(c: dict) -> set[str]:
@@ -518,10 +517,11 @@ def test_check_walls_catalogue(models, name, code, findings):
 
 def _default_config(model_type: str, **edits) -> dict:
     """transformers' default config for ``model_type`` (config.json form, causal-LM class named), edited."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config = json.loads(json.dumps(AutoConfig.for_model(model_type).to_diff_dict(), default=str))
+    import hf_reference
+
+    config = json.loads(json.dumps(hf_reference.config_for_model(model_type).to_diff_dict(), default=str))
     return config | {"architectures": [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]], "model_type": model_type} | edits
 
 

@@ -327,3 +327,24 @@ def test_port_with_a_changed_final_cap_diverges(replicas):
         report = compare_lib(replicas["saturated"], standin)
     assert report.verdict == "DIVERGED"
     assert report.first_divergence["reason"] == "logprob"
+
+
+def test_max_config_shims_do_not_replace_transformers_classes(tmp_path):
+    """Importing max.pipelines registers MAX's own deepseek_v4 config over transformers' (exist_ok=True);
+    the reference still builds and reloads transformers' class. In a fresh process: the suite may import max first."""
+    import subprocess
+    import sys
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "deepseek_v4", "vocab_size": 64}))
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import transformers, max.pipelines.architectures, hf_reference\n"
+            "shim = transformers.AutoConfig.for_model('deepseek_v4')\n"
+            "built = hf_reference.config_for_model('deepseek_v4')\n"
+            "loaded = hf_reference.load_config(%r)\n"
+            "print(type(shim) is transformers.DeepseekV4Config, type(built) is transformers.DeepseekV4Config, "
+            "type(loaded) is transformers.DeepseekV4Config, loaded.vocab_size)\n"
+            % (str(Path(__file__).resolve().parent.parent / "scripts"), str(tmp_path)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    # the first False shows the shim is in effect; if MAX stops shadowing the class this test has nothing to guard
+    assert done.stdout.split() == ["False", "True", "True", "64"]
