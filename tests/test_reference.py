@@ -332,6 +332,7 @@ def test_port_with_a_changed_final_cap_diverges(replicas):
 def test_max_config_shims_do_not_replace_transformers_classes(tmp_path):
     """Importing max.pipelines registers MAX's own deepseek_v4 config over transformers' (exist_ok=True);
     the reference still builds and reloads transformers' class. In a fresh process: the suite may import max first."""
+    import os
     import subprocess
     import sys
 
@@ -344,7 +345,10 @@ def test_max_config_shims_do_not_replace_transformers_classes(tmp_path):
             "print(type(shim) is transformers.DeepseekV4Config, type(built) is transformers.DeepseekV4Config, "
             "type(loaded) is transformers.DeepseekV4Config, loaded.vocab_size)\n"
             % (str(Path(__file__).resolve().parent.parent / "scripts"), str(tmp_path)))
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # -I: in the full CI suite a child once could not import transformers (cause not found: no test or script here
+    # sets PYTHON* variables); isolated mode ignores them, the user site and the working folder
+    done = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=300)
+    python_env = {k: v for k, v in os.environ.items() if k.startswith("PYTHON")}
+    assert done.returncode == 0, f"{done.stderr[-2000:]}\ncwd {os.getcwd()}, env {python_env}, path {sys.path[:4]}"
     # the first False shows the shim is in effect; if MAX stops shadowing the class this test has nothing to guard
     assert done.stdout.split() == ["False", "True", "True", "64"]
