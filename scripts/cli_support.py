@@ -20,6 +20,8 @@ import os
 import sys
 from typing import Any, Callable, Mapping
 
+import max_compat
+
 
 class ExitCode(enum.IntEnum):
     """The exit codes every script shares."""
@@ -35,8 +37,8 @@ EXIT_FINDINGS = ExitCode.FINDINGS
 EXIT_STOP = ExitCode.STOP
 EXIT_CANNOT_RUN = ExitCode.CANNOT_RUN
 
-# The MAX releases the MAX-internal parts of the scripts were tested against.
-TESTED_MAX_VERSIONS = ("26.7",)
+# The MAX releases the MAX-internal parts of the scripts were tested against (max_compat names the release).
+TESTED_MAX_VERSIONS = (max_compat.CHECKED_MAX_RELEASE,)
 
 
 class ScriptError(Exception):

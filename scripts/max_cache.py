@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CHECKED_MAX_VERSION = "26.7"
+import max_compat
+
+CHECKED_MAX_VERSION = max_compat.CHECKED_MAX_RELEASE
 # Compiled executables, one file per graph, in MAX 26.7's layout.
 _GRAPH_FOLDER = Path(".max_cache") / "mof" / "mef"
 

@@ -13,11 +13,20 @@ scores in vectors of 8 x the SIMD width of the attention dtype (the unroll
 factor of MAX's ``map_reduce``), so the smallest window that compiles is
 8 x (vector register bytes / dtype bytes): 128 for float32 on AVX-512.
 A port that builds its own mask is not bound by this.
+
+MAX internals. The tools' uses of MAX modules that are not its public API
+(layer hooks, the KV-cache manager, memory plans, pipeline arguments) are
+imported only through ``internal(name)``, from the ``INTERNALS`` table, so a
+MAX upgrade has one table to re-check.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 CHECKED_MAX_VERSION = "26.7.0"
+CHECKED_MAX_RELEASE = "26.7"  # the major.minor form cli_support and the caches compare with
 
 # The CPU the window floor was measured on (tests/bench_sliding_window.py prints these).
 MEASURED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16")
@@ -56,3 +65,25 @@ def sliding_window_reason(dtype: str = "float32") -> str:
     return (f"the smallest window MAX {CHECKED_MAX_VERSION}'s CPU attention compiles with its native sliding-window "
             f"mask in {dtype} ({sliding_window_floor(dtype)}, {how} on {MEASURED_VECTOR_BYTES * 8}-bit vectors): "
             "smaller windows fail to compile ('SIMD width of sliding window mask must be <= window size')")
+
+
+# name -> (module, attribute or None for the module itself, which tool needs it and why it is not public API).
+# Checked on MAX CHECKED_MAX_VERSION; imported lazily, so this module still imports no max.
+INTERNALS: dict[str, tuple[str, str | None, str]] = {
+    "add_layer_hook": ("max.nn.layer", "add_layer_hook", "layer-diff taps each layer's output during the trace"),
+    "layer_module": ("max.nn.layer.layer", None, "layer-diff removes only its own hook from _LAYER_HOOKS (MAX offers "
+                                                 "only clear_hooks(), which drops every hook)"),
+    "TokenBuffer": ("max.pipelines.context.tokens", "TokenBuffer", "layer-diff builds one request's context by hand"),
+    "load_kv_manager": ("max.pipelines.kv_cache.registry", "load_kv_manager",
+                        "layer-diff runs the port in-process without the serving stack"),
+    "MemoryPlan": ("max.pipelines.lib.memory_estimation", "MemoryPlan", "layer-diff sizes the KV cache itself"),
+    "PipelineArgs": ("max.pipelines.lib.pipeline_args", "PipelineArgs",
+                     "layer-diff and the gates build a pipeline config without the CLI"),
+}
+
+
+def internal(name: str) -> Any:
+    """The MAX internal ``name`` from ``INTERNALS`` (ImportError or AttributeError when MAX moved it)."""
+    module_name, attribute, _why = INTERNALS[name]
+    module = importlib.import_module(module_name)
+    return module if attribute is None else getattr(module, attribute)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import cli_support
+import max_compat
 from cli_support import ScriptError
 
 # Attribute names, first match wins, of the port's (MAX) modules the hook taps. The first
@@ -157,14 +158,11 @@ class CaptureHook:
 @contextmanager
 def layer_hook(hook: Any) -> Iterator[Any]:
     """Register ``hook`` with MAX's layer-hook list for the duration of the block only."""
-    from max.nn.layer import add_layer_hook
-    from max.nn.layer import layer as layer_module
-
-    add_layer_hook(hook)
+    max_compat.internal("add_layer_hook")(hook)
     try:
         yield hook
     finally:
-        hooks = layer_module._LAYER_HOOKS  # MAX 26.7 offers only clear_hooks(), which drops others' hooks
+        hooks = max_compat.internal("layer_module")._LAYER_HOOKS
         if hook in hooks:
             hooks.remove(hook)
 
@@ -228,11 +226,10 @@ def capture_port(model_path: str, port_dir: str, token_ids: list[int], *, encodi
     from max.graph.weights import load_weights, weights_format
     from max.nn.transformer import ReturnLogits
     from max.pipelines.context import TextContext
-    from max.pipelines.context.tokens import TokenBuffer
-    from max.pipelines.kv_cache.registry import load_kv_manager
     from max.pipelines.lib import PipelineConfig
-    from max.pipelines.lib.memory_estimation import MemoryPlan
-    from max.pipelines.lib.pipeline_args import PipelineArgs
+
+    TokenBuffer, load_kv_manager, MemoryPlan, PipelineArgs = (max_compat.internal(name) for name in (
+        "TokenBuffer", "load_kv_manager", "MemoryPlan", "PipelineArgs"))
 
     max_length = max(64, len(token_ids) + 1)
     try:

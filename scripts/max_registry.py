@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import cli_support
+import max_compat
 
 MODULE_V3_SUFFIX = "_ModuleV3"
 TEXT_GENERATION = "text_generation"
 
 # The MAX version the measurements and traits below were taken on.
-MEASURED_MAX_VERSION = "26.7"
+MEASURED_MAX_VERSION = max_compat.CHECKED_MAX_RELEASE
 
 # How each donor's native MAX graph did on the CPU in float32 against transformers,
 # measured on MAX 26.7 by serving a strong-init 2-layer fp32 replica

@@ -38,6 +38,7 @@ from typing import Any
 
 import cli_support
 import input_files
+import max_compat
 import model_source
 import port_layout
 from cli_support import ScriptError
@@ -313,9 +314,8 @@ def load_port(port: port_layout.PortDir, source: Any, encoding: str) -> LoadedPo
     module = import_port(port)
     from max.driver import DeviceSpec
     from max.pipelines.lib import PipelineConfig
-    from max.pipelines.lib.pipeline_args import PipelineArgs
 
-    args = PipelineArgs(model_path=str(source.local_dir or source.repo_id), device_specs=[DeviceSpec.cpu()],
+    args = max_compat.internal("PipelineArgs")(model_path=str(source.local_dir or source.repo_id), device_specs=[DeviceSpec.cpu()],
                         quantization_encoding=encoding, max_length=128,
                         runtime={"custom_architectures": [port.custom_architectures_arg]})
     return LoadedPort(module.ARCHITECTURES[0], PipelineConfig.from_args(args))
