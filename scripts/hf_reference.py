@@ -148,13 +148,20 @@ def from_config(config: Any, *, attn_implementation: str = DEFAULT_ATTN_IMPLEMEN
     return _confirm(model, attn_implementation, type(config).__name__).eval()
 
 
-def logprob_rows(model: Any, token_ids: Sequence[int], device: str = "cpu") -> Any:
-    """float64 log-softmax rows (numpy, [T, vocab]) of one forward pass over ``token_ids``."""
+def forward(model: Any, token_ids: Sequence[int], device: str = "cpu", *,
+            hidden_states: bool = False) -> tuple[Any, Any]:
+    """One forward pass: float64 log-softmax rows (numpy, [T, vocab]) and, on request, the hidden states."""
     import torch
 
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([list(token_ids)], device=device)).logits[0]
-        return torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
+        output = model(input_ids=torch.tensor([list(token_ids)], device=device), output_hidden_states=hidden_states)
+        rows = torch.log_softmax(output.logits[0].double(), dim=-1).cpu().numpy()
+    return rows, (output.hidden_states if hidden_states else None)
+
+
+def logprob_rows(model: Any, token_ids: Sequence[int], device: str = "cpu") -> Any:
+    """float64 log-softmax rows (numpy, [T, vocab]) of one forward pass over ``token_ids``."""
+    return forward(model, token_ids, device)[0]
 
 
 def reference_spread(rows: Any) -> float:

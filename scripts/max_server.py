@@ -25,7 +25,7 @@ Public API::
     max_server.start_server(...) -> RunningServer   (same arguments; call .stop())
     max_server.launch_server(...) -> RunningServer  (start_server without the wait or timeout)
     max_server.normalize_port_dir(path) -> port_layout.PortDir (.path, .slug)
-    max_server.models_endpoint(base_url) -> dict | None   (GET /v1/models as a JSON object)
+    max_server.probe_models(base_url) -> ModelsAnswer     (GET /v1/models: answered, names, problem)
     max_server.classify_failure(log_text) -> (cause, error_lines)
     max_server.ServeFailure(ScriptError): .cause, .error_lines, .log_path
         cause is one of port-in-use, port-taken, port-import-error, weight-name-mismatch,
@@ -567,18 +567,6 @@ def probe_models(base_url: str, timeout: float = MODELS_REQUEST_SECONDS) -> Mode
         return ModelsAnswer(True, None, f"/v1/models answered {what}")
     names = [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
     return ModelsAnswer(True, names, "" if names else "/v1/models lists no model")
-
-
-def models_endpoint(base_url: str, timeout: float = MODELS_REQUEST_SECONDS) -> dict | None:
-    """The JSON object of GET /v1/models (its ``data`` a list), or None when nothing like it answers."""
-    try:
-        with urllib.request.urlopen(f"{base_url}/v1/models", timeout=timeout) as response:
-            document = json.loads(response.read(MODELS_BODY_LIMIT).decode("utf-8"))
-    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError, RecursionError):
-        return None
-    if not isinstance(document, dict) or not isinstance(document.get("data", []), list):
-        return None
-    return document
 
 
 # --- process lifetime --------------------------------------------------------

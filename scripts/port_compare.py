@@ -190,15 +190,8 @@ def read_prompts(prompts: Sequence[str] | None, prompts_file: str | None) -> lis
 
 def hf_forward(hf: Any, token_ids: list[int], device: str, layer_stats: bool) -> tuple[Any, list[dict] | None]:
     """HF log-softmax rows for positions 1..T-1 from one forward pass (and per-layer stats on request)."""
-    import torch
-
-    with torch.no_grad():
-        inputs = torch.tensor([token_ids], device=device)
-        output = hf(input_ids=inputs, output_hidden_states=layer_stats)
-        logits = output.logits[0, :-1].float()
-        rows = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
-    stats = hidden_state_stats(output.hidden_states) if layer_stats else None
-    return rows, stats
+    rows, hidden_states = hf_reference.forward(hf, token_ids, device, hidden_states=layer_stats)
+    return rows[:-1], (hidden_state_stats(hidden_states) if layer_stats else None)
 
 
 def hidden_state_stats(hidden_states: Sequence[Any]) -> list[dict]:

@@ -105,7 +105,7 @@ def test_serve_prints_url_log_and_served_name(server, replicas):
     assert server["served_name"] == str(replicas["base"])
     assert Path(server["log_path"]).is_file()
     assert "--enable-echo" in server["command"]
-    assert max_server.models_endpoint(server["base_url"])["data"][0]["id"] == server["served_name"]
+    assert max_server.probe_models(server["base_url"]).names == [server["served_name"]]
 
 
 def test_native_serve_matches_hf_token_for_token(server, replicas):
