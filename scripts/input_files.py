@@ -50,10 +50,10 @@ def describe_path_problem(path: Path) -> str | None:
     return None
 
 
-def read_text(path: str | Path, what: str = "") -> str:
-    """The UTF-8 text of a file; ScriptError naming the file for any other kind of file or text."""
+def read_text(path: str | Path, what: str = "", *, label: str | None = None) -> str:
+    """The UTF-8 text of a file; ScriptError naming the file (or ``label``) for any other kind of file or text."""
     path = Path(path)
-    label = f"{what} {path}" if what else str(path)
+    label = label or (f"{what} {path}" if what else str(path))
     problem = describe_path_problem(path)
     if problem:
         raise ScriptError(f"{label} {problem}")

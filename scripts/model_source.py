@@ -132,13 +132,7 @@ class ModelSource:
 
     def read_text(self, filename: str) -> str:
         """The UTF-8 text of one (small) file of the model."""
-        path = self.fetch(filename)
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ScriptError(f"{filename} of {self.display_name} is not UTF-8 text (byte {exc.start})") from None
-        except OSError as exc:
-            raise ScriptError(f"cannot read {filename} of {self.display_name}: {exc.strerror or exc}") from None
+        return input_files.read_text(self.fetch(filename), label=f"{filename} of {self.display_name}")
 
     def read_json(self, filename: str) -> dict[str, Any]:
         """One JSON object file of the model, refused when malformed, not an object or nested too deeply."""
