@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import model_anatomy
 import model_source
 from model_source import TensorInfo
 
@@ -103,7 +104,27 @@ def detect(config: dict[str, Any], tensors: dict[str, TensorInfo] | None = None,
         elif layernorm and not any(e.startswith(("tensor:", "code:")) for e in layernorm.evidence):
             # "layer_norm_epsilon" also names RMSNorm eps (Mamba); without norm biases trust the tensors.
             del found.signals["layernorm"]
+    _drop_inactive_moe(text, found)
     return list(found.signals.values())
+
+
+# Signals that mean routing between experts: none of them applies with one expert or with the experts off.
+_ROUTING_CODES = ("moe", "router", "shared_experts", "shared_expert_gate", "topk_softmax_router", "sigmoid_router",
+                  "router_renormalize")
+
+
+def _drop_inactive_moe(text: dict[str, Any], found: "_Collector") -> None:
+    """A config with one expert (HunYuan-MoE's default) or a switch turning them off (Doge's is_moe, Gemma 4's
+    enable_moe_block) routes nothing: its expert code and tensors are not a MoE delta."""
+    switch = next((key for key in model_anatomy.MOE_SWITCH_KEYS if text.get(key) is False), None)
+    try:
+        experts = model_anatomy.config_view(text).num_experts
+    except Exception:  # noqa: BLE001 - a config the view cannot read: keep what was found
+        return
+    if switch is None and (experts is None or experts > 1):
+        return
+    for code in _ROUTING_CODES:
+        found.signals.pop(code, None)
 
 
 def hf_view(config: dict[str, Any], reading: Any) -> dict[str, Any]:
@@ -350,7 +371,9 @@ def _tensor_signals(text: dict[str, Any], tensors: dict[str, TensorInfo], found:
         return next((n for n in names if regex.search(n)), None)
 
     checks = (
-        (r"\.(q_norm|k_norm|q_layernorm|k_layernorm|query_layernorm|key_layernorm)\.weight$", "qk_norm",
+        # not a sparse-attention indexer's own key norm (DeepSeek-V3.2's self_attn.indexer.k_norm)
+        (r"^(?!.*\.indexer\.).*\.(q_norm|k_norm|q_layernorm|k_layernorm|query_layernorm|key_layernorm)\.weight$",
+         "qk_norm",
          "queries and keys are normalized before RoPE"),
         (r"\.(qkv_proj|query_key_value|qkv|Wqkv|c_attn)\.weight$", "fused_qkv",
          "query/key/value come from one fused projection"),

@@ -30,6 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import model_anatomy
 import transformers_catalog
 from delta_codes import DeltaCode
 
@@ -756,17 +757,38 @@ def _nested_get(config: dict[str, Any], key: str) -> Any:
     return UNKNOWN
 
 
-def _key_gate(key: str) -> Callable[[dict[str, Any]], bool | None]:
-    return lambda config: _truthy(_nested_get(config, key))
+def _key_gate(key: str, *, absent: bool | None = None) -> Callable[[dict[str, Any]], bool | None]:
+    """The signal needs ``key`` set; ``absent`` is the answer when the (effective) config lacks the key."""
+    def gate(config: dict[str, Any]) -> bool | None:
+        value = _nested_get(config, key)
+        return absent if value is UNKNOWN else _truthy(value)
+    return gate
 
+
+def _moe_active(config: dict[str, Any]) -> bool | None:
+    """More than one expert and no switch turning them off (Doge's is_moe, Gemma 4's enable_moe_block)."""
+    try:
+        view = model_anatomy.config_view(config)
+    except Exception:  # noqa: BLE001 - a config the view cannot read: keep the code's answer
+        return None
+    if view.num_experts is None and not any(config.get(key) is False for key in model_anatomy.MOE_SWITCH_KEYS):
+        return None  # no expert count (and no switch): the code decides
+    return view.is_moe
+
+
+_MOE_CODES = (DeltaCode.MOE, DeltaCode.SHARED_EXPERTS, DeltaCode.SHARED_EXPERT_GATE, DeltaCode.TOPK_SOFTMAX_ROUTER,
+              DeltaCode.SIGMOID_ROUTER, DeltaCode.ROUTER_RENORMALIZE)
 
 # Config values a line rule also needs when the code does not test them on that line: False drops it.
 _VALUE_GATES: dict[DeltaCode, Callable[[dict[str, Any]], bool | None]] = {
     DeltaCode.PARTIAL_ROTARY: _partial_active,
     DeltaCode.PER_LAYER_ATTENTION: _layer_types_mixed,
     DeltaCode.NOPE_LAYERS: _no_rope_layers_active,
-    DeltaCode.ATTN_SOFTCAP: _key_gate("attn_logit_softcapping"),
+    # The capped line is often in a shared eager function the model never calls with a cap (Gemma 4's text
+    # attention; its audio tower's cap has another key): without the key in the effective config, no signal.
+    DeltaCode.ATTN_SOFTCAP: _key_gate("attn_logit_softcapping", absent=False),
     DeltaCode.QKV_CLIP: _key_gate("clip_qkv"),
+    **{code: _moe_active for code in _MOE_CODES},
 }
 
 
@@ -839,6 +861,11 @@ def _linear_bias(call: ast.Call, env: _Env) -> Any:
     return evaluate(keyword.value, env)
 
 
+# Classes that only choose which keys a query reads (DeepSeek-V3.2's sparse-attention indexer): their k_norm
+# normalizes the indexer's own keys, not the attention's, so it is no QK-norm delta.
+_KEY_SELECTOR_SUFFIXES = ("indexer",)
+
+
 def _projection_signals(ctx: _Ctx, parents: dict[ast.AST, ast.AST]) -> None:
     """Biases, fused QKV and QK-norm width from ``self.x = nn.Linear(...)``-style assignments."""
     for cls in ctx.classes.values():
@@ -874,7 +901,8 @@ def _projection_signals(ctx: _Ctx, parents: dict[ast.AST, ast.AST]) -> None:
                     ctx.add(DeltaCode.MLP_BIAS, "the MLP projections have biases", node.lineno)
                 if target.attr == "gate_up_proj":
                     ctx.add(DeltaCode.FUSED_GATE_UP, "gate and up projections are one matrix", node.lineno)
-            elif target.attr in _QNORM_NAMES and (node.value.args or node.value.keywords):
+            elif (target.attr in _QNORM_NAMES and (node.value.args or node.value.keywords)
+                  and not lowered.endswith(_KEY_SELECTOR_SUFFIXES)):
                 width = ast.unparse(node.value.args[0] if node.value.args else node.value.keywords[0].value)
                 spans_heads = bool(re.search(r"hidden_size|num_heads|num_attention_heads|num_key_value_heads"
                                              r"|all_head_size", width)) and not width.startswith("(")

@@ -110,8 +110,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
 # Boolean keys that mean the opposite of the field they spell (MPT: no_bias=True has no biases).
 INVERTED_KEYS = frozenset({"no_bias"})
 
-# A boolean key that turns the experts off whatever num_experts says (Doge's is_moe).
-MOE_SWITCH_KEY = "is_moe"
+# Boolean keys that turn the experts off whatever num_experts says (Doge's is_moe, Gemma 4's enable_moe_block).
+MOE_SWITCH_KEYS = ("is_moe", "enable_moe_block")
 
 # Families whose FFN width is 4 x hidden when the config leaves it unset (``n_inner: null``, or no
 # key at all, as in Bloom); the modeling code hard-codes that multiple.
@@ -365,9 +365,10 @@ def config_view(config: Mapping[str, Any]) -> ConfigView:
     reader.read("rope_theta", _is_number)  # records which key holds theta (the value is rope.theta)
     fraction, rotary_dim = _rotary(reader, rope, head_dim)
     experts = reader.read("num_experts", _is_int)
-    if experts is not None and part.get(MOE_SWITCH_KEY) is False:
+    switch = next((key for key in MOE_SWITCH_KEYS if part.get(key) is False), None)
+    if experts is not None and switch:
         # Doge: num_experts is set by default, but is_moe=false builds a dense MLP in every layer.
-        experts = reader.derive("num_experts", None, f"{MOE_SWITCH_KEY}=false: dense MLP, the expert count is unused")
+        experts = reader.derive("num_experts", None, f"{switch}=false: dense MLP, the expert count is unused")
     eps = reader.read("norm_eps", _is_number)
     activation = reader.read("activation", lambda v: isinstance(v, str))
     layer_types = _layer_types(reader, layers)
@@ -968,6 +969,8 @@ POST_ATTENTION_NAME = "post_attention_layernorm"
 POST_LN_FAMILIES: dict[str, tuple[Callable[[ConfigView], bool], dict[str, NormRole]]] = {
     "opt": (lambda view: view.text.get("do_layer_norm_before") is False,
             {"self_attn_layer_norm": NormRole.ATTENTION_RESIDUAL, "final_layer_norm": NormRole.MLP_RESIDUAL}),
+    # OpenAI GPT (GPT-1) is always post-LN: n = ln_1(x + attn(x)); h = ln_2(n + mlp(n))
+    "openai-gpt": (lambda view: True, {"ln_1": NormRole.ATTENTION_RESIDUAL, "ln_2": NormRole.MLP_RESIDUAL}),
 }
 
 
@@ -1678,6 +1681,13 @@ def _stacked_expert_children(module: Any) -> list[str]:
             if name not in ROUTER_NAMES and any(p.ndim == 3 for p in child.parameters(recurse=False))]
 
 
+def _flat_stacked(module: Any, experts: int) -> bool:
+    """DBRX's experts: every expert's rows in one 2-D [experts * ffn, hidden] weight per projection."""
+    weights = [p for p in module.parameters() if p.ndim == 2]
+    return experts > 1 and bool(weights) and all(p.shape[0] % experts == 0 and p.shape[0] > experts
+                                                  for p in weights)
+
+
 def _moe(path: str, module: Any, view: ConfigView) -> MoELayout:
     import torch
 
@@ -1697,7 +1707,7 @@ def _moe(path: str, module: Any, view: ConfigView) -> MoELayout:
                 expert = _mlp(_join(full, "0"), child[0], view)
             else:
                 # [experts, ...] weights of its own, or in children (Aria's fc1 / fc2 grouped GEMMs)
-                fused = any(p.ndim == 3 for p in child.parameters())
+                fused = any(p.ndim == 3 for p in child.parameters()) or _flat_stacked(child, num_experts)
                 if not fused:
                     raise AnatomyError(f"cannot resolve the experts {full} of {path}: neither a list of MLPs nor "
                                        "[experts, ...] weights")

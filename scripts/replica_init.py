@@ -357,13 +357,22 @@ def final_norm(model: Any) -> Any | None:
 
 
 def _logit_scale_target(model: Any, layout: model_anatomy.ModelLayout) -> tuple[str, str]:
-    """The module whose weight sets the logit scale: the final norm, else project_out, else an untied LM head."""
+    """The module whose weight sets the logit scale: a prediction head's norm, the final norm, project_out, an
+    untied LM head, else the last post-norm."""
+    # ModernBERT-decoder: the head's own norm feeds the LM head; scaling the final norm instead would move
+    # the head GELU's input and hide an exact-vs-tanh GELU mistake.
+    transform = getattr(layout, "head_transform", None)
+    if transform is not None and getattr(model.get_submodule(transform.norm), "weight", None) is not None:
+        return transform.norm, "head_transform_norm"
     if layout.final_norm and getattr(model.get_submodule(layout.final_norm), "weight", None) is not None:
         return layout.final_norm, "final_norm"
     if layout.project_out:
         return layout.project_out, "project_out"
     if not layout.tied:
         return layout.lm_head, "lm_head"
+    last = layout.blocks[-1].norm(model_anatomy.NormRole.MLP_RESIDUAL) if layout.blocks else None
+    if last is not None and getattr(model.get_submodule(last.path), "weight", None) is not None:
+        return last.path, "last_post_norm"  # post-LN (OpenAI GPT): the last block's residual norm feeds the head
     why = f"the final norm {layout.final_norm} has no weight" if layout.final_norm else "the model has no final norm"
     raise ScriptError(f"calibration step final_logits cannot apply to {layout.model_class}: {why} and the LM head "
                       f"{layout.lm_head} is tied to the token embedding (scaling it would undo the embedding step)")

@@ -26,7 +26,8 @@ key each came from, which config edits write) and ``resolve_layout`` for the mod
 q/k/v/o rows, norms, MLP/MoE, router, experts, shared-expert gate, position embedding and offset).
 A part the resolver cannot name is a tool error naming it. MoE routers are hooked where their
 top-k weights are (see ``RouterConvention``); a feature fixed by construction in a family's code
-(``ROUTER_SCORING_FIXED``, ``TOPK_FIXED``, ``WHOLE_HEAD_ROTARY_ONLY``) is "not applicable" with why.
+(``ROUTER_SCORING_FIXED``, ``WHOLE_HEAD_ROTARY_ONLY``) is "not applicable" with why; a top-k fixed
+in the code (``TOPK_FIXED``) is mutated by dropping the last pick.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import hf_reference
 import model_anatomy
@@ -110,7 +111,8 @@ ROUTER_SCORING_FIXED = {
               "renormalization to get wrong",
 }
 
-# Families whose experts-per-token count is fixed by construction: "MoE top-k" is not applicable, for this reason.
+# Families whose experts-per-token count is fixed by construction (the key is not read): "MoE top-k" drops
+# the last pick in the router output instead of editing the key.
 TOPK_FIXED = {
     "phimoe": "the sparsemixer router always picks two experts (modeling_phimoe.sparsemixer selects a first and "
               "a second expert; num_experts_per_tok is not read past its signature)",
@@ -857,7 +859,7 @@ def _plan_topk(subject: Subject) -> Callable[..., None]:
     if not view.is_moe:
         raise NotApplicable(_not_moe(view))
     if subject.model_type in TOPK_FIXED:
-        raise NotApplicable(TOPK_FIXED[subject.model_type])
+        return _ModelEdit(_drop_last_pick(subject))
     key = view.key("experts_per_token")
     present = _present_keys(subject.config, TOPK_KEYS)
     if key is None and present and isinstance(getattr(subject.config, present[0]), list):
@@ -876,6 +878,32 @@ def _plan_topk(subject: Subject) -> Callable[..., None]:
     if new > experts:
         raise NotApplicable(f"top-{k} of {experts} experts: no other k")
     return lambda cfg: _set_key(cfg, key, new)
+
+
+def _drop_last_pick(subject: Subject) -> Callable[[Any, Any], None]:
+    """k fixed in the code (PhiMoE's sparsemixer picks two): the port routes one expert fewer, the last
+    pick's weight zeroed in each router's (logits, weights, indices) output."""
+    routers = [block.moe.router for block in subject.layout.blocks if block.moe is not None]
+    if not routers:
+        raise ToolError(f"MoE top-k: {TOPK_FIXED[subject.model_type]}, but the resolver found no router")
+
+    def hook(module: Any, args: Any, output: Any) -> Any:
+        floats = [i for i, t in enumerate(output) if _is_float(t, 2)] if isinstance(output, tuple) else []
+        ints = [i for i, t in enumerate(output) if _is_int(t, 2)] if isinstance(output, tuple) else []
+        weights = [i for i in floats if ints and output[i].shape == output[ints[0]].shape]
+        if len(weights) != 1 or output[weights[0]].shape[-1] < 2:
+            raise ToolError(f"MoE top-k: the router {type(module).__name__} returns no (weights, indices) pair "
+                            "of two or more picks")
+        result = list(output)
+        trimmed = output[weights[0]].clone()
+        trimmed[:, -1] = 0
+        result[weights[0]] = trimmed
+        return tuple(result)
+
+    def edit(model: Any, config: Any) -> None:
+        for path in routers:
+            _module(model, path).register_forward_hook(hook)
+    return edit
 
 
 # --- the mutations: weight edits ----------------------------------------------------------------------
@@ -964,6 +992,8 @@ def _plan_rope_style(subject: Subject) -> Callable[..., None]:
     if not _has_rope(view):
         raise NotApplicable("no RoPE parameters")
     blocks = subject.layout.blocks
+    if any(attention.latent is not None for block in blocks for attention in block.attentions):
+        return _plan_latent_rope_style(blocks)
     for block in blocks:
         _head_features(block.attention, "query")
         _head_features(block.attention, "key")
@@ -996,6 +1026,26 @@ def _plan_rope_style(subject: Subject) -> Callable[..., None]:
     return edit
 
 
+def _plan_latent_rope_style(blocks: Sequence[model_anatomy.BlockLayout]) -> Callable[..., None]:
+    """Latent attention: each query head's RoPE part and the shared RoPE key reordered [evens, odds]."""
+    attentions = [attention for block in blocks for attention in block.attentions]
+    for attention in attentions:
+        if attention.latent is None or attention.q is None:
+            raise ToolError(f"RoPE style: {attention.path} mixes latent and other attention, or its latent "
+                            "queries have no per-head projection")
+
+    def edit(model: Any, cfg: Any) -> None:
+        for attention in attentions:
+            latent = attention.latent
+            width = latent.rope_head_dim
+            pairing = list(range(0, width, 2)) + list(range(1, width, 2))
+            query_rows = latent.query_rope_rows(attention.num_heads)
+            query_order = [h * width + i for h in range(attention.num_heads) for i in pairing]
+            _permute_outputs(_module(model, attention.q.path), attention.q, query_rows, query_order)
+            _permute_outputs(_module(model, latent.kv_a.path), latent.kv_a, latent.key_rope_rows(), pairing)
+    return edit
+
+
 def _plan_perturb(subject: Subject) -> Callable[..., None]:
     blocks = subject.layout.blocks
     middle = blocks[len(blocks) // 2].path
@@ -1015,8 +1065,21 @@ def _plan_perturb(subject: Subject) -> Callable[..., None]:
 def _plan_learned_positions(subject: Subject) -> Callable[..., None]:
     layout = subject.layout
     path, offset = layout.position_embedding, layout.position_offset
+    if path is None and layout.position_table is not None:
+        table = layout.position_table
+
+        def drop_table(model: Any, config: Any) -> None:
+            """A fixed (sinusoidal) table, XGLM's and CTRL's: the port never adds the positions."""
+            target = model
+            for part in table.split("."):
+                target = getattr(target, part)
+            if hasattr(target, "register_forward_hook"):
+                target.register_forward_hook(lambda module, args, output: output * 0)
+            else:  # the table is a tensor (a buffer or a plain attribute)
+                target.zero_()
+        return drop_table
     if path is None:
-        raise NotApplicable("no learned absolute position embedding")
+        raise NotApplicable("no absolute position embedding, learned or fixed")
     if offset and getattr(_module(subject.model, path), "offset", None) != offset:
         raise ToolError(f"the position embedding {path} skips {offset} rows but keeps no 'offset' attribute to edit")
 
@@ -1228,6 +1291,10 @@ class RouterConvention(str, enum.Enum):
     EXPERTS_INPUT = "experts input"
     DENSE_SCORES = "dense scores"
     SORTED_GATES = "sorted gates"
+    ROUTE_METHOD = "route method"  # the MoE block's or experts' route_tokens_to_experts(logits) -> indices, weights
+
+
+ROUTE_METHOD_NAME = "route_tokens_to_experts"  # the method transformers' MoE code scores the router logits in
 
 
 @dataclass
@@ -1367,6 +1434,42 @@ def _routing(moe: model_anatomy.MoELayout, convention: RouterConvention, parts: 
                    scale, positions), parts
 
 
+def _route_method_owner(model: Any, moe: model_anatomy.MoELayout) -> str | None:
+    """The experts module or MoE block that scores the router logits in its own route method, if any."""
+    for path in (moe.experts if "," not in moe.experts else None, moe.path):
+        if path and callable(getattr(_module(model, path), ROUTE_METHOD_NAME, None)):
+            return path
+    return None
+
+
+def _wrap_route_method(owner: Any, after: Callable[[Any, tuple], Any]) -> None:
+    """Replace the instance's route method: ``after(logits, result)`` sees each call and may return a new result."""
+    original = getattr(owner, ROUTE_METHOD_NAME)
+
+    def routed(router_logits, *args, **kwargs):
+        result = original(router_logits, *args, **kwargs)
+        changed = after(router_logits, result)
+        return result if changed is None or not isinstance(changed, tuple) else changed
+    setattr(owner, ROUTE_METHOD_NAME, routed)
+
+
+def _read_route_method(moe: model_anatomy.MoELayout, owner: str, logits: Any, result: Any
+                       ) -> tuple[Routing | None, Any]:
+    """A route method's (indices, weights) pair, in either order, scored against the logits it was given."""
+    if not (isinstance(result, tuple) and len(result) == 2) or not _is_float(logits, getattr(logits, "ndim", -1)):
+        return None, None
+    logits = logits.reshape(-1, logits.shape[-1])  # DeepSeek-V2 passes [batch, seq, experts]
+    ints = [i for i, t in enumerate(result) if _is_int(t, 2)]
+    floats = [i for i, t in enumerate(result) if _is_float(t, 2)]
+    if len(ints) != 1 or len(floats) != 1 or result[ints[0]].shape != result[floats[0]].shape:
+        return None, None
+    parts = (logits, result[floats[0]], result[ints[0]])
+    found, parts = _routing(moe, RouterConvention.ROUTE_METHOD, parts, (floats[0], ints[0]))
+    if found is not None:
+        found.experts = owner
+    return found, parts
+
+
 def _router_probe(subject: Subject) -> list[Routing]:
     """Run the model once, reading each router's output and its experts' call: one Routing per MoE block."""
     import torch
@@ -1376,8 +1479,16 @@ def _router_probe(subject: Subject) -> list[Routing]:
         raise ToolError("the config has experts but the resolver found no MoE block")
     outputs: dict[str, Any] = {}
     calls: dict[str, tuple] = {}
+    routed: dict[str, tuple[str, Any, Any]] = {}  # router path -> (owner path, method input logits, its result)
+    wrapped: list[Any] = []  # modules whose route method the probe replaced (restored after it)
     handles = []
     for moe in moes:
+        owner = _route_method_owner(subject.model, moe)
+        if owner is not None:
+            def record(logits, result, path=moe.router, at=owner) -> None:
+                routed.setdefault(path, (at, logits, result))
+            _wrap_route_method(_module(subject.model, owner), record)
+            wrapped.append(_module(subject.model, owner))
         handles.append(_module(subject.model, moe.router).register_forward_hook(
             lambda m, a, o, path=moe.router: outputs.setdefault(path, o)))
         if "," not in moe.experts:
@@ -1389,12 +1500,17 @@ def _router_probe(subject: Subject) -> list[Routing]:
     finally:
         for handle in handles:
             handle.remove()
+        for owner_module in wrapped:
+            owner_module.__dict__.pop(ROUTE_METHOD_NAME, None)
     k = subject.view.experts_per_token
     routings = []
     for moe in moes:
-        if moe.router not in outputs:
+        if moe.router not in outputs and moe.router not in routed:
             raise ToolError(f"the router {moe.router} never ran on the probe")
-        routing, parts = _read_routing(moe, outputs[moe.router], calls.get(moe.experts), k)
+        routing, parts = (_read_routing(moe, outputs[moe.router], calls.get(moe.experts), k)
+                          if moe.router in outputs else (None, None))  # DeepSeek-V2 reads gate.weight directly
+        if routing is None and moe.router in routed:
+            routing, parts = _read_route_method(moe, *routed[moe.router])
         if routing is None:
             fixed = ROUTER_SCORING_FIXED.get(subject.model_type)
             if fixed:
@@ -1450,6 +1566,14 @@ def _hook_routing(model: Any, routing: Routing, kind: str, normalized: bool, k: 
             result[positions[1]] = weights[output[positions[2]]]
             return tuple(result)
         router.register_forward_hook(sorted_hook)
+    elif routing.convention is RouterConvention.ROUTE_METHOD:
+        def rescored(logits, result):
+            logits = logits.reshape(-1, logits.shape[-1])
+            weights, indices = result[positions[0]], result[positions[1]]
+            new = list(result)
+            new[positions[0]] = _rescore(logits, indices, kind, normalized, scale, weights)
+            return tuple(new)
+        _wrap_route_method(_module(model, routing.experts), rescored)
     else:
         state: dict[str, Any] = {}
 

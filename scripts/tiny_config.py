@@ -465,7 +465,8 @@ def _shrink_experts(config, view: model_anatomy.ConfigView, options: ShrinkOptio
     if not experts_key or not view.num_experts:
         return
     experts = min(view.num_experts, options.experts)
-    set_field(experts_key, experts, "experts")
+    for key in view.present_keys("num_experts") or (experts_key,):  # DeepSeek-V3.2 spells it twice
+        set_field(key, experts, "experts")
     zero = config.get(ZERO_EXPERTS_KEY)
     if is_int(zero) and zero > 0:
         set_field(ZERO_EXPERTS_KEY, max(1, round(zero * experts / view.num_experts)), "zero_experts")

@@ -32,6 +32,9 @@ SSM_MODEL_TYPES = {
     "mamba", "mamba2", "falcon_mamba", "rwkv", "rwkv5", "rwkv6", "rwkv7", "jamba", "bamba", "zamba", "zamba2",
     "falcon_h1", "recurrent_gemma", "xlstm", "nemotron_h", "granitemoehybrid", "plamo2", "lfm2", "qwen3_next",
     "minimax", "hymba", "lfm2_moe",
+    # Hierarchical reasoning model: two weight-shared stacks looped H_cycles x L_cycles times per token, a
+    # recurrence over depth with a carried latent state (z_L/z_H); no MAX class, no block-per-layer mapping.
+    "hrm_text",
 }
 SSM_NAME_MARKERS = ("mamba", "rwkv", "jamba", "bamba", "zamba", "recurrent", "xlstm", "hymba")
 SSM_KEYS = {"ssm_cfg", "ssm_state_size", "state_size", "d_state", "mamba_d_state", "mamba_d_conv", "conv_kernel",
@@ -56,6 +59,10 @@ NOT_A_TEXT_DECODER = {
     "musicgen_melody": "is an audio-codebook decoder conditioned on text and audio: each position predicts "
                        "num_codebooks streams of audio codes (one LM head per codebook), not one text token stream",
 }
+NOT_A_TEXT_DECODER["blt"] = (
+    "is a byte latent transformer, not one decoder stack: a separate entropy model (patcher) cuts the bytes "
+    "into patches, a local byte encoder cross-attends into patch states, a global transformer runs over "
+    "patches and a local decoder cross-attends back (modeling_blt.py, BltModel)")
 NOT_A_TEXT_DECODER["musicgen_decoder"] = NOT_A_TEXT_DECODER["musicgen"]
 NOT_A_TEXT_DECODER["musicgen_melody_decoder"] = NOT_A_TEXT_DECODER["musicgen_melody"]
 # Quantization schemes MAX 26.7 loads for MoE experts.

@@ -110,6 +110,8 @@ def _missing_package(exc: BaseException) -> bool:
 REPAIRS: dict[str, tuple[dict, str]] = {
     "dbrx": ({"attn_config.rope_theta": 10000.0}, "the modeling code reads attn_config.rope_theta, which "
              "DbrxAttentionConfig does not define (Hub configs set it); 10000 = the default rope_parameters' theta"),
+    "deepseek_v2": ({"num_experts_per_tok": 6}, "the default leaves num_experts_per_tok None; the router's "
+                    "torch.topk needs it (6 = DeepSeek-V2 and V2-Lite's Hub configs)"),
     "dots1": ({"n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1},
               "the default leaves the expert counts None; Dots1NaiveMoe sizes torch.empty with them"),
     "hunyuan_v1_dense": ({"head_dim": 128}, "the default leaves head_dim None; the attention reads it as "

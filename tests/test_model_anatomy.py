@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -479,9 +480,22 @@ def test_logit_calibration_without_a_final_norm_uses_an_untied_head_or_refuses()
 
     _, untied = _peaked("opt", do_layer_norm_before=False, tie_word_embeddings=False)
     assert untied["calibration"]["final_logits"]["module"] == "lm_head"
+    # tied and post-LN: the last block's residual norm is what feeds the head (OpenAI GPT's layout too)
+    _, tied = _peaked("opt", do_layer_norm_before=False, tie_word_embeddings=True)
+    assert tied["calibration"]["final_logits"]["module"].endswith("layers.1.final_layer_norm")
     with pytest.raises(model_anatomy.ScriptError, match="calibration step final_logits cannot apply"):
-        _peaked("opt", do_layer_norm_before=False, tie_word_embeddings=True)
+        replica_init._logit_scale_target(None, SimpleNamespace(  # no norm anywhere, tied head: nothing to scale
+            final_norm=None, project_out=None, tied=True, blocks=(), lm_head="lm_head", model_class="Bare"))
     assert replica_init.StepStatus.APPLIED.value == "applied"
+
+
+def test_logit_calibration_scales_the_prediction_head_norm():
+    """Regression: ModernBERT-decoder's final norm was scaled, which moved the head GELU's input and left the
+    replica blind to exact vs tanh GELU; the head's own norm (the one feeding the LM head) sets the scale."""
+    model, settings = _peaked("modernbert-decoder")
+    step = settings["calibration"]["final_logits"]
+    transform = model_anatomy.resolve_layout(model).head_transform
+    assert transform is not None and step["module"] == transform.norm and step["kind"] == "head_transform_norm"
 
 
 @pytest.mark.parametrize(("family", "overrides"), [("gpt2", {}), ("gpt_neox", {}),
@@ -548,7 +562,7 @@ MORE_LAYOUTS = {
     "gpt_neo": ("separate", ("input", "pre_mlp")),
     "moshi": ("separate", ("input", "pre_mlp")),
     "codegen": ("fused_blocked", ("shared",)),
-    "openai-gpt": ("fused", ("input", "pre_mlp")),
+    "openai-gpt": ("fused", ("attention_residual", "mlp_residual")),  # post-LN: ln_1(x + a), ln_2(n + m)
     "phi4_multimodal": ("fused_multi_query", ("input", "pre_mlp")),
     "bitnet": ("separate", ("input", "pre_mlp")),
     "diffllama": ("separate", ("input", "pre_mlp")),
@@ -847,3 +861,15 @@ def test_latent_rope_rows_are_the_rows_the_modeling_code_rotates(more_models):
     k_rot = kv.split([module.kv_lora_rank, module.qk_rope_head_dim], -1)[1]
     assert torch.equal(q[..., latent.query_rope_rows(attention.num_heads)], q_rot.reshape(1, 3, -1))
     assert torch.equal(kv[..., latent.key_rope_rows()], k_rot)
+
+
+def test_dbrx_experts_in_flat_2d_weights_resolve():
+    """DBRX keeps every expert's rows in one 2-D [experts * ffn, hidden] weight (was: neither a list of MLPs
+    nor [experts, ...] weights)."""
+    from transformers import DbrxConfig
+    from transformers.models.dbrx.modeling_dbrx import DbrxFFN
+
+    config = DbrxConfig(d_model=32, n_heads=4, n_layers=1,
+                        ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2})
+    moe = model_anatomy._moe("ffn", DbrxFFN(config), config_view(config.to_dict()))
+    assert (moe.router, moe.experts, moe.experts_fused, moe.num_experts) == ("ffn.router", "ffn.experts", True, 4)

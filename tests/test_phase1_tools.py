@@ -561,6 +561,20 @@ def test_not_causal_lm_refuses_audio_codebooks_by_type_and_lfm2_moe_is_a_recurre
     assert "ssm_recurrence" in {f.code for f in wall_scan.config_walls(lfm2_moe, native=False)}
 
 
+def test_blt_is_not_one_decoder_stack_and_hrm_text_is_a_recurrent_wall():
+    """BLT (patcher + local encoder/decoder around a global transformer) is refused as not decoder-only;
+    HRM's weight-shared stacks looped H_cycles x L_cycles times are a recurrent wall (both were tool errors)."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import hf_source
+    import wall_scan
+
+    blt = _default_config("blt")
+    assert "byte latent" in wall_scan.not_causal_lm(blt, blt["architectures"][0], hf_source.read_model(blt))
+    hrm = _default_config("hrm_text")
+    assert wall_scan.not_causal_lm(hrm, hrm["architectures"][0], hf_source.read_model(hrm)) is None
+    assert "ssm_recurrence" in {f.code for f in wall_scan.config_walls(hrm, native=False)}
+
+
 def test_check_walls_text_and_scan_function(models):
     result = run_script("check_walls", str(models["bloom"]))
     assert result.returncode == 2 and result.stdout.startswith("STOP  alibi: ")

@@ -85,7 +85,7 @@ LAYOUTS: dict[str, tuple[str, dict]] = {
                                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                     "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 1,
                                     "max_position_embeddings": 256, "attention_chunk_size": 8}),
-    # sparsemixer router: scoring and top-2 fixed by construction
+    # sparsemixer router: scoring and top-2 fixed by construction (top-k: the last pick dropped)
     "phimoe": ("phimoe", {"hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
                           "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
                           "max_position_embeddings": 256, "sliding_window": None}),
@@ -225,6 +225,8 @@ REGRESSION_MOVES = [
     ("llama4_text", "sliding window removed", "config edit"),  # was: not applicable (chunked attention)
     ("gpt_oss", "activation swap", "structural edit"),  # was: blind (hidden_act is not read)
     ("biogpt", "norm eps x100", "structural edit"),  # was: blind (layer_norm_eps is not read)
+    # was: not applicable while inspect reports moe (top-2 fixed in the sparsemixer): the last pick dropped
+    ("phimoe", "MoE top-k", "structural edit"),
 ]
 
 
@@ -263,7 +265,6 @@ def model_scale(reports, layout: str) -> float:
 BY_CONSTRUCTION = [
     ("phimoe", "router kind", "sparsemixer"),
     ("phimoe", "router renormalization", "sparsemixer"),
-    ("phimoe", "MoE top-k", "always picks two"),
     ("gpt_neox_japanese", "partial_rotary_factor", "no fraction below 1 runs"),
     ("flex_olmo", "router renormalization", "norm before the residual add"),
 ]
@@ -294,7 +295,7 @@ NOT_APPLICABLE = [
     ("gpt_neox", "GQA head mapping", "MHA or MQA"),
     ("llama", "head_dim from hidden", "equals hidden_size"),
     ("llama", "qk-norm eps x100", "no q/k norm"),
-    ("llama", "learned positions", "no learned"),
+    ("llama", "learned positions", "no absolute position embedding"),
     ("llama", "MoE top-k", "not a mixture of experts"),
     ("llama", "router kind", "not a mixture of experts"),
     ("mixtral", "shared-expert gate", "no shared expert"),

@@ -29,6 +29,20 @@ FAMILIES = {
     "gemma2": "Gemma2ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "falcon": "FalconForCausalLM",
+    # regressions: a shared eager function's softcap and a router class behind enable_moe_block=False were
+    # reported as deltas (Gemma 4); is_moe=False (Doge) and one expert (HunYuan-MoE) route nothing
+    "gemma4_text": "Gemma4ForCausalLM",
+    "doge": "DogeForCausalLM",
+    "hunyuan_v1_moe": "HunYuanMoEV1ForCausalLM",
+    # latent attention: the RoPE style mutation reorders each query head's RoPE rows and the shared RoPE key
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    # the router is a bare Linear; the experts score its logits in route_tokens_to_experts (was a tool error)
+    "aria_text": "AriaTextForCausalLM",
+    # the router weight is read with F.linear (the gate module never runs) and the logits are [batch, seq, E]
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    # DeepSeek-V3.2 spells the expert count twice (the router reads n_routed_experts); its indexer's k_norm is
+    # no QK-norm delta
+    "deepseek_v32": "DeepseekV32ForCausalLM",
 }
 
 
@@ -50,3 +64,16 @@ def test_each_reported_signal_has_a_mutation_that_moves(tmp_path, model_type):
     unmoved = {code: [(r.name, r.outcome.value, r.reason) for r in tied[code]] for code in checked
                if not any(r.outcome is Outcome.MOVED for r in tied[code])}
     assert unmoved == {}, f"{model_type}: signals {codes}; tied mutations that did not move: {unmoved}"
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "youtu"])
+def test_rope_style_moves_on_latent_attention(tmp_path, model_type):
+    """Latent attention has no key projection of its own: the RoPE rows are the query heads' last
+    rope_head_dim rows and kv_a's shared RoPE key (it was a tool error)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    replica = tmp_path / model_type
+    config, _ = default_config(model_type, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    build_replica(config, replica, ReplicaOptions())
+    rows = {r.name: r for r in sensitivity_report(replica, raise_on_tool_error=False).mutations}
+    assert rows["RoPE style"].outcome is Outcome.MOVED, rows["RoPE style"].reason
