@@ -273,8 +273,10 @@ class Audit:
         own.add(_arch_name(port.path, sources) or "")
         own |= {re.split(r"For[A-Z]", name)[0] for name in own if re.search(r"For[A-Z]", name)}
         own -= {""}
-        facts = port_facts(port.path, sources)
         blocks = unmodified_blocks(port.path, manifest)
+        # A library block's options are what it can do, not what the port does: the port's own code
+        # (which imports and configures the blocks) is the evidence for its docstrings.
+        facts = port_facts(port.path, {p: s for p, s in sources.items() if p not in blocks})
         return cls(port, donor, donors, own, sources, family_terms(donors), facts, blocks)
 
     def rel(self, path: Path) -> str:

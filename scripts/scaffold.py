@@ -619,8 +619,8 @@ def add_blocks(plan: PortPlan, blocks: list[SelectedBlock]) -> None:
     init_rel = f"{folder}/__init__.py"
     listing = "\n".join(f"- {b['name']}: {b['file']}, version {b['version']}" for b in plan.blocks)
     plan.texts[init_rel] = BLOCKS_INIT_SOURCE.format(arch=plan.arch_name, listing=listing)
-    if not any(f.path == init_rel for f in plan.files):
-        plan.files.append(PortFile(init_rel, None, "blocks"))
+    plan.files = [f for f in plan.files if f.path != init_rel]  # a port donor's copy: regenerated here
+    plan.files.append(PortFile(init_rel, None, "blocks"))
 
 
 # --- the port's config class reaches the graph; config defaults agree with arch.py --------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import scaffold
 from conftest import run_script
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -318,7 +319,8 @@ def test_unmodified_library_blocks_are_not_audited_and_an_edited_block_is(tmp_pa
                       "--with", "attention").returncode == 0
     port = tmp_path / "zz_blocks"
     result, doc = audit(port)
-    assert doc["library_blocks"] == [{"file": "blocks/attention.py", "name": "attention", "version": "1"}]
+    version = scaffold.block_catalog().block_version(scaffold.BLOCKS_DIR / "attention.py")
+    assert doc["library_blocks"] == [{"file": "blocks/attention.py", "name": "attention", "version": version}]
     assert not any(h["file"].startswith("blocks/") for h in doc["hits"] + doc["cleared"])
     block = port / "blocks" / "attention.py"
     block.write_text(block.read_text() + "\n# Matches GPT-NeoX exactly.\n")

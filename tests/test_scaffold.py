@@ -392,7 +392,11 @@ def test_scaffold_from_the_worked_port_renames_classes_slug_and_architecture(tmp
     source_files = {p.relative_to(WORKED_PORT).as_posix() for p in WORKED_PORT.rglob("*.py")
                     if "__pycache__" not in p.parts}
     assert set(texts) == (source_files - {"stablelm.py"}) | {"zz_neo.py"}
+    block_files = {b["file"] for b in doc["blocks"]}
     for rel_path, text in texts.items():
+        if rel_path in block_files:  # library blocks: verbatim (no renames, no lineage paragraph)
+            assert text == (WORKED_PORT / rel_path).read_text(), rel_path
+            continue
         names = name_tokens(text)
         assert not [n for n in names if n.startswith("StableLm") or "stablelm" in n.lower().split("_")], rel_path
         assert "StableLmForCausalLM" in text  # the lineage paragraph names the port it came from
@@ -553,6 +557,14 @@ BLOCKS_DIR = scaffold.SKILL_ROOT / "templates" / "blocks"
 WITH_BLOCKS = ("attention", "norms", "mlp")
 
 
+def inherited_blocks(donor, reselected) -> list[str]:
+    """Names of the blocks a port donor brings along that ``--with`` does not name again (they come first)."""
+    manifest_path = Path(donor) / port_layout.MANIFEST_NAME
+    if not manifest_path.is_file():
+        return []
+    return [b["name"] for b in json.loads(manifest_path.read_text()).get("blocks", []) if b["name"] not in reselected]
+
+
 @pytest.mark.parametrize("start_from", [WORKED_PORT, "llama3"], ids=["port", "native"])
 def test_with_copies_the_named_blocks_and_records_them(tmp_path, neo_model, start_from):
     import hashlib
@@ -564,15 +576,20 @@ def test_with_copies_the_named_blocks_and_records_them(tmp_path, neo_model, star
     library = {row["name"]: row for row in scaffold.block_catalog().catalog()}
     manifest = json.loads((port / port_layout.MANIFEST_NAME).read_text())
     assert manifest["blocks"] == result.json()["blocks"]
-    assert [b["name"] for b in manifest["blocks"]] == list(WITH_BLOCKS)  # order kept, the repeat dropped
+    inherited = inherited_blocks(start_from, WITH_BLOCKS)  # the worked port's own blocks stay, as copied
+    # --with order kept, the repeat dropped, a re-named inherited block replaced by the library's file
+    assert [b["name"] for b in manifest["blocks"]] == inherited + list(WITH_BLOCKS)
     for block in manifest["blocks"]:
+        if block["name"] in inherited:
+            assert (port / block["file"]).read_bytes() == (Path(start_from) / block["file"]).read_bytes()
+            continue
         row = library[block["name"]]
         assert block["file"] == f"blocks/{row['file']}" and block["version"] == row["version"]
         copy = (port / block["file"]).read_bytes()
         assert copy == (BLOCKS_DIR / row["file"]).read_bytes()
         assert block["sha256"] == row["sha256"] == hashlib.sha256(copy).hexdigest()
     assert sorted(p.name for p in (port / "blocks").iterdir()) == sorted(
-        ["__init__.py", *(library[n]["file"] for n in WITH_BLOCKS)])
+        ["__init__.py", *(library[n]["file"] for n in inherited + list(WITH_BLOCKS))])
     init = (port / "blocks" / "__init__.py").read_text()
     assert ast.get_docstring(ast.parse(init)) and all(f"- {n}: blocks/" in init for n in WITH_BLOCKS)
     listed = {f["path"]: f for f in manifest["files"]}
@@ -585,10 +602,20 @@ def test_with_copies_the_named_blocks_and_records_them(tmp_path, neo_model, star
 
 
 def test_without_with_there_is_no_blocks_folder(tmp_path, neo_model):
-    result = run_script("scaffold", neo_model, "--start-from", WORKED_PORT, "--output-dir", tmp_path,
+    result = run_script("scaffold", neo_model, "--start-from", "llama3", "--output-dir", tmp_path,
                         "--slug", "zz_plain", "--json")
     assert result.returncode == 0, result.stderr
     assert result.json()["blocks"] == [] and not (tmp_path / "zz_plain" / "blocks").exists()
+
+
+def test_without_with_a_port_donor_brings_its_blocks(tmp_path, neo_model):
+    result = run_script("scaffold", neo_model, "--start-from", WORKED_PORT, "--output-dir", tmp_path,
+                        "--slug", "zz_plain", "--json")
+    assert result.returncode == 0, result.stderr
+    names = [b["name"] for b in result.json()["blocks"]]
+    assert names and names == inherited_blocks(WORKED_PORT, ())
+    for block in result.json()["blocks"]:
+        assert (tmp_path / "zz_plain" / block["file"]).read_bytes() == (WORKED_PORT / block["file"]).read_bytes()
 
 
 def test_with_dry_run_lists_the_blocks_and_writes_nothing(tmp_path, neo_model):
@@ -597,7 +624,9 @@ def test_with_dry_run_lists_the_blocks_and_writes_nothing(tmp_path, neo_model):
                         "--with", "moe", "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "blocks/moe.py" in result.stdout and "blocks/__init__.py" in result.stdout
-    assert "blocks: moe " in result.stdout
+    blocks_line = next(line for line in result.stdout.splitlines() if line.startswith("blocks: "))
+    assert [entry.split()[0] for entry in blocks_line[len("blocks: "):].split(", ")] == [
+        *inherited_blocks(WORKED_PORT, ("moe",)), "moe"]
     assert not (out / "zz_dry").exists()
 
 
@@ -634,8 +663,14 @@ def test_a_port_of_a_port_with_blocks_keeps_them_verbatim_and_recorded(tmp_path,
     port = tmp_path / "b" / "zz_second"
     library = {row["name"]: row for row in scaffold.block_catalog().catalog()}
     blocks = second.json()["blocks"]
-    assert [b["name"] for b in blocks] == ["norms", "mlp", "moe"]
+    from_worked = inherited_blocks(WORKED_PORT, ("norms", "mlp"))
+    assert [b["name"] for b in blocks] == [*from_worked, "norms", "mlp", "moe"]
+    first_port = tmp_path / "a" / "zz_first"
     for block in blocks:  # the lineage paragraph and renames of a port copy never touch a block file
+        if block["name"] in from_worked:
+            assert (port / block["file"]).read_bytes() == (first_port / block["file"]).read_bytes()
+            continue
         assert (port / block["file"]).read_bytes() == (BLOCKS_DIR / library[block["name"]]["file"]).read_bytes()
         assert block["sha256"] == library[block["name"]]["sha256"]
-    assert blocks[0]["source"].endswith("zz_first/blocks/norms.py")
+    norms = next(b for b in blocks if b["name"] == "norms")
+    assert norms["source"].endswith("zz_first/blocks/norms.py")

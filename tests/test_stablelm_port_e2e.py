@@ -67,14 +67,15 @@ FLAGS_ON = {
     "use_qkv_bias": True, "qk_layernorm": True, "use_parallel_residual": True,
 }
 
-# The planted bug: build the RoPE table as wide as the whole head, so every
-# dim of each head is rotated instead of the first partial_rotary_factor.
+# The planted bug: set the one RoPE width (table and rotated slice) to the
+# whole head, so every dim of each head is rotated instead of the first
+# partial_rotary_factor.
 # The architecture name and slug of the port scaffolded from the worked port.
 COPY_ARCH = "ZzStableCopyForCausalLM"
 COPY_SLUG = "zz_stablelm_copy"
 
-PLANTED_FROM = "        head_dim=config.rotary_dim,\n"
-PLANTED_TO = "        head_dim=config.hidden_size // config.num_attention_heads,\n"
+PLANTED_FROM = "        rotary_dim = config.rotary_dim\n"
+PLANTED_TO = "        rotary_dim = config.hidden_size // config.num_attention_heads\n"
 
 
 def write_source(folder: Path, overrides: dict) -> Path:
@@ -162,6 +163,22 @@ def test_scaffolded_copy_is_renamed_and_passes_preflight(scaffolded_copy):
     assert (port / f"{COPY_SLUG}.py").is_file() and not (port / GRAPH_FILE).exists()
     gates = run_script("run_oss_gates", replica, "--port-dir", port, "--phase", "preflight", "--json")
     assert gates.returncode == 0, gates.stdout + gates.stderr
+
+
+def test_port_blocks_are_recorded_unmodified_library_copies():
+    """The port composes templates/blocks: each copy has its manifest's sha256 and is the library's current file."""
+    import port_layout
+
+    manifest = json.loads((PORT_DIR / "scaffold_manifest.json").read_text())
+    names = [b["name"] for b in manifest["blocks"]]
+    assert names == ["norms", "attention", "residual"]
+    for block in manifest["blocks"]:
+        assert port_layout.block_is_unmodified(PORT_DIR, block), block["file"]
+        library = REPO_ROOT / "templates" / block["file"]
+        assert (PORT_DIR / block["file"]).read_bytes() == library.read_bytes(), (
+            f"{block['file']} differs from the library: copy it again, update the manifest, rerun the e2e")
+    graph = (PORT_DIR / GRAPH_FILE).read_text()
+    assert all(f"from .blocks.{name} import" in graph for name in names)
 
 
 def test_planted_bug_changes_only_the_rope_width(planted_port):

@@ -33,7 +33,8 @@ BLOCKS: tuple[Block, ...] = (
     Block("norms", "norms.py", ("LayerNormF32", "RMSNormF32"),
           "LayerNorm with weight and bias / weight only / weightless, RMSNorm with (1 + w), all in float32"),
     Block("attention", "attention.py", ("BiasedAttention", "RopeLayout", "build_rope", "rope_leading"),
-          "attention with biased q/k/v/o; RoPE full, partial (leading slice), interleaved or none; sliding window"),
+          "attention with biased q/k/v/o; RoPE full, partial (leading slice), interleaved or none; sliding window; "
+          "a norm_qk hook for QK norms"),
     Block("qkv_split", "qkv_split.py",
           ("split_concatenated", "split_per_head_interleaved", "split_grouped", "split_fused", "conv1d_transposed"),
           "weight-adapter helpers: fused QKV splits and a dtype-safe Conv1D transpose"),

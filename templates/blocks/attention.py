@@ -42,7 +42,7 @@ from max.nn.layer import Module
 from max.nn.linear import Linear
 from max.nn.rotary_embedding import RotaryEmbedding
 
-BLOCK_VERSION = "1"
+BLOCK_VERSION = "2"  # 2: norm_qk hook between the projections and RoPE
 
 NO_ROPE_TABLE_WIDTH = 2  # a RoPE table the Transformer base can build when no layer reads it
 
@@ -113,7 +113,8 @@ class BiasedAttention(Module):
     split in the weight adapter (qkv_split.py). ``rotary_dim == 0`` means no
     RoPE; ``rotary_dim == head_dim`` is full RoPE. ``scale`` defaults to
     ``head_dim ** -0.5``. ``sliding_window`` (tokens, including the current
-    one) selects MAX's sliding-window causal mask.
+    one) selects MAX's sliding-window causal mask. A subclass overrides
+    ``norm_qk`` for a norm on queries and keys before RoPE (QK norm).
     """
 
     def __init__(
@@ -153,6 +154,10 @@ class BiasedAttention(Module):
         self.v_proj = Linear(hidden_size, kv_dim, dtype, device, has_bias=qkv_bias)
         self.o_proj = Linear(q_dim, hidden_size, dtype, device, has_bias=o_bias)
 
+    def norm_qk(self, q: TensorValue, k: TensorValue) -> tuple[TensorValue, TensorValue]:
+        """Queries and keys ``[tokens, heads, head_dim]`` before RoPE; unchanged here, a port's QK norm overrides it."""
+        return q, k
+
     def __call__(
         self,
         layer_idx: TensorValue,
@@ -164,6 +169,7 @@ class BiasedAttention(Module):
         q = self.q_proj(x).reshape((-1, self.num_heads, self.head_dim))
         k = self.k_proj(x).reshape((-1, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).reshape((-1, self.num_kv_heads, self.head_dim))
+        q, k = self.norm_qk(q, k)
         if self.rotary_dim:
             cache_lengths = kv_collection.cache_lengths
             q = rope_leading(q, freqs_cis, input_row_offsets, cache_lengths, self.rotary_dim, self.layout)
