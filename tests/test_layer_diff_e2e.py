@@ -1,10 +1,11 @@
 """End-to-end: layer-diff localizes planted bugs in copies of a scaffolded llama3 port, on the CPU.
 
 One 3-layer strong-init replica (make_tiny_model), one scaffolded port and
-three copies with a planted bug each. Three graphs get compiled (identity,
-wrong activation in block 1, wrong final-norm eps); the third bug (block 2's
-o_proj weight transposed by the weight adapter) changes no graph op, so it
-reuses the identity graph. --sublayer does not change the compiled graph
+three copies with a planted bug each, all planted in the port's
+weight_adapters.py: block 1's up_proj rows reversed, the final norm weight
+offset by one, block 2's o_proj weight transposed. No bug changes a graph
+op, so the module compiles ONE graph (the identity port's) and every other
+run is a compile-cache hit. --sublayer does not change the compiled graph
 either (sublayer outputs are always captured).
 """
 
@@ -27,22 +28,30 @@ PROMPT = "The capital of France is Paris. Once upon a time"
 TOLERANCE = tolerances.hidden_rtol("float32")
 TIMEOUT = 3600
 
-# (file in the port, text to find, replacement): each plants one bug.
-ACTIVATION_BUG = ("mlp=mlp_cls(",
-                  'mlp=(mlp_cls if i != 1 else functools.partial(mlp_cls, activation_function="gelu"))(')
-# The replica's last block output has a mean square of 300-1500 per token, so an eps of 0.5 changed the final
-# norm by only 3e-4 (measured: within tolerance, correctly); 100 changes it by several percent.
-FINAL_EPS_BUG = ("            norm=create_norm(),\n",
-                 "            norm=RMSNorm(config.hidden_size, config.norm_dtype or config.dtype, 100.0,\n"
-                 "                         multiply_before_cast=False),\n")
+# The weight adapter's safetensors loop: every planted bug edits one adapted weight right after it is renamed,
+# so no graph op changes and all four ports share one compiled graph.
 SAFETENSORS_RENAME = ("        for before, after in LLAMA_SAFETENSOR_MAPPING.items():\n"
                       "            max_name = max_name.replace(before, after)\n"
                       "        new_state_dict[max_name] = value.data()\n")
-O_PROJ_BUG = (SAFETENSORS_RENAME,
-              SAFETENSORS_RENAME
-              + "        if max_name == 'layers.2.self_attn.o_proj.weight':\n"
-              "            transposed = np.ascontiguousarray(np.from_dlpack(new_state_dict[max_name].data).T)\n"
-              "            new_state_dict[max_name] = WeightData.from_numpy(transposed, max_name)\n")
+
+
+def weight_edit(name: str, expression: str) -> tuple[str, str]:
+    """A planting that replaces adapted weight ``name`` by ``expression`` of its numpy array ``w``."""
+    return (SAFETENSORS_RENAME,
+            SAFETENSORS_RENAME
+            + f"        if max_name == {name!r}:\n"
+            "            w = np.from_dlpack(new_state_dict[max_name].data)\n"
+            f"            w = np.ascontiguousarray({expression})\n"
+            "            new_state_dict[max_name] = WeightData.from_numpy(w, max_name)\n")
+
+
+# Block 1's up projection rows reversed: each gate channel meets another channel's up value, so block 1's
+# MLP output is wrong while its attention (and all of block 0) stays exact.
+MLP_BUG = weight_edit("layers.1.mlp.up_proj.weight", "w[::-1]")
+# The final norm weight read as an offset (1 + w, the Gemma convention) by a port that wants w: only the
+# final norm and the logits move.
+FINAL_NORM_BUG = weight_edit("norm.weight", "w + 1.0")
+O_PROJ_BUG = weight_edit("layers.2.self_attn.o_proj.weight", "w.T")
 
 
 def plant(port: Path, copy_root: Path, filename: str, bug: tuple[str, str]) -> Path:
@@ -73,8 +82,8 @@ def setup(tmp_path_factory):
     port = root / "identity" / SLUG
     ports = {
         "identity": port,
-        "activation": plant(port, root / "activation", f"{SLUG}.py", ACTIVATION_BUG),
-        "final_eps": plant(port, root / "final_eps", f"{SLUG}.py", FINAL_EPS_BUG),
+        "mlp": plant(port, root / "mlp", "weight_adapters.py", MLP_BUG),
+        "final_norm": plant(port, root / "final_norm", "weight_adapters.py", FINAL_NORM_BUG),
         "o_proj": plant(port, root / "o_proj", "weight_adapters.py", O_PROJ_BUG),
     }
     return replica, ports
@@ -91,8 +100,8 @@ def reports(setup):
     replica, ports = setup
     runs = {
         "identity": layer_diff(replica, ports["identity"], "--json"),
-        "activation": layer_diff(replica, ports["activation"], "--sublayer", "--json"),
-        "final_eps": layer_diff(replica, ports["final_eps"], "--json"),
+        "mlp": layer_diff(replica, ports["mlp"], "--sublayer", "--json"),
+        "final_norm": layer_diff(replica, ports["final_norm"], "--json"),
         "o_proj": layer_diff(replica, ports["o_proj"], "--sublayer", "--json"),
     }
     return runs
@@ -130,16 +139,16 @@ def check_divergence(result, stage: str, clean: list[str], anchor: str) -> tuple
     return first, stages
 
 
-def test_wrong_activation_in_block_1_mlp_is_block_1_mlp(reports):
+def test_permuted_up_proj_in_block_1_is_block_1_mlp(reports):
     clean = ["embedding", "block.0.attention", "block.0.mlp", "block.0", "block.1.attention"]
-    first, stages = check_divergence(reports["activation"], "block.1.mlp", clean, "m1-mlp-shape-or-activation")
+    first, stages = check_divergence(reports["mlp"], "block.1.mlp", clean, "m1-mlp-shape-or-activation")
     assert (first["block"], first["part"], first["position"]) == (1, "mlp", 0)  # not position-dependent
-    assert stages["block.1.mlp"]["rel_error"] > 10 * TOLERANCE  # gelu vs silu: 0.064 measured
+    assert stages["block.1.mlp"]["rel_error"] > 10 * TOLERANCE  # a permutation, not a rounding
 
 
-def test_wrong_final_norm_eps_is_final_norm_with_clean_blocks(reports):
+def test_offset_final_norm_weight_is_final_norm_with_clean_blocks(reports):
     clean = ["embedding", "block.0", "block.1", "block.2"]
-    first, stages = check_divergence(reports["final_eps"], "final_norm", clean, "n1-norm-kind-eps-offset")
+    first, stages = check_divergence(reports["final_norm"], "final_norm", clean, "n1-norm-kind-eps-offset")
     assert first["block"] is None and first["part"] == "final_norm"
     assert not stages["logits"]["within_tolerance"]
 
@@ -153,7 +162,7 @@ def test_transposed_o_proj_in_block_2_is_block_2_attention(reports):
 
 def test_text_report_names_the_block(setup):
     replica, ports = setup
-    result = layer_diff(replica, ports["activation"])  # same graph as the JSON run: compile cache hit
+    result = layer_diff(replica, ports["mlp"])  # same graph as the JSON run: compile cache hit
     assert result.returncode == 1, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert any(line.startswith("block.0 ") and line.endswith(" ok") for line in lines)
