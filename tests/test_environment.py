@@ -232,7 +232,7 @@ def scratch_scripts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """import_model.py and cli_support.py next to two fake scripts, one of which cannot be imported."""
     folder = tmp_path_factory.mktemp("scratch") / "scripts"
     folder.mkdir()
-    for name in ("import_model.py", "cli_support.py"):
+    for name in ("import_model.py", "cli_support.py", "max_compat.py"):  # cli_support imports max_compat
         shutil.copy(SCRIPTS_DIR / name, folder / name)
     (folder / "inspect_hf.py").write_text(FAKE_SCRIPT)
     (folder / "list_native_archs.py").write_text("raise RuntimeError('must not be imported')\n")
