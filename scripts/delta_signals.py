@@ -116,15 +116,9 @@ _ROUTING_CODES = ("moe", "router", "shared_experts", "shared_expert_gate", "topk
 def _drop_inactive_moe(text: dict[str, Any], found: "_Collector") -> None:
     """A config with one expert (HunYuan-MoE's default) or a switch turning them off (Doge's is_moe, Gemma 4's
     enable_moe_block) routes nothing: its expert code and tensors are not a MoE delta."""
-    switch = next((key for key in model_anatomy.MOE_SWITCH_KEYS if text.get(key) is False), None)
-    try:
-        experts = model_anatomy.config_view(text).num_experts
-    except Exception:  # noqa: BLE001 - a config the view cannot read: keep what was found
-        return
-    if switch is None and (experts is None or experts > 1):
-        return
-    for code in _ROUTING_CODES:
-        found.signals.pop(code, None)
+    if model_anatomy.moe_active(text) is False:
+        for code in _ROUTING_CODES:
+            found.signals.pop(code, None)
 
 
 def hf_view(config: dict[str, Any], reading: Any) -> dict[str, Any]:

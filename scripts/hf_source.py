@@ -765,17 +765,6 @@ def _key_gate(key: str, *, absent: bool | None = None) -> Callable[[dict[str, An
     return gate
 
 
-def _moe_active(config: dict[str, Any]) -> bool | None:
-    """More than one expert and no switch turning them off (Doge's is_moe, Gemma 4's enable_moe_block)."""
-    try:
-        view = model_anatomy.config_view(config)
-    except Exception:  # noqa: BLE001 - a config the view cannot read: keep the code's answer
-        return None
-    if view.num_experts is None and not any(config.get(key) is False for key in model_anatomy.MOE_SWITCH_KEYS):
-        return None  # no expert count (and no switch): the code decides
-    return view.is_moe
-
-
 _MOE_CODES = (DeltaCode.MOE, DeltaCode.SHARED_EXPERTS, DeltaCode.SHARED_EXPERT_GATE, DeltaCode.TOPK_SOFTMAX_ROUTER,
               DeltaCode.SIGMOID_ROUTER, DeltaCode.ROUTER_RENORMALIZE)
 
@@ -788,7 +777,7 @@ _VALUE_GATES: dict[DeltaCode, Callable[[dict[str, Any]], bool | None]] = {
     # attention; its audio tower's cap has another key): without the key in the effective config, no signal.
     DeltaCode.ATTN_SOFTCAP: _key_gate("attn_logit_softcapping", absent=False),
     DeltaCode.QKV_CLIP: _key_gate("clip_qkv"),
-    **{code: _moe_active for code in _MOE_CODES},
+    **{code: model_anatomy.moe_active for code in _MOE_CODES},
 }
 
 

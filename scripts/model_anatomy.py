@@ -237,6 +237,18 @@ class ConfigView:
                 and self.head_dim * self.num_heads != self.hidden_size)
 
 
+def moe_active(config: Mapping[str, Any]) -> bool | None:
+    """Whether the config routes between experts: False with one expert or a switch turning them off (Doge's
+    is_moe, Gemma 4's enable_moe_block), None when it names no expert count (the code decides) or cannot be read."""
+    try:
+        view = config_view(config)
+    except Exception:  # noqa: BLE001 - a config the view cannot read: no answer
+        return None
+    if view.num_experts is None and not any(view.text.get(key) is False for key in MOE_SWITCH_KEYS):
+        return None
+    return view.is_moe
+
+
 def get_config_value(config: Mapping[str, Any], key: str) -> Any:
     """The value at a dotted key (``attn_config.kv_n_heads``), or None when any part is missing."""
     value: Any = config
