@@ -1,9 +1,10 @@
 """The composed Qwen2-MoE port (tests/composed_ports/qwen2moe_blocks, built from templates/blocks) against transformers, on the CPU.
 
 The port is generated at fixture time: ``scaffold --start-from
-templates/ports/stablelm --with <blocks>`` and then the overlay files and
-edits of tests/composed_ports/qwen2moe_blocks/compose.json (the graph module,
-model_config.py, weight_adapters.py). The generated graph keeps the name
+templates/ports/stablelm --with <blocks>`` and then the overlay files (the
+graph module, weight_adapters.py) and the edits of
+tests/composed_ports/qwen2moe_blocks/compose.json (model_config.py stays the worked
+port's, edited in place). The generated graph keeps the name
 ``qwen2moe_blocks`` and the same ops, so MAX's compile cache serves it warm.
 
 One strong-init replica is built by make_tiny_model from transformers' default
