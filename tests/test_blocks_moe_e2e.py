@@ -287,20 +287,7 @@ def test_port_honours_dense_layers(port_dir, tmp_path, dense_layers):
 
 def test_each_mutation_moves_hf_logits(replica, mutants):
     """The edits are real: transformers itself gives different next-token logits on every mutant."""
-    import torch
-    from tolerances import sensitivity_threshold
-    from transformers import AutoModelForCausalLM
-
-    edited = {name: path for name, path in mutants.items() if name not in PATCHED_REFERENCES}
-    moved = harness.check_mutations_move_hf(replica, edited)
-    ids = torch.arange(2, 14).unsqueeze(0)
-    with torch.no_grad():
-        base = torch.log_softmax(AutoModelForCausalLM.from_pretrained(replica).eval()(ids).logits, -1)
-        for name, patch in PATCHED_REFERENCES.items():
-            with patch():
-                model = AutoModelForCausalLM.from_pretrained(mutants[name]).eval()
-                moved[name] = float((torch.log_softmax(model(ids).logits, -1) - base).abs().max())
-            assert moved[name] > sensitivity_threshold("float32"), (name, moved[name])
+    moved = harness.check_mutations_move_hf(replica, mutants, patched=PATCHED_REFERENCES)
     print("qwen2moe_blocks HF moves per mutation:", {k: round(v, 3) for k, v in moved.items()})
 
 

@@ -48,6 +48,10 @@ BLOCKS: tuple[Block, ...] = (
           "learned absolute positions (with an index offset) in ragged batches with a KV cache"),
     Block("moe", "moe.py", ("DenseMoE", "RouterScore", "routing_weights"),
           "CPU-safe dense MoE: softmax or sigmoid router, top-k, renormalization, shared expert with sigmoid gate"),
+    Block("softcap_attention", "softcap_attention.py",
+          ("SoftcapAttention", "packed_kv_cache_shape", "token_positions"),
+          "attention formed with graph ops over a packed paged KV cache: soft-capped scores, any score scale, "
+          "per-layer causal or sliding-window mask, full-head RoPE"),
 )
 
 

@@ -133,23 +133,35 @@ def check_dry_build(replica: Path, port_dir: Path) -> None:
     assert all(r["document"]["passed"] for r in result.json()["results"])
 
 
+def reference_logprobs(path: Path, ids):
+    """transformers' log-probabilities ``[1, T, vocab]`` for ``ids`` ``[1, T]``, loaded as compare loads its
+    reference (hf_reference: float32, eager attention; sdpa would drop an attention softcap)."""
+    import hf_reference
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(hf_reference.load(str(path))(ids).logits, -1)
+
+
 def check_mutations_move_hf(replica: Path, mutants: dict[str, Path], ids=None,
-                            minimum: dict[str, float] | None = None) -> dict[str, float]:
+                            minimum: dict[str, float] | None = None, patched: dict | None = None) -> dict[str, float]:
     """transformers itself gives different logprobs on every mutant (by more than the sensitivity threshold, or
-    by ``minimum[name]`` where given, for a mutation that cannot reach it); the measured max |delta| per mutant."""
+    by ``minimum[name]`` where given, for a mutation that cannot reach it); the measured max |delta| per mutant.
+
+    ``patched[name]`` is a context manager active while mutant ``name`` runs (a patched reference module)."""
+    import contextlib
+
     import torch
     from tolerances import sensitivity_threshold
-    from transformers import AutoModelForCausalLM
 
     ids = torch.arange(2, 14).unsqueeze(0) if ids is None else ids
     moved = {}
-    base = AutoModelForCausalLM.from_pretrained(replica).eval()
-    with torch.no_grad():
-        ref = torch.log_softmax(base(ids).logits, -1)
-        for name, path in mutants.items():
-            got = torch.log_softmax(AutoModelForCausalLM.from_pretrained(path).eval()(ids).logits, -1)
-            moved[name] = float((got - ref).abs().max())
-            assert moved[name] > (minimum or {}).get(name, sensitivity_threshold("float32")), (name, moved[name])
+    ref = reference_logprobs(replica, ids)
+    for name, path in mutants.items():
+        with (patched or {}).get(name, contextlib.nullcontext)():
+            got = reference_logprobs(path, ids)
+        moved[name] = float((got - ref).abs().max())
+        assert moved[name] > (minimum or {}).get(name, sensitivity_threshold("float32")), (name, moved[name])
     return moved
 
 
