@@ -93,6 +93,9 @@ def detect(config: dict[str, Any], tensors: dict[str, TensorInfo] | None = None,
         _merge_code_signals(reading, found)
         _drop_unit_logit_scale(text, found)
         _drop_whole_head_rotary(config, found)
+        if reading.window_flash_only:
+            # Moshi: only the flash-attention path windows; the eager/sdpa reference attends to the whole prefix.
+            found.signals.pop("sliding_window", None)
     if tensors:
         _tensor_signals(text, tensors, found)
         layernorm = found.signals.get("layernorm")
@@ -207,7 +210,7 @@ def _config_signals(config: dict[str, Any], text: dict[str, Any], found: _Collec
     head_dim = _value(config, text, "head_dim")
     if isinstance(head_dim, int) and isinstance(hidden, int) and isinstance(heads, int) and heads:
         if head_dim * heads != hidden:
-            found.add("head_dim_override", f"head_dim {head_dim} != hidden_size/heads {hidden // heads}",
+            found.add("head_dim_override", f"head_dim {head_dim} != hidden_size/heads ({hidden}/{heads} = {hidden / heads:g})",
                       ev("head_dim", head_dim))
 
     for key in ("qk_norm", "use_qk_norm", "qk_layernorm"):
@@ -335,6 +338,11 @@ def _config_signals(config: dict[str, Any], text: dict[str, Any], found: _Collec
             found.add("alibi", "ALiBi attention bias instead of RoPE", ev(key, value))
 
 
+# Tensor names outside the language model: a vision/audio tower the causal-LM class carries (Phi-4-multimodal's
+# embed_tokens_extend.audio_embed.encoder...: its 1024-wide q_proj is not the decoder's).
+_NOT_TOWER = r"^(?!.*(?:vision|audio|image|img_|embed_tokens_extend|encoder))"
+
+
 def _layer0(names: list[str]) -> list[str]:
     """Tensor names of the first layer, with the layer index stripped."""
     result = []
@@ -407,7 +415,7 @@ def _tensor_signals(text: dict[str, Any], tensors: dict[str, TensorInfo], found:
                                                for n in names):
         found.add("tied_embeddings", "no lm_head tensor: the LM head reuses the embedding matrix",
                   "tensor: lm_head.weight absent")
-    qkv = example(r"\.(q_proj)\.weight$")
+    qkv = example(_NOT_TOWER + r".*\.(q_proj)\.weight$")
     head_dim = text.get("head_dim")
     heads = text.get("num_attention_heads")
     if qkv and isinstance(heads, int) and heads and not head_dim:
@@ -419,8 +427,17 @@ def _tensor_signals(text: dict[str, Any], tensors: dict[str, TensorInfo], found:
 
 # --- donor ranking -------------------------------------------------------------
 
-# Signals no listed donor handles shift the ranking only through the "missing" count.
-_BASELINE = {"gqa", "mqa", "tied_embeddings", "head_dim_override", "rope_scaling"}
+# Signals every listed donor handles: they do not shift the ranking. An explicit head_dim is not one of them:
+# the llama3 graph sizes RoPE from hidden_size / heads (max_registry.HEAD_DIM_OVERRIDE says which donors do).
+_BASELINE = {"gqa", "mqa", "tied_embeddings", "rope_scaling"}
+
+# One-line fixes printed with "would need" for a code whose fix is one known edit in a port.
+FIX_HINTS = {
+    "head_dim_override": "the llama3 graph builds RoPE from hidden_size / num_attention_heads "
+                         "(create_rope_embedding ignores head_dim): in the port's <slug>.py build "
+                         "Llama3RotaryEmbedding(..., head_dim=config.kv_params.head_dim) instead, or "
+                         "build_rope(rotary_dim=head_dim) from scaffold --with attention",
+}
 
 
 # Donor features that are always on in the donor's graph, with the cost of
@@ -554,6 +571,7 @@ def rank_donors(signals: list[Signal], donors: list[Any], model_type: str | None
             reasons.append(f"already implements: {', '.join(covered)}")
         if missing:
             reasons.append(f"would need: {', '.join(missing)}")
+            reasons += [f"fix for {c}: {FIX_HINTS[c]}" for c in missing if c in FIX_HINTS]
         if extra:
             reasons.append(f"has what the model lacks (to remove): {', '.join(extra)}")
         if TOPK_SOFTMAX_ROUTER in codes and not any(s.code == TOPK_SOFTMAX_ROUTER for s in signals):

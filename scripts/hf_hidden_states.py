@@ -11,7 +11,8 @@ Hooks are needed because transformers 5 replaces the last entry of
 ``hidden_states`` with the final norm's output, so the last block's own
 output is not in that tuple.
 
-A stage the layout has no module for (a model without a final norm) is
+A stage the layout has no module for (a model without a final norm), or a
+block output that is a stack of residual streams (Gemma 3n's AltUp), is
 listed in ``HFCapture.missing`` with the reason; layer-diff reports it as not
 compared.
 
@@ -44,8 +45,12 @@ def tap_paths(layout: model_anatomy.ModelLayout, sublayer: bool) -> tuple[dict[s
     """Stage name -> module path for every stage the layout has a module for, and stage -> reason for the rest."""
     paths: dict[str, str] = {"embedding": layout.token_embedding}
     missing: dict[str, str] = {}
+    several = layout.single_stream_refusal()
     for block in layout.blocks:
-        paths[f"block.{block.index}"] = block.path
+        if several:  # the block outputs a stack of streams (Gemma 3n); its attention and MLP read one
+            missing[f"block.{block.index}"] = f"{block.path}: {several}"
+        else:
+            paths[f"block.{block.index}"] = block.path
         if sublayer:
             paths[f"block.{block.index}.attention"] = block.attention.path
             feed_forward = block.mlp_output_path

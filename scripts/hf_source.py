@@ -97,6 +97,9 @@ class SourceReading:
     signals: list[CodeSignal]
     reads_is_decoder: bool
     notes: list[str] = field(default_factory=list)
+    # The code uses sliding_window only as a flash-attention argument: eager and sdpa attend to the whole
+    # prefix (Moshi: MoshiFlashAttention2 passes it, MoshiModel builds a plain causal mask).
+    window_flash_only: bool = False
 
     def signal_codes(self) -> list[str]:
         """The codes of every reported signal, in order."""
@@ -1181,7 +1184,48 @@ def _read(files: transformers_catalog.ModelFiles, config_items: tuple[tuple[str,
         causal_lm_class=start, config_class=files.config_class, effective=effective, defaults=cls_info.defaults,
         attribute_map=cls_info.attribute_map, legacy_keys=cls_info.legacy, reads=reads, signals=signals,
         reads_is_decoder="is_decoder" in reads and any(e.file == modeling.rel for e in reads["is_decoder"]),
-        notes=notes)
+        notes=notes, window_flash_only=_window_flash_only(scope, parents))
+
+
+# Calls that apply a window only in flash attention, and the name every window use is spelled with.
+_FLASH_CALL_MARK = "flash"
+_WINDOW_NAME = "sliding_window"
+
+
+def _window_flash_only(scope: list[ast.AST], parents: dict[ast.AST, ast.AST]) -> bool:
+    """True when every use of ``sliding_window`` in the causal-LM's code is an argument of a flash-attention
+    call or the attribute it is stored in (``self.sliding_window = config.sliding_window``): no mask, no
+    attention interface and no eager path reads the window."""
+    uses = 0
+    for top in scope:
+        for node in ast.walk(top):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else \
+                node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else ""
+            if _WINDOW_NAME in name and name != _WINDOW_NAME:
+                return False  # a windowed mask function (create_sliding_window_causal_mask, sliding_window_overlay)
+            if name != _WINDOW_NAME:
+                continue
+            uses += 1
+            if not (_in_flash_call(node, parents) or _stores_window(node, parents)):
+                return False
+    return uses > 0
+
+
+def _in_flash_call(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    while node in parents:
+        node = parents[node]
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            if _FLASH_CALL_MARK in name.lower():
+                return True
+    return False
+
+
+def _stores_window(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    parent = parents.get(node)
+    return isinstance(parent, ast.Assign) and all(
+        isinstance(t, ast.Attribute) and t.attr == _WINDOW_NAME for t in parent.targets)
 
 
 def _post_init_reads(cls_info: _ConfigClass, files: transformers_catalog.ModelFiles,

@@ -101,6 +101,15 @@ def _traits(attention: str, mlp: str, norm: str, *features: str, optional: tuple
 _LLAMA3_GRAPH = ("fused_qkv", "fused_gate_up", "mup_multipliers", "attention_scaling", "attention_scale",
                  "embedding_scale", "logit_scale", "qkv_clip")
 
+# An explicit head_dim (heads x head_dim != hidden_size) is honoured only where both the attention projections
+# and the RoPE table use it. The llama3 graph does not: its q/k/v and KV cache take head_dim from the config
+# (lib/interfaces/arch_config.py:241-249 via llama3/model_config.py:204), but llama3/llama3.py:95-104 calls
+# create_rope_embedding(hidden_size, num_attention_heads) (llama3/model_config.py:62-104), whose table is
+# dim // n_heads wide (max/nn/rotary_embedding.py:78). So llama3, granite, phi3, qwen2 and olmo (same graph) and
+# lfm2 (lfm2/lfm2.py:313-322, same call) lack it. Donors that pass head_dim to their RoPE table, cited below,
+# have it as an optional feature: it costs nothing on a model whose head_dim is hidden / heads.
+HEAD_DIM_OVERRIDE = "head_dim_override"
+
 # Slug -> block shape, for the families a port usually starts from. Checked trait by trait
 # against the MAX 26.7 source under max/pipelines/architectures/<slug>/; "unknown" marks a
 # trait the code does not settle.
@@ -116,55 +125,71 @@ DONOR_TRAITS: dict[str, DonorTraits] = {
                     "RMSNorm, pre-norm", optional=_LLAMA3_GRAPH),
     "qwen2": _traits("llama3 graph with q/k/v bias always on, GQA, full RoPE", "gated SiLU (SwiGLU)",
                      "RMSNorm, pre-norm", "attention_bias", optional=_LLAMA3_GRAPH),
+    # head_dim: qwen3/qwen3.py:306-311 (RoPE head_dim=kv_params.head_dim), kv_params from arch_config.py:241.
     "qwen3": _traits("GQA, RoPE, per-head RMSNorm QK-norm (always on)",
                      "gated SiLU, or MoE (Qwen3Moe: softmax, top-k, always renormalized) when num_experts > 0",
                      "RMSNorm, pre-norm", "qk_norm",
-                     optional=("moe", "router", "topk_softmax_router", "router_renormalize")),
+                     optional=("moe", "router", "topk_softmax_router", "router_renormalize", HEAD_DIM_OVERRIDE)),
     "olmo": _traits("llama3 graph: MHA/GQA, full RoPE, optional clip_qkv", "gated SiLU (SwiGLU)",
                     "LayerNorm without learnable weight or bias (ConstantLayerNorm), pre-norm", "layernorm_weightless",
                     optional=_LLAMA3_GRAPH),
+    # head_dim: olmo2/olmo2.py:51-56 (RoPE head_dim=kv_params.head_dim), kv_params from arch_config.py:241.
     "olmo2": _traits("MHA/GQA, RoPE, full-width QK-norm (across all heads)", "gated SiLU (SwiGLU)",
                      "RMSNorm, post-norm (after attention and MLP, no input norm)",
-                     "qk_norm", "qk_norm_full_width", "post_norm", optional=("fused_gate_up",)),
+                     "qk_norm", "qk_norm_full_width", "post_norm", optional=("fused_gate_up", HEAD_DIM_OVERRIDE)),
     "olmo3": _traits("GQA, full-width QK-norm (use_qk_norm), sliding/full layer types; plain RoPE on "
                      "sliding layers, YaRN on full layers", "gated SiLU (SwiGLU)", "RMSNorm, post-norm",
                      "post_norm", "sliding_window", "per_layer_attention", "rope_per_layer_type",
-                     optional=("qk_norm", "qk_norm_full_width")),
+                     # head_dim: olmo3/olmo3.py:86-104 (both RoPE tables), olmo3/model_config.py:189.
+                     optional=("qk_norm", "qk_norm_full_width", HEAD_DIM_OVERRIDE)),
+    # head_dim: mistral/mistral.py:46-49 (RoPE), mistral/model_config.py:146 (KV params).
     "mistral": _traits("GQA, RoPE, explicit head_dim; no sliding window", "gated SiLU (SwiGLU)",
-                       "RMSNorm, pre-norm"),
+                       "RMSNorm, pre-norm", optional=(HEAD_DIM_OVERRIDE,)),
     "gemma3": _traits("GQA, RoPE (separate local/global theta), per-head QK-norm, sliding/global layers; "
                       "softcaps and query_pre_attn_scalar are read into the config but not used by the graph",
                       "gated MLP with configurable activation (gelu_tanh)",
                       "RMSNorm (1 + weight), sandwich norms", "qk_norm", "sliding_window", "per_layer_attention",
-                      "sandwich_norm", "norm_offset", "embedding_scale", "activation", "rope_per_layer_type"),
+                      "sandwich_norm", "norm_offset", "embedding_scale", "activation", "rope_per_layer_type",
+                      # head_dim: gemma3/gemma3.py:80-96 (both RoPE tables), gemma3/model_config.py:194.
+                      optional=(HEAD_DIM_OVERRIDE,)),
     "deepseekV2": _traits("MLA (latent KV)",
                           "MoE with shared experts after first_k_dense_replace dense layers; softmax router, "
                           "greedy or group-limited top-k, no renormalization",
-                          "RMSNorm, pre-norm", "mla", "shared_experts", "router", optional=("moe",)),
+                          # MLA: RoPE is qk_rope_head_dim wide (deepseekV2/deepseekV2.py:55-56), which HF's
+                          # config sets as head_dim (configuration_deepseek_v2.py: head_dim = qk_rope_head_dim).
+                          "RMSNorm, pre-norm", "mla", "shared_experts", "router",
+                          optional=("moe", HEAD_DIM_OVERRIDE)),
     "deepseekV3": _traits("MLA (latent KV)", "MoE with shared experts; sigmoid router with correction bias, "
                           "grouped top-k", "RMSNorm, pre-norm", "mla", "moe", "shared_experts", "router",
-                          "sigmoid_router"),
+                          # MLA: RoPE is qk_rope_head_dim wide (deepseekV3/deepseekV3.py:786-799), HF's head_dim.
+                          "sigmoid_router", optional=(HEAD_DIM_OVERRIDE,)),
     "gpt_oss": _traits("GQA, RoPE (yarn), sliding/full layers, attention sinks, optional q/k/v bias",
                        "MoE: router with bias, top-k then softmax; clamped GLU experts with biases (not SwiGLU)",
                        "RMSNorm, pre-norm", "moe", "router", "mlp_bias", "sliding_window", "per_layer_attention",
-                       "attention_scaling", optional=("attention_bias",)),
+                       # head_dim: gpt_oss/gpt_oss.py:87-92 (RoPE), gpt_oss/model_config.py:336.
+                       "attention_scaling", optional=("attention_bias", HEAD_DIM_OVERRIDE)),
     "llama4": _traits("GQA, chunked attention on RoPE layers, NoPE layers with temperature tuning, "
                       "weightless L2 QK-norm (use_qk_norm)",
                       "MoE on moe_layers (sigmoid top-k router, shared expert), gated SiLU MLP elsewhere",
                       "RMSNorm, pre-norm", "moe", "shared_experts", "router", "sigmoid_router", "nope_layers",
                       "sliding_window",
-                      optional=("qk_norm",)),
+                      # head_dim: llama4/llama4.py:112-117 (RoPE), llama4/model_config.py:244-249.
+                      optional=("qk_norm", HEAD_DIM_OVERRIDE)),
     "minimax_m2": _traits("GQA, partial RoPE (partial_rotary_factor), full-width QK-norm (across heads)",
                           "MoE on every layer: sigmoid router with correction bias, SwiGLU experts",
                           "RMSNorm, pre-norm", "moe", "router", "sigmoid_router", "qk_norm", "qk_norm_full_width",
-                          optional=("partial_rotary",)),
+                          # head_dim: minimax_m2/minimax_m2.py:455-460 (RoPE head_dim=kv_params.head_dim).
+                          optional=("partial_rotary", HEAD_DIM_OVERRIDE)),
     "mamba": _traits("none (selective state space)", "none", "RMSNorm", "ssm"),
     "lfm2": _traits("hybrid: short convolution layers + GQA layers with per-head QK-norm (layer_types)",
                     "gated SiLU", "RMSNorm", "ssm", "qk_norm", "per_layer_attention"),
     "nemotron_h": _traits("hybrid Mamba-2 + GQA attention without RoPE (the source notes its SSD kernels are not "
                           "yet in the builtin kernel library)",
                           "non-gated relu2 MLP, or MoE (sigmoid router, shared expert) per layer pattern",
-                          "RMSNorm", "ssm", "nope_layers", optional=("moe", "shared_experts", "router", "sigmoid_router")),
+                          # head_dim: no RoPE table; attention is head_dim wide (nemotron_h/nemotron_h.py:522-526,
+                          # nemotron_h/model_config.py:100-111).
+                          "RMSNorm", "ssm", "nope_layers",
+                          optional=("moe", "shared_experts", "router", "sigmoid_router", HEAD_DIM_OVERRIDE)),
 }
 
 # Files in an architecture package that only wire things up; any other module

@@ -21,7 +21,9 @@ Two parts:
     with its q/k/v/o projections and their storage (separate, fused
     ``[q;k;v]``, fused per head, fused per kv group, multi-query fused; Conv1D
     weights are transposed), q/k norms, the block norms and their roles, and
-    the MLP or the MoE (router, experts, shared expert and its gate). Parts are
+    the MLP or the MoE (router, experts, shared expert and its gate), and the
+    parts of a model with several residual streams (Gemma 3n's AltUp: the
+    modules that expand, mix and collapse them, ``StreamPart``). Parts are
     found by structure (module types, parameter shapes) with small name tables
     where structure is ambiguous; a part that exists but cannot be resolved
     raises :class:`AnatomyError` naming it. Nothing is guessed.
@@ -620,6 +622,7 @@ class QKVKind(enum.Enum):
     FUSED_BLOCKED = "fused_blocked"  # ``fused_blocks`` blocks of [q_b; v_b; k_b], each a run of heads (CodeGen)
     LATENT = "latent"  # multi-head latent attention: low-rank q and kv with a shared RoPE key (DeepSeek-V2/V3)
     MIXTURE_OF_HEADS = "mixture_of_heads"  # queries and outputs from routed attention experts, shared [k; v] (JetMoE)
+    SHARED_KV = "shared_kv"  # queries only: keys and values are an earlier layer's (Gemma 3n's KV-sharing layers)
 
 
 class NormRole(enum.Enum):
@@ -711,6 +714,7 @@ class AttentionLayout:
     value_head_dim: int | None = None  # size of a value head when it differs from head_dim (latent attention)
     router: str | None = None  # MIXTURE_OF_HEADS: the router picking the attention experts
     indexer: str | None = None  # sparse attention: the module choosing which keys each query reads (DeepSeek-V3.2)
+    kv_source: int | None = None  # SHARED_KV: the layer whose keys and values this attention reads
 
     @property
     def output_gate_per_head(self) -> bool:
@@ -720,10 +724,18 @@ class AttentionLayout:
     def _rows(self, which: str) -> list[int]:
         n, kv, d = self.num_heads, self.num_kv_heads, self.head_dim
         kind = self.qkv_kind
-        if kind in (QKVKind.LATENT, QKVKind.MIXTURE_OF_HEADS) and (which != "query" or kind is not QKVKind.LATENT):
+        if kind is QKVKind.SHARED_KV and which != "query":
+            raise AnatomyError(f"cannot resolve the {which} rows of {self.path}: it reads layer {self.kv_source}'s "
+                               "keys and values and has no projection of its own")
+        if kind is QKVKind.MIXTURE_OF_HEADS:
+            # each query expert's rows are kv heads (top-k slot s's head j reads kv head j); the shared kv
+            # projection ``qkv`` is [k; v]
+            start, stop = {"query": (0, kv), "key": (0, kv), "value": (kv, 2 * kv)}[which]
+            return list(range(start * d, stop * d))
+        if kind is QKVKind.LATENT and which != "query":
             raise AnatomyError(f"cannot resolve the {which} rows of {self.path}: {kind.value} attention has no "
                                f"{which} rows in one Linear projection")
-        if kind in (QKVKind.SEPARATE, QKVKind.LATENT):
+        if kind in (QKVKind.SEPARATE, QKVKind.LATENT, QKVKind.SHARED_KV):
             return list(range((n if which == "query" else kv) * d))
         if kind in (QKVKind.FUSED, QKVKind.FUSED_MULTI_QUERY):
             start, count = {"query": (0, n), "key": (n, kv), "value": (n + kv, kv)}[which]
@@ -748,7 +760,8 @@ class AttentionLayout:
     def key_rows(self) -> list[int]:
         """Output rows of the key projection (``k``, or the key rows of the fused ``qkv``), in head order.
 
-        Latent and mixture-of-heads attention have no such rows (AnatomyError naming the attention).
+        Latent attention has no such rows (AnatomyError naming the attention); mixture of heads: the rows
+        of the shared [k; v] projection ``qkv``, and ``query_rows`` are the rows of each query expert.
         """
         return self._rows("key")
 
@@ -766,7 +779,7 @@ class AttentionLayout:
 
     @property
     def key_projection(self) -> Projection:
-        if self.qkv_kind in (QKVKind.LATENT, QKVKind.MIXTURE_OF_HEADS):
+        if self.qkv_kind in (QKVKind.LATENT, QKVKind.MIXTURE_OF_HEADS, QKVKind.SHARED_KV):
             raise AnatomyError(f"cannot resolve the key projection of {self.path}: {self.qkv_kind.value} "
                                "attention has no key rows in one Linear projection")
         return self.k if self.k is not None else self.qkv  # type: ignore[return-value]
@@ -875,6 +888,29 @@ class BlockLayout:
         return self.mlp.path if self.mlp.path != self.path else self.mlp.down.path
 
 
+# Config keys giving the number of residual streams per token (Gemma 3n AltUp, DeepSeek-V4 hyper-connections).
+STREAM_COUNT_KEYS = ("altup_num_inputs", "hc_mult")
+# How many stream parts a refusal names before "and N more" (enough to show each role once).
+STREAM_PARTS_NAMED = 4
+
+
+class StreamRole(enum.Enum):
+    """What a part of a several-residual-stream model does to the streams (Gemma 3n AltUp, DeepSeek-V4 mHC)."""
+
+    EXPAND = "expand"  # makes the extra streams from the embeddings (Gemma 3n altup_projections)
+    MIX = "mix"  # in a block: predicts / collapses / re-mixes the streams around its sublayers (altup, attn_hc)
+    COLLAPSE = "collapse"  # folds the streams into one before the final norm (altup_unembed_projections, hc_head)
+
+
+@dataclass(frozen=True)
+class StreamPart:
+    """A module that reads or writes several residual streams, and its role."""
+
+    path: str
+    role: StreamRole
+    module_class: str
+
+
 @dataclass(frozen=True)
 class HeadTransform:
     """A prediction head before the LM head: ``norm(act(dense(h)))`` (ModernBERT-decoder's ``lm_head``)."""
@@ -909,6 +945,35 @@ class ModelLayout:
     # not a weight: non-persistent, rebuilt at load, so a replica cannot rescale it.
     position_table: str | None = None
     head_transform: HeadTransform | None = None  # dense -> activation -> norm between final norm and LM head
+    # Several residual streams per token (Gemma 3n AltUp, DeepSeek-V4 hyper-connections): how many, and every
+    # module that expands, mixes or collapses them. Block outputs are then stacks of streams, not one hidden
+    # state; a step that needs the one residual stream says so (single_stream_refusal).
+    residual_streams: int = 1
+    stream_parts: tuple[StreamPart, ...] = ()
+
+    def single_stream_refusal(self) -> str | None:
+        """Why a step that reads or edits the one residual stream cannot apply, or None when there is one."""
+        if self.residual_streams == 1:
+            return None
+        parts = ", ".join(f"{p.path} ({p.role.value})" for p in self.stream_parts[:STREAM_PARTS_NAMED])
+        more = (f" and {len(self.stream_parts) - STREAM_PARTS_NAMED} more"
+                if len(self.stream_parts) > STREAM_PARTS_NAMED else "")
+        return (f"{self.model_class} keeps {self.residual_streams} residual streams ({parts}{more}); "
+                "a block's output is a stack of streams, not the one residual stream this step reads")
+
+    def norm_input_floor(self) -> str | None:
+        """What keeps the norms' inputs above a floor no weight scaling reaches, or None.
+
+        A fixed sinusoidal position table (CTRL, XGLM: rebuilt at load) is added to every position; post-LN
+        blocks with no norm before them (OpenAI GPT) give their first norm the attention's biases. The replica's
+        calibration leaves the embeddings a share above that floor, and a norm eps far below it barely matters,
+        on the replica and on the model alike.
+        """
+        if self.position_table:
+            return f"the fixed position table {self.position_table} (not a weight)"
+        if not self.first_norm and self.blocks and self.blocks[0].norms:
+            return f"the attention biases of {self.blocks[0].path} before its first norm (post-LN)"
+        return None
 
     @property
     def first_norm(self) -> str | None:
@@ -1025,11 +1090,23 @@ def _class_name(module: Any) -> str:
 
 
 def is_norm_module(module: Any) -> bool:
-    """A normalization layer: torch LayerNorm/RMSNorm/GroupNorm or a class whose name says Norm."""
+    """A normalization layer: torch LayerNorm/RMSNorm/GroupNorm or a class whose name says Norm.
+
+    A module holding an attention child is a wrapper, not a norm, whatever its name (DBRX's
+    ``DbrxNormAttentionNorm`` holds norm_1, attn and norm_2).
+    """
     import torch
 
     norm_types = tuple(t for t in (getattr(torch.nn, n, None) for n in ("LayerNorm", "RMSNorm", "GroupNorm")) if t)
-    return isinstance(module, norm_types) or "norm" in _class_name(module).lower()
+    if isinstance(module, norm_types):
+        return True
+    return "norm" in _class_name(module).lower() and not _wraps_attention(module)
+
+
+def _wraps_attention(module: Any) -> bool:
+    """``module`` has a direct child that is an attention module (a norm-attention-norm wrapper)."""
+    children = getattr(module, "named_children", None)
+    return children is not None and any(_is_attention(name, child) for name, child in children())
 
 
 # Attributes norm modules keep their eps in (transformers' RMSNorms, torch LayerNorm, others).
@@ -1108,6 +1185,12 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
     if input_embedding is None or id(input_embedding) not in paths:
         raise AnatomyError(f"cannot resolve the token embedding of {type(model).__name__}: "
                            "get_input_embeddings() returned no module of the model")
+    wrapper = decoder
+    if decoder and len(list(decoder_module.children())) == 1 and \
+            not any(m is input_embedding for m in decoder_module.modules()):
+        # BERT-style (GIT): the block list sits alone in an encoder wrapper beside the embeddings.
+        decoder = decoder.rpartition(".")[0]
+        decoder_module = model.get_submodule(decoder) if decoder else model
     token_embedding = paths[id(input_embedding)]
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if output is None or id(output) not in paths:
@@ -1120,13 +1203,16 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
     width_maps: dict[str, str] = {}
     per_layer: dict[str, Any] = {}
     norms = []
+    streams: list[StreamPart] = []
     table_buffers = [n for n, b in decoder_module.named_buffers(recurse=False)
                      if b.ndim == 2 and n in POSITION_TABLE_BUFFERS]
     if table_buffers:
         table = _join(decoder, table_buffers[0])  # CTRL: a sinusoidal table kept on the decoder itself
     parts = _children(decoder_module, decoder)
     for name, full, child in parts:
-        if child is input_embedding or full == blocks_path:
+        if child is input_embedding or full in (blocks_path, wrapper):
+            continue
+        if name in TEXT_UNUSED_TOWER_NAMES:
             continue
         if _embedding_container(child, input_embedding):
             # ModernBERT-decoder: model.embeddings holds tok_embeddings, a norm and a dropout
@@ -1162,12 +1248,9 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
                 offset = int(getattr(child, "offset", 0) or 0)
         elif is_norm_module(child):
             norms.append((name, full))
+        elif _stream_role(name, child, decoder_level=True) is not None:
+            streams.append(StreamPart(full, _stream_role(name, child, decoder_level=True), _class_name(child)))
         elif any(True for _ in child.parameters()):
-            if any(mark in _class_name(child).lower() for mark in HYPER_CONNECTION_MARKS):
-                raise AnatomyError(f"cannot resolve the part {full} of {decoder or 'the model'} "
-                                   f"({_class_name(child)}): it collapses {view.text.get('hc_mult', 'several')} "
-                                   "hyper-connection residual streams (mixed by learned weights around every "
-                                   "sublayer, DeepSeek-V4); a ModelLayout has one residual stream")
             raise AnatomyError(f"cannot resolve the part {full} of {decoder or 'the model'} "
                                f"({_class_name(child)}): it is not an embedding, norm, block list or width projection")
     embedding_norms = [full for name, full in norms if "emb" in name or name.startswith(EMBEDDING_CONTAINER_MARK)]
@@ -1178,7 +1261,7 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
     embedding_norm = embedding_norms[0] if embedding_norms else None
     final = final_norms[0] if final_norms else None
     if position is not None and view.max_positions:
-        rows = int(decoder_module.get_submodule(position.rpartition(".")[2]).weight.shape[0])
+        rows = int(model.get_submodule(position).weight.shape[0])
         if rows < view.max_positions + offset:
             raise AnatomyError(f"cannot resolve the position offset of {position}: {rows} rows for "
                                f"{view.max_positions} positions and offset {offset}")
@@ -1187,16 +1270,64 @@ def resolve_layout(model: Any, view: ConfigView | None = None) -> ModelLayout:
                    for index, block in enumerate(block_list))
     per_layer_inputs = _per_layer_inputs(model, decoder, per_layer, blocks)
     head_transform = _head_transform(model, decoder, lm_head)
+    residual_streams, stream_parts = _residual_streams(decoder or "the model", streams, block_list, blocks, view)
     return ModelLayout(
         model_class=type(model).__name__, model_type=view.model_type, decoder=decoder, blocks_path=blocks_path,
         blocks=blocks, token_embedding=token_embedding, position_embedding=position, position_offset=offset,
         embedding_norm=embedding_norm, final_norm=final, lm_head=lm_head, tied=bool(tied), rotary=rotary,
         project_in=width_maps.get("project_in"), project_out=width_maps.get("project_out"),
-        per_layer_inputs=per_layer_inputs, position_table=table, head_transform=head_transform)
+        per_layer_inputs=per_layer_inputs, position_table=table, head_transform=head_transform,
+        residual_streams=residual_streams, stream_parts=stream_parts)
 
 
-# Class-name marks of hyper-connection modules (several residual streams per token; no layout describes them).
-HYPER_CONNECTION_MARKS = ("hyperhead", "hyperconnection")
+# Several residual streams per token. Decoder children by name: Gemma 3n's AltUp projections that make the
+# extra streams from the embeddings and fold them back before the final norm.
+STREAM_EXPAND_NAMES = ("altup_projections",)
+STREAM_COLLAPSE_NAMES = ("altup_unembed_projections",)
+# Class-name marks: DeepSeek-V4's hyper-connection head (decoder: collapses the streams) and per-sublayer
+# mixers (blocks: attn_hc / ffn_hc), Gemma 3n's per-block AltUp predict/correct module.
+STREAM_COLLAPSE_CLASS_MARKS = ("hyperhead",)
+STREAM_MIX_CLASS_MARKS = ("hyperconnection", "altup")
+
+
+def _stream_role(name: str, module: Any, decoder_level: bool) -> StreamRole | None:
+    """The role of a module that expands, mixes or collapses several residual streams, else None."""
+    lowered = _class_name(module).lower()
+    if decoder_level and name in STREAM_EXPAND_NAMES:
+        return StreamRole.EXPAND
+    if decoder_level and (name in STREAM_COLLAPSE_NAMES or any(m in lowered for m in STREAM_COLLAPSE_CLASS_MARKS)):
+        return StreamRole.COLLAPSE
+    if not decoder_level and any(m in lowered for m in STREAM_MIX_CLASS_MARKS):
+        return StreamRole.MIX
+    return None
+
+
+def _residual_streams(where: str, found: list[StreamPart], block_list: Any, blocks: tuple[BlockLayout, ...],
+                      view: ConfigView) -> tuple[int, tuple[StreamPart, ...]]:
+    """How many residual streams the model keeps and every part that handles them (decoder and blocks).
+
+    The count comes from the config (STREAM_COUNT_KEYS); a model with stream parts but no count, or with
+    a count but no part that collapses the streams, is an AnatomyError naming it.
+    """
+    parts = list(found)
+    for block, layout in zip(block_list, blocks):
+        parts += [StreamPart(full, StreamRole.MIX, _class_name(child))
+                  for name, full, child in _children(block, layout.path)
+                  if _stream_role(name, child, decoder_level=False) is not None]
+    counts = [view.text[k] for k in STREAM_COUNT_KEYS if _is_int(view.text.get(k))]
+    if not parts:
+        return 1, ()
+    if not counts or counts[0] < 2:
+        raise AnatomyError(f"cannot resolve the residual streams of {where}: {parts[0].path} "
+                           f"({parts[0].module_class}) handles several streams but no config key "
+                           f"({', '.join(STREAM_COUNT_KEYS)}) gives their number")
+    if not any(p.role is StreamRole.COLLAPSE for p in parts):
+        raise AnatomyError(f"cannot resolve the residual streams of {where}: {counts[0]} streams but no part "
+                           "collapses them before the final norm")
+    return int(counts[0]), tuple(parts)
+# Decoder children a text-only forward never runs: GIT's image encoder and its projection run only when
+# pixel_values is given (modeling_git.py, GitModel.forward).
+TEXT_UNUSED_TOWER_NAMES = ("image_encoder", "visual_projection")
 # Buffers on the decoder module that are a fixed position table (CTRL's sinusoidal pos_encoding).
 POSITION_TABLE_BUFFERS = ("pos_encoding",)
 # Names of the children of an embeddings container, marked so their norms count as embedding norms.
@@ -1326,7 +1457,44 @@ def _listed(name: str, full: str, child: Any, accept: Callable[[str, Any], bool]
     return [(_join(full, str(i)), entry) for i, entry in enumerate(child)]
 
 
+# BERT-style post-LN block (GIT's text decoder): attention.{self, output.{dense, LayerNorm}},
+# intermediate.dense, output.{dense, LayerNorm}; each LayerNorm normalizes its sublayer's residual sum.
+BERT_BLOCK_PARTS = ("attention", "intermediate", "output")
+BERT_ATTENTION_PARTS = ("self", "output")
+BERT_DENSE, BERT_NORM = "dense", "LayerNorm"
+
+
+def _bert_block(index: int, path: str, block: Any, view: ConfigView) -> BlockLayout | None:
+    """The layout of a BERT-style block, or None when ``block`` is not one."""
+    children = dict(block.named_children())
+    if not all(name in children for name in BERT_BLOCK_PARTS):
+        return None
+    wrapper = dict(children["attention"].named_children())
+    if not all(name in wrapper for name in BERT_ATTENTION_PARTS):
+        return None
+    attention_out, mlp_out = dict(wrapper["output"].named_children()), dict(children["output"].named_children())
+    up = getattr(children["intermediate"], BERT_DENSE, None)
+    if not all(BERT_DENSE in part and BERT_NORM in part for part in (attention_out, mlp_out)) or up is None:
+        return None
+    prefix = _join(path, "attention")
+    o = _projection(attention_out[BERT_DENSE], f"{prefix}.output.{BERT_DENSE}")
+    up_proj = _projection(up, f"{path}.intermediate.{BERT_DENSE}")
+    down = _projection(mlp_out[BERT_DENSE], f"{path}.output.{BERT_DENSE}")
+    if o is None or up_proj is None or down is None:
+        raise AnatomyError(f"cannot resolve the BERT-style block {path}: its dense parts are not Linear layers")
+    attention = _attention(f"{prefix}.self", wrapper["self"], view, output=o)
+    # Inline MLP (path = the block): its input is the up projection's, its output the down projection's.
+    mlp = MLPLayout(path=path, gated=False, up=up_proj, gate=None, gate_up=None, down=down)
+    norms = (NormRef(f"{prefix}.output.{BERT_NORM}", NormRole.ATTENTION_RESIDUAL, norm_eps(attention_out[BERT_NORM])),
+             NormRef(f"{path}.output.{BERT_NORM}", NormRole.MLP_RESIDUAL, norm_eps(mlp_out[BERT_NORM])))
+    return BlockLayout(index=index, path=path, attention=attention, mlp=mlp, moe=None, norms=norms, parallel=False,
+                       per_layer_input=None, attentions=(attention,), mlps=(mlp,), moe_shortcut=False)
+
+
 def _block(index: int, path: str, block: Any, view: ConfigView) -> BlockLayout:
+    bert = _bert_block(index, path, block, view)
+    if bert is not None:
+        return bert
     children = _children(block, path)
     candidates = [(name, full, child) for name, full, child in children if _is_attention(name, child)]
     if len(candidates) != 1:
@@ -1393,7 +1561,11 @@ def _block_per_layer_input(path: str, block: Any, norms: tuple[NormRef, ...]) ->
 
 def _block_norms(path: str, block: Any, view: ConfigView) -> tuple[NormRef, ...]:
     found: list[tuple[str, str, Any, int]] = []
-    for name, full, child in _children(block, path):
+    children = _children(block, path)
+    for name, full, child in list(children):
+        if _wraps_attention(child) and _is_attention(name, child):
+            children += _children(child, full)  # DBRX: norm_attn_norm holds the input and pre-MLP norms
+    for name, full, child in children:
         entries = _listed(name, full, child, lambda _, entry: is_norm_module(entry))
         if entries is not None:  # LongCat-Flash: one norm per sublayer
             found += [(name, entry_path, entry, i) for i, (entry_path, entry) in enumerate(entries)]
@@ -1415,7 +1587,8 @@ def _block_norms(path: str, block: Any, view: ConfigView) -> tuple[NormRef, ...]
     return tuple(refs)
 
 
-def _attention(path: str, module: Any, view: ConfigView) -> AttentionLayout:
+def _attention(path: str, module: Any, view: ConfigView, output: Projection | None = None) -> AttentionLayout:
+    """The attention at ``path``; ``output`` is its output projection when a sibling holds it (BERT-style)."""
     projections = _projections(module, path)
     inner = [(name, full, child) for name, full, child in _children(module, path) if _is_attention(name, child)]
     if not projections and len(inner) == 1:
@@ -1445,6 +1618,7 @@ def _attention(path: str, module: Any, view: ConfigView) -> AttentionLayout:
         if name in known and name not in projections and any(True for _ in child.parameters()):
             raise AnatomyError(f"cannot resolve the projection {full} of {path}: it is a {_class_name(child)}, "
                                "not a Linear or Conv1D")
+    o = o or output
     if o is None:
         raise AnatomyError(f"cannot resolve the attention output projection of {path}: no child named one of "
                            + ", ".join(OUTPUT_NAMES))
@@ -1470,6 +1644,12 @@ def _attention(path: str, module: Any, view: ConfigView) -> AttentionLayout:
                                    f"{kv} kv heads do not split into {blocks} [q; v; k] blocks")
     else:
         missing = [what for what, p in (("query", q), ("key", k), ("value", v)) if p is None]
+        source = getattr(module, KV_SOURCE_ATTR, None)
+        if q is not None and missing == ["key", "value"] and _is_int(source) and view.num_kv_heads:
+            norms = _attention_norms(path, module, ())
+            return AttentionLayout(path=path, qkv_kind=QKVKind.SHARED_KV, q=q, k=None, v=None, qkv=None, o=o,
+                                   q_norm=norms["q"], k_norm=None, num_heads=heads, num_kv_heads=view.num_kv_heads,
+                                   head_dim=head_dim, kv_source=int(source))
         if missing:
             raise AnatomyError(f"cannot resolve the attention {missing[0]} projection of {path}: no child named one "
                                "of " + ", ".join({"query": QUERY_NAMES, "key": KEY_NAMES, "value": VALUE_NAMES}[missing[0]]))
@@ -1499,6 +1679,10 @@ def _attention(path: str, module: Any, view: ConfigView) -> AttentionLayout:
                            k_norm=norms["k"], num_heads=heads, num_kv_heads=int(kv), head_dim=head_dim,
                            fused_blocks=blocks, output_gate=gate, mask_projection=mask, v_norm=norms["v"],
                            sub_norm=norms["sub"])
+
+
+# The attribute of a KV-sharing attention naming the layer whose keys and values it reads (Gemma 3n).
+KV_SOURCE_ATTR = "kv_shared_layer_index"
 
 
 def _attention_norms(path: str, module: Any, latent_names: tuple[str, ...]) -> dict[str, str | None]:

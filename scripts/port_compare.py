@@ -349,10 +349,20 @@ def _decode_each(tokenizer: Any, count: int) -> list[str]:
 # --- output ---------------------------------------------------------------------------
 
 
+def headline(report: CompareReport) -> str:
+    """The verdict in one line: MATCH or DIVERGED, with the first divergence, max |Δ| and the tolerance."""
+    first = report.first_divergence
+    where = (f" at prompt {first['prompt_index']} position {first['position']} ({first['phase']}, "
+             f"{first['reason']}; token {first['token_id']} HF {first['hf_logprob']:.5f} MAX "
+             f"{first['max_logprob']:.5f})" if first else "")
+    return (f"verdict: {report.verdict}{where}   max |Δ logprob| {report.max_abs_diff:.3g} "
+            f"(tolerance {report.atol:g}, {report.dtype})")
+
+
 def format_report(report: CompareReport, tokenizer_decode: Any = None, all_positions: bool = False) -> str:
-    """Human-readable summary and per-position table."""
-    lines = [f"verdict: {report.verdict}   max |Δ logprob| {report.max_abs_diff:.3g} (tolerance {report.atol:g}, "
-             f"{report.dtype})", f"served: {report.served_name} at {report.base_url}; HF reference: {report.reference} "
+    """Human-readable summary and per-position table, opened and closed by the :func:`headline`
+    (a long table must not hide the verdict, dogfood)."""
+    lines = [headline(report), f"served: {report.served_name} at {report.base_url}; HF reference: {report.reference} "
              f"({report.dtype}, attention {report.attn_implementation}, spread "
              f"{'-' if report.reference_spread is None else format(report.reference_spread, '.3g')})",
              f"ties: {report.tie_count} position(s) accepted as ties (top-1 or greedy token differs, every logprob "
@@ -380,4 +390,5 @@ def format_report(report: CompareReport, tokenizer_decode: Any = None, all_posit
         for stat in run.layer_stats or []:
             lines.append(f"    layer {stat['layer']:3d}: mean norm {stat['mean_token_norm']:.4g}  max|x| "
                          f"{stat['max_abs']:.4g}  NaN {stat['nan']}  Inf {stat['inf']}")
+    lines += ["", headline(report)]
     return "\n".join(lines)

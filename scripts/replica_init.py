@@ -45,6 +45,13 @@ SOFTCAP_SETTLED = 0.05
 LOGIT_ROUNDS = 8
 LOGIT_SETTLED = 0.02
 MIN_SCORE = 1e-6  # floor of the measured attention score, so a zero score cannot divide by zero
+# With a fixed position table the token embedding is scaled to this x the table's mean square at the
+# first norm (tokens keep half its input; driven to eps_headroom x eps they vanished: CTRL scale 2e-9).
+TABLE_SHARE_FACTOR = 2.0
+# Post-LN blocks without a norm before them (OpenAI GPT): the embeddings (tokens and learned positions
+# together) get this x the attention biases' mean square at the first norm, so the tokens alone still
+# outweigh the biases (at 2 x, tokens moved the logits by 0.45 of their norm, below the tests' 0.5).
+POST_LN_SHARE_FACTOR = 4.0
 MAX_LOGIT_STEP = 1000.0  # largest factor one logit round applies (a near-zero spread must not explode)
 SOFTCAP_SHARE = 0.5  # with a final softcap, aim the logit spread at this share of the cap (its non-linear range)
 
@@ -204,6 +211,7 @@ def _calibrate_embedding(model: Any, layout: model_anatomy.ModelLayout, options:
     tables = [model.get_submodule(layout.token_embedding)]
     if layout.position_embedding:
         tables.append(model.get_submodule(layout.position_embedding))
+    floor = _fixed_table_floor(model, layout, paths, ids)
     total, norm_path = 1.0, None
     for _ in range(EMBEDDING_ROUNDS):
         measured = _first_norm_mean_square(model, paths, ids)
@@ -212,14 +220,49 @@ def _calibrate_embedding(model: Any, layout: model_anatomy.ModelLayout, options:
         norm_path, mean_square, eps = measured
         if mean_square <= 0:
             break
-        scale = (options.eps_headroom * eps / mean_square) ** 0.5
+        share = TABLE_SHARE_FACTOR if layout.position_table else POST_LN_SHARE_FACTOR
+        target = max(options.eps_headroom * eps, share * floor)
+        # Above a fixed table the token part is what scales: aim its share (mean square - floor) at target - floor.
+        scale = ((target - floor) / max(mean_square - floor, MIN_SCORE)) ** 0.5 if floor else \
+            (target / mean_square) ** 0.5
         for table in tables:
             table.weight.mul_(scale)
         total *= scale
         if abs(scale - 1.0) < EMBEDDING_SETTLED:
             break
     scaled = [layout.token_embedding] + ([layout.position_embedding] if layout.position_embedding else [])
+    if floor:
+        source = (f"the fixed position table {layout.position_table} (not a weight)" if layout.position_table
+                  else "the first block's attention with the embeddings zeroed (post-LN: its biases)")
+        return _applied(", ".join(scaled), total, norm=norm_path, fixed_table_floor=floor,
+                        note=f"{source} alone gives the first norm a mean square of {floor:.3g}: the embeddings "
+                             "are scaled to an equal share, not to eps_headroom x eps")
     return _applied(", ".join(scaled), total, norm=norm_path)
+
+
+def _fixed_table_floor(model: Any, layout: model_anatomy.ModelLayout, paths: list[str], ids: Any) -> float:
+    """The first norm's input mean square with the token embedding zeroed: what a fixed position table
+    (CTRL, XGLM: rebuilt at load, so not scalable) contributes; 0.0 without one.
+
+    Post-LN blocks with no norm before them (OpenAI GPT: ln_1(x + attn(x))): the first norm also reads
+    the attention's biases, which the embeddings do not scale; the floor is its input with the token and
+    position embeddings both zeroed (scaled to eps_headroom x eps, the embeddings went to 3e-6 and the
+    positions moved nothing).
+    """
+    if layout.norm_input_floor() is None:
+        return 0.0
+    post_ln = not layout.position_table
+    tables = [layout.token_embedding] + ([layout.position_embedding] if post_ln and layout.position_embedding else [])
+    weights = [model.get_submodule(path).weight for path in tables]
+    saved = [weight.detach().clone() for weight in weights]
+    for weight in weights:
+        weight.zero_()
+    try:
+        measured = _first_norm_mean_square(model, paths, ids)
+    finally:
+        for weight, kept in zip(weights, saved):
+            weight.copy_(kept)
+    return measured[1] if measured else 0.0
 
 
 def _scores_of(module: Any, attention: model_anatomy.AttentionLayout, hidden: Any, scaling: float) -> float:

@@ -117,6 +117,11 @@ TOPK_FIXED = {
     "phimoe": "the sparsemixer router always picks two experts (modeling_phimoe.sparsemixer selects a first and "
               "a second expert; num_experts_per_tok is not read past its signature)",
 }
+# Families whose modeling code cannot run with one expert per token: "MoE top-k" raises k instead of lowering it.
+TOPK_NOT_ONE = {
+    "longcat_flash": "its experts squeeze the [1, tokens] expert mask of top-1 routing to one dimension, and "
+                     "torch.where then yields one index tensor, not (pick, token)",
+}
 
 # Exit code of the up-front refusal of a non-decoder class: a hard stop, like a wall.
 NOT_DECODER_EXIT = EXIT_STOP
@@ -313,6 +318,9 @@ class Mutation:
     how: str
     plan: Plan
     bounded: bool = False  # the bug's own size is bounded: passes beyond compare's tolerance, not the 100x bar
+    # Why the bug's size is bounded on this model (its bar is then compare's tolerance), or None: for a
+    # bound that depends on the model's structure, not on the bug alone.
+    bounded_on: Callable[[Subject], str | None] | None = None
 
 
 # --- the decoder-only rule --------------------------------------------------------------------------
@@ -384,8 +392,11 @@ def _present_keys(config: Any, keys: tuple[str, ...]) -> list[str]:
 
 
 def _rope_dicts(config: Any) -> list[dict[str, Any]]:
-    """The loaded config's RoPE parameter dicts to edit (one, or one per layer type)."""
+    """The loaded config's RoPE parameter dicts to edit (one, or one per layer type); a composite (Emu3)
+    keeps them in its text config."""
     params = getattr(config, "rope_parameters", None)
+    if params is None and hasattr(config, "get_text_config"):
+        params = getattr(config.get_text_config(), "rope_parameters", None)
     if not isinstance(params, dict) or not params:
         return []
     if all(isinstance(v, dict) for v in params.values()):
@@ -480,14 +491,19 @@ class HeadFeatures:
 def _head_features(attention: model_anatomy.AttentionLayout, which: str) -> HeadFeatures:
     """The query or key head features of an attention, from the resolver's rows (AnatomyError -> ToolError)."""
     try:
-        if which == "query":
+        if attention.qkv_kind is model_anatomy.QKVKind.MIXTURE_OF_HEADS:
+            # JetMoE: every query expert (STACKED) maps to the kv heads; the keys are the shared kv projection's
+            projection = attention.q if which == "query" else attention.qkv
+            rows = attention.query_rows() if which == "query" else attention.key_rows()
+            heads = attention.num_kv_heads
+        elif which == "query":
             projection, rows, heads = attention.query_projection, attention.query_rows(), attention.num_heads
         else:
             projection, rows, heads = attention.key_projection, attention.key_rows(), attention.num_kv_heads
     except model_anatomy.AnatomyError as exc:
         raise ToolError(str(exc)) from None
-    if projection.storage is model_anatomy.WeightStorage.STACKED:
-        raise ToolError(f"the {which} projection {projection.path} of {attention.path} is stacked expert weights")
+    if projection is None:
+        raise ToolError(f"the {which} projection of the mixture of attention heads {attention.path} is unresolved")
     width, extra = divmod(len(rows), heads)
     if extra:
         raise ToolError(f"the {which} rows of {attention.path} are not {heads} heads of one size")
@@ -500,8 +516,8 @@ def _permute_outputs(module: Any, projection: model_anatomy.Projection, rows: li
 
     index, source = torch.tensor(rows), torch.tensor([rows[i] for i in order])
     weight = module.weight
-    if projection.transposed:
-        weight[:, index] = weight[:, source].clone()
+    if projection.transposed or projection.storage is model_anatomy.WeightStorage.STACKED:
+        weight[:, index] = weight[:, source].clone()  # Conv1D [in, out]; stacked experts [experts, out, in]
     else:
         weight[index] = weight[source].clone()
     if getattr(module, "bias", None) is not None:
@@ -513,7 +529,9 @@ def _permute_inputs(module: Any, projection: model_anatomy.Projection, order: li
     import torch
 
     index = torch.tensor(order)
-    if projection.transposed:
+    if projection.storage is model_anatomy.WeightStorage.STACKED:
+        module.weight.copy_(module.weight.clone()[:, :, index])  # [experts, out, in]
+    elif projection.transposed:
         module.weight.copy_(module.weight.clone()[index])
     else:
         module.weight.copy_(module.weight.clone()[:, index])
@@ -666,12 +684,27 @@ def _plan_no_sliding(subject: Subject) -> Callable[..., None]:
         return lambda cfg: setattr(cfg, CHUNK_KEY, NO_WINDOW)
     if not view.sliding_window:
         raise NotApplicable("no sliding window")
+    import hf_source
+
+    reading = hf_source.read_model(config.to_dict())
+    if reading is not None and reading.window_flash_only:
+        raise NotApplicable(f"{reading.modeling_file} uses sliding_window only in its flash-attention path: the "
+                            "eager/sdpa reference attends to the whole prefix")
     if getattr(config, "use_sliding_window", None) is False:
         raise NotApplicable("use_sliding_window is false")
     if not any("sliding" in kind for kind in kinds):
         raise NotApplicable("no layer uses sliding attention")
     key = view.key("sliding_window") or "sliding_window"
     return lambda cfg: _set_key(cfg, key, NO_WINDOW)
+
+
+def _eps_bounded(subject: Subject) -> str | None:
+    """A norm-input floor (model_anatomy.ModelLayout.norm_input_floor) bounds what any eps bug can move."""
+    floor = subject.layout.norm_input_floor()
+    if floor is None:
+        return None
+    return (f"{floor} keeps every norm's input mean square far above eps, on the model as on the replica, so "
+            "a wrong eps moves little on either; the bar is compare's tolerance (the bug must not MATCH)")
 
 
 def _plan_eps(subject: Subject) -> Callable[..., None]:
@@ -690,9 +723,27 @@ def _eps_key_unread(subject: Subject, keys: list[str]) -> bool:
     (BioGPT's nn.LayerNorm(dim) keeps torch's 1e-5 while layer_norm_eps says 1e-12), so editing the key
     would leave that norm as it is."""
     values = [float(getattr(subject.config, key)) for key in keys]
-    for path in _norm_paths(subject.model, subject.layout):
+    paths = _norm_paths(subject.model, subject.layout)
+    for path in paths:
         eps = model_anatomy.norm_eps(_module(subject.model, path))
         if eps is not None and not any(abs(eps - v) <= EPS_MATCH_RTOL * v for v in values):
+            return True
+    # An eps fixed in the code can equal the key's value (CTRL's blocks: nn.LayerNorm(d, eps=1e-6), and
+    # layer_norm_epsilon=1e-6 reaches only the final norm): build the model from the edited config and
+    # check that every norm's eps moved.
+    import torch
+
+    probe_config = copy.deepcopy(subject.config)
+    for key in keys:
+        setattr(probe_config, key, getattr(probe_config, key) * EPS_FACTOR)
+    try:
+        with torch.device("meta"):
+            probe = type(subject.model)(probe_config)
+    except Exception:  # noqa: BLE001 - any class that cannot be built on the meta device
+        return False  # keep the value comparison above
+    for path in paths:
+        before, after = (model_anatomy.norm_eps(_module(m, path)) for m in (subject.model, probe))
+        if before is not None and after is not None and abs(after - before * EPS_FACTOR) > EPS_MATCH_RTOL * after:
             return True
     return False
 
@@ -833,8 +884,23 @@ def _plan_drop(key: str) -> Plan:
     def plan(subject: Subject) -> Callable[..., None]:
         if not getattr(subject.config, key, None):
             raise NotApplicable(f"config has no {key}")
-        return lambda cfg: setattr(cfg, key, None)
+        return lambda cfg: _drop_key(cfg, key)
     return plan
+
+
+# A cap that never binds, for a config that refuses None for a softcap field (Gemma 3n's strict dataclass
+# types final_logit_softcapping as a float): tanh(x / cap) * cap equals x to float32 precision for |x| < 1e4.
+UNBOUNDED_CAP = 1e12
+
+
+def _drop_key(cfg: Any, key: str) -> None:
+    """Set ``key`` to None, or to UNBOUNDED_CAP where the config's field type refuses None."""
+    try:
+        setattr(cfg, key, None)
+    except Exception as exc:  # noqa: BLE001 - huggingface_hub's StrictDataclassFieldValidationError
+        if "NoneType" not in str(exc):
+            raise
+        setattr(cfg, key, UNBOUNDED_CAP)
 
 
 def _plan_logit_scale(subject: Subject) -> Callable[..., None]:
@@ -875,8 +941,12 @@ def _plan_topk(subject: Subject) -> Callable[..., None]:
         raise ToolError(f"the experts-per-token key is not one of {', '.join(TOPK_KEYS)}")
     k, experts = int(view.experts_per_token), int(view.num_experts)  # type: ignore[arg-type]
     new = k - 1 if k > 1 else k + 1
+    if new == 1 and subject.model_type in TOPK_NOT_ONE:
+        new = k + 1
     if new > experts:
-        raise NotApplicable(f"top-{k} of {experts} experts: no other k")
+        raise NotApplicable(f"top-{k} of {experts} experts: no other k"
+                            + (f" (not 1: {TOPK_NOT_ONE[subject.model_type]})" if subject.model_type in TOPK_NOT_ONE
+                               else ""))
     return lambda cfg: _set_key(cfg, key, new)
 
 
@@ -972,11 +1042,17 @@ def _plan_gqa(subject: Subject) -> Callable[..., None]:
                             f"{attention.num_kv_heads}")
 
     def edit(model: Any, cfg: Any) -> None:
-        """Query head h reads KV head h % kv instead of h // group: reorder q heads and the o inputs."""
+        """Query head h reads KV head h % kv instead of h // group: reorder q heads and the o inputs.
+
+        Mixture of heads (JetMoE: head j of every query expert reads kv head j): each expert's heads are
+        rotated by one, so each reads its neighbour's kv head (the stacked q rows and o inputs).
+        """
         for attention in attentions:
             n, groups, dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
             group = n // groups
             source = [(h // group) + (h % group) * groups for h in range(n)]
+            if attention.qkv_kind is model_anatomy.QKVKind.MIXTURE_OF_HEADS:
+                n, source = groups, [(h + 1) % groups for h in range(groups)]
             order = [source[h] * dim + i for h in range(n) for i in range(dim)]
             q = _head_features(attention, "query")
             rows = [r for head_rows in q.rows for r in head_rows]
@@ -996,7 +1072,8 @@ def _plan_rope_style(subject: Subject) -> Callable[..., None]:
         return _plan_latent_rope_style(blocks)
     for block in blocks:
         _head_features(block.attention, "query")
-        _head_features(block.attention, "key")
+        if not _shares_kv(block.attention):
+            _head_features(block.attention, "key")
     rot, dim = view.rotary_dim or _head_dim(view), _head_dim(view)
 
     def rotary_of(block: model_anatomy.BlockLayout) -> int:
@@ -1017,6 +1094,8 @@ def _plan_rope_style(subject: Subject) -> Callable[..., None]:
             attention, size, rotated = block.attention, block.attention.head_dim, rotary_of(block)
             per_head = list(range(0, rotated, 2)) + list(range(1, rotated, 2)) + list(range(rotated, size))
             for which, norm in (("query", attention.q_norm), ("key", attention.k_norm)):
+                if which == "key" and _shares_kv(attention):
+                    continue  # its keys are layer kv_source's, reordered there
                 features = _head_features(attention, which)
                 rows = [r for head_rows in features.rows for r in head_rows]
                 order = [h * size + i for h in range(len(features.rows)) for i in per_head]
@@ -1024,6 +1103,11 @@ def _plan_rope_style(subject: Subject) -> Callable[..., None]:
                 if norm and (which == "query" or norm != attention.q_norm):
                     _permute_norm(_module(model, norm), order, per_head)
     return edit
+
+
+def _shares_kv(attention: model_anatomy.AttentionLayout) -> bool:
+    """The attention reads an earlier layer's keys and values (Gemma 3n's KV-sharing layers)."""
+    return attention.qkv_kind is model_anatomy.QKVKind.SHARED_KV
 
 
 def _plan_latent_rope_style(blocks: Sequence[model_anatomy.BlockLayout]) -> Callable[..., None]:
@@ -1093,22 +1177,28 @@ def _plan_learned_positions(subject: Subject) -> Callable[..., None]:
 
 
 def _plan_head_dim(subject: Subject) -> Callable[..., None]:
+    """Scores scaled from hidden/heads. Latent attention scales by its query head (nope + rope parts), and
+    its head_dim may exist only as a config alias of the rotated part (GLM-4-MoE-Lite's attribute_map)."""
     view = subject.view
-    if not view.head_dim_differs:
+    latent = [b.attention for b in subject.layout.blocks if b.attention.qkv_kind is model_anatomy.QKVKind.LATENT]
+    aliased = getattr(subject.config, "head_dim", None)
+    differs = view.head_dim_differs or (bool(latent) and isinstance(aliased, int) and bool(view.num_heads)
+                                        and aliased * int(view.num_heads) != view.hidden_size)
+    if not differs:
         raise NotApplicable("head_dim x heads equals hidden_size")
-    heads, dim = int(view.num_heads), _head_dim(view)  # type: ignore[arg-type]
-    paths = [block.attention.path for block in subject.layout.blocks]
-    for path in paths:
+    heads = int(view.num_heads)  # type: ignore[arg-type]
+    dims = {b.attention.path: b.attention.head_dim if b.attention.qkv_kind is model_anatomy.QKVKind.LATENT
+            else _head_dim(view) for b in subject.layout.blocks}
+    for path in dims:
         if not isinstance(getattr(_module(subject.model, path), "scaling", None), float):
             raise ToolError(f"cannot find the score scale of {path} (no float 'scaling' attribute)")
     wrong = (int(view.hidden_size) // heads) ** -0.5  # type: ignore[arg-type]
 
     def edit(model: Any, cfg: Any) -> None:
         """Scores scaled by 1/sqrt(hidden/heads) instead of 1/sqrt(head_dim), as a port sizing from hidden."""
-        correct = dim ** -0.5
-        for path in paths:
+        for path, dim in dims.items():
             attention = _module(model, path)
-            attention.scaling = attention.scaling * wrong / correct
+            attention.scaling = attention.scaling * wrong / dim ** -0.5
     return edit
 
 
@@ -1188,8 +1278,8 @@ def _probe_parallel(subject: Subject) -> tuple[bool, dict[str, str]]:
             def attention_hook(module, args, output):
                 if scale["factor"] == 1.0:
                     return None
-                if isinstance(output, tuple):
-                    return (output[0] * scale["factor"],) + output[1:]
+                if isinstance(output, (tuple, list)):  # OpenAI GPT's attention returns a list
+                    return type(output)([output[0] * scale["factor"], *output[1:]])
                 return output * scale["factor"]
             handles.append(_module(model, block.attention.path).register_forward_hook(attention_hook))
     ids = _probe_ids(subject.config)
@@ -1220,6 +1310,12 @@ def _plan_parallel(subject: Subject) -> Callable[..., None]:
     (Falcon's new decoder architecture is parallel whatever parallel_attn says).
     """
     key = subject.view.key("parallel_block")
+    several = subject.layout.single_stream_refusal()
+    if several:  # the probe and the rewiring read and add one block input; a block here maps stream stacks
+        raise NotApplicable(several)
+    shortcut = [block for block in subject.layout.blocks if block.moe_shortcut]
+    if shortcut:
+        return _shortcut_sequential(shortcut)
     parallel, feeding = _probe_parallel(subject)
     if not parallel:
         if key is not None and "." not in key and isinstance(getattr(subject.config, key, None), bool):
@@ -1250,6 +1346,34 @@ def _plan_parallel(subject: Subject) -> Callable[..., None]:
             _module(model, block_path).register_forward_pre_hook(block_pre, with_kwargs=True)
             _module(model, attention_path).register_forward_hook(attention_post)
             _module(model, mlp_path).register_forward_pre_hook(mlp_pre, with_kwargs=True)
+    return edit
+
+
+def _shortcut_sequential(blocks: Sequence[model_anatomy.BlockLayout]) -> Callable[..., None]:
+    """LongCat-Flash's MoE is a branch beside the block's later sublayers, added at the block's end: the
+    sequential port adds it after the first dense MLP instead, so the second attention and MLP read it."""
+    for block in blocks:
+        if block.moe is None or len(block.mlps) < 2:
+            raise ToolError(f"parallel vs sequential: the MoE shortcut of {block.path} has no second dense MLP")
+    plan = [(block.path, block.moe.path, block.mlps[0].path) for block in blocks]  # type: ignore[union-attr]
+
+    def edit(model: Any, config: Any) -> None:
+        for block_path, moe_path, mlp_path in plan:
+            state: dict[str, Any] = {}
+
+            def moe_post(module, args, output, state=state):
+                state["moe"] = _first_tensor(output)
+
+            def mlp_post(module, args, output, state=state):
+                return output + state["moe"].view(output.shape)
+
+            def block_post(module, args, output, state=state):
+                if isinstance(output, (tuple, list)):
+                    return type(output)([output[0] - state["moe"].view(output[0].shape), *output[1:]])
+                return output - state["moe"].view(output.shape)
+            _module(model, moe_path).register_forward_hook(moe_post)
+            _module(model, mlp_path).register_forward_hook(mlp_post)
+            _module(model, block_path).register_forward_hook(block_post)
     return edit
 
 
@@ -1292,6 +1416,9 @@ class RouterConvention(str, enum.Enum):
     DENSE_SCORES = "dense scores"
     SORTED_GATES = "sorted gates"
     ROUTE_METHOD = "route method"  # the MoE block's or experts' route_tokens_to_experts(logits) -> indices, weights
+    # (top-k weights, top-k indices) without the logits, scored inside from the router's one 2-D weight
+    # (LongCat-Flash's F.linear on classifier.weight): the logits are recomputed from the router's input
+    WEIGHTS_INDICES = "weights and indices"
 
 
 ROUTE_METHOD_NAME = "route_tokens_to_experts"  # the method transformers' MoE code scores the router logits in
@@ -1363,12 +1490,34 @@ def _logits_in(output: Any, experts: int) -> int | None:
     return None
 
 
-def _read_routing(moe: model_anatomy.MoELayout, output: Any, experts_call: tuple | None, k: int | None
-                  ) -> tuple[Routing | None, Any]:
+def _router_logits(router: Any, hidden: Any) -> Any:
+    """[tokens, scored experts] logits of a router from its input: its one 2-D weight (and bias), in float32."""
+    import torch
+
+    weights = [p for p in router.parameters() if p.ndim == 2]
+    if len(weights) != 1:
+        return None
+    bias = next((p for p in router.parameters() if p.ndim == 1 and p.shape[0] == weights[0].shape[0]), None)
+    flat = hidden.reshape(-1, weights[0].shape[1]).float()
+    with torch.no_grad():
+        return torch.nn.functional.linear(flat, weights[0].float(), None if bias is None else bias.float())
+
+
+def _read_routing(moe: model_anatomy.MoELayout, output: Any, experts_call: tuple | None, k: int | None,
+                  logits_of: Callable[[], Any] | None = None) -> tuple[Routing | None, Any]:
     """The Routing of one router from its output and the experts' call, and the (logits, weights, indices)
-    it was scored on (None, None when no convention fits)."""
+    it was scored on (None, None when no convention fits). ``logits_of`` recomputes the logits from the
+    router's input, for a router that returns only its top-k weights and indices."""
     experts = moe.num_experts
     flat = _flat_args(experts_call)
+    if isinstance(output, tuple) and len(output) == 2 and logits_of is not None:
+        floats = [i for i, t in enumerate(output) if _is_float(t, 2)]
+        ints = [i for i, t in enumerate(output) if _is_int(t, 2)]
+        if len(floats) == 1 and len(ints) == 1 and output[floats[0]].shape == output[ints[0]].shape:
+            logits = logits_of()
+            if logits is not None and logits.shape[0] == output[ints[0]].shape[0]:
+                parts = (logits, output[floats[0]], output[ints[0]])
+                return _routing(moe, RouterConvention.WEIGHTS_INDICES, parts, (floats[0], ints[0]))
     if isinstance(output, tuple) and len(output) == 3:
         logits = [i for i, t in enumerate(output) if _is_float(t, 2) and t.shape[-1] == experts]
         indices = [i for i, t in enumerate(output) if _is_int(t, 2)]
@@ -1478,6 +1627,7 @@ def _router_probe(subject: Subject) -> list[Routing]:
     if not moes:
         raise ToolError("the config has experts but the resolver found no MoE block")
     outputs: dict[str, Any] = {}
+    inputs: dict[str, Any] = {}
     calls: dict[str, tuple] = {}
     routed: dict[str, tuple[str, Any, Any]] = {}  # router path -> (owner path, method input logits, its result)
     wrapped: list[Any] = []  # modules whose route method the probe replaced (restored after it)
@@ -1491,6 +1641,9 @@ def _router_probe(subject: Subject) -> list[Routing]:
             wrapped.append(_module(subject.model, owner))
         handles.append(_module(subject.model, moe.router).register_forward_hook(
             lambda m, a, o, path=moe.router: outputs.setdefault(path, o)))
+        def keep_input(module, args, kwargs, path=moe.router) -> None:
+            inputs.setdefault(path, _hidden_arg(args, kwargs))
+        handles.append(_module(subject.model, moe.router).register_forward_pre_hook(keep_input, with_kwargs=True))
         if "," not in moe.experts:
             handles.append(_module(subject.model, moe.experts).register_forward_pre_hook(
                 lambda m, a, kw, path=moe.experts: calls.setdefault(path, (a, kw)), with_kwargs=True))
@@ -1507,7 +1660,10 @@ def _router_probe(subject: Subject) -> list[Routing]:
     for moe in moes:
         if moe.router not in outputs and moe.router not in routed:
             raise ToolError(f"the router {moe.router} never ran on the probe")
-        routing, parts = (_read_routing(moe, outputs[moe.router], calls.get(moe.experts), k)
+        def logits_of(moe=moe) -> Any:
+            hidden = inputs.get(moe.router)
+            return None if hidden is None else _router_logits(_module(subject.model, moe.router), hidden.detach())
+        routing, parts = (_read_routing(moe, outputs[moe.router], calls.get(moe.experts), k, logits_of)
                           if moe.router in outputs else (None, None))  # DeepSeek-V2 reads gate.weight directly
         if routing is None and moe.router in routed:
             routing, parts = _read_route_method(moe, *routed[moe.router])
@@ -1566,6 +1722,14 @@ def _hook_routing(model: Any, routing: Routing, kind: str, normalized: bool, k: 
             result[positions[1]] = weights[output[positions[2]]]
             return tuple(result)
         router.register_forward_hook(sorted_hook)
+    elif routing.convention is RouterConvention.WEIGHTS_INDICES:
+        def weights_hook(module, args, kwargs, output):
+            logits = _router_logits(module, _hidden_arg(args, kwargs))
+            weights, indices = output[positions[0]], output[positions[1]]
+            result = list(output)
+            result[positions[0]] = _rescore(logits, indices, kind, normalized, scale, weights)
+            return tuple(result)
+        router.register_forward_hook(weights_hook, with_kwargs=True)
     elif routing.convention is RouterConvention.ROUTE_METHOD:
         def rescored(logits, result):
             logits = logits.reshape(-1, logits.shape[-1])
@@ -1595,6 +1759,9 @@ def _hook_routing(model: Any, routing: Routing, kind: str, normalized: bool, k: 
 def _plan_router_kind(subject: Subject) -> Callable[..., None]:
     if not subject.view.is_moe:
         raise NotApplicable(_not_moe(subject.view))
+    if subject.view.experts_per_token == 1 and all(r.normalized for r in _router_probe(subject)):
+        raise NotApplicable("top-1 routing with the top-k weights renormalized: the one pick's weight is 1 "
+                            "whatever the scoring, and softmax and sigmoid pick the same expert")
     return _router_edit(subject, lambda r: ("sigmoid" if r.kind == "softmax" else "softmax", r.normalized))
 
 
@@ -1644,7 +1811,7 @@ MUTATIONS = [
     Mutation("sliding window removed", DeltaCode.SLIDING_WINDOW, EditKind.CONFIG,
              "sliding_window (or Llama 4's attention_chunk_size) set wider than the prompt", _plan_no_sliding),
     Mutation("norm eps x100", None, EditKind.CONFIG, f"every norm eps key x {EPS_FACTOR:g} (no key, or a norm whose "
-             "eps is not the key's: each norm's eps, attribute or measured)", _plan_eps),
+             "eps is not the key's: each norm's eps, attribute or measured)", _plan_eps, bounded_on=_eps_bounded),
     Mutation("norm weight offset", DeltaCode.NORM_OFFSET, EditKind.WEIGHT,
              "norm weights +1 (w -> 1+w) or -1 for (1+w) norms", _plan_norm_offset),
     Mutation("activation swap", DeltaCode.ACTIVATION, EditKind.CONFIG,
@@ -1677,7 +1844,8 @@ MUTATIONS = [
     Mutation("learned positions", DeltaCode.LEARNED_POSITIONS, EditKind.STRUCTURE,
              "offset dropped (row p instead of p + offset); no offset: position embeddings not added",
              _plan_learned_positions),
-    Mutation("MoE top-k", DeltaCode.MOE, EditKind.CONFIG, "experts per token k -> k-1 (k=1: 2)", _plan_topk),
+    Mutation("MoE top-k", DeltaCode.MOE, EditKind.CONFIG, "experts per token k -> k-1 (k=1, or a family that cannot "
+             "run top-1: k+1)", _plan_topk),
     Mutation("router kind", DeltaCode.ROUTER, EditKind.STRUCTURE,
              "router scores sigmoid instead of softmax (or softmax instead of sigmoid) for the same experts",
              _plan_router_kind),
@@ -1752,12 +1920,27 @@ def sensitivity_report(replica_dir: str | Path, *, dtype: str | None = None, tru
     model_type = str(raw_config.get("model_type") or "")
     anatomy: dict[str, Any] = {}  # the unmutated model's layout, resolved once for every plan
     for mutation in MUTATIONS:
-        bar = tolerances.logprob_atol(dtype) if mutation.bounded else threshold
-        report.mutations.append(_run_mutation(mutation, Subject(fresh_config(), base_model, model_type, anatomy),
-                                              load, logprobs, delta, bar))
+        subject = Subject(fresh_config(), base_model, model_type, anatomy)
+        bound = _bound_reason(mutation, subject)
+        bar = tolerances.logprob_atol(dtype) if mutation.bounded or bound else threshold
+        result = _run_mutation(mutation, subject, load, logprobs, delta, bar)
+        if bound and result.applicable:
+            result.reason = f"bounded: {bound}"
+        report.mutations.append(result)
     if report.tool_errors and raise_on_tool_error:
         raise SensitivityToolError(report)
     return report
+
+
+def _bound_reason(mutation: Mutation, subject: Subject) -> str | None:
+    """Why ``mutation``'s bug is bounded on this subject, or None (also when the layout does not resolve: the
+    plan then reports that)."""
+    if mutation.bounded_on is None:
+        return None
+    try:
+        return mutation.bounded_on(subject)
+    except (ToolError, NotApplicable):
+        return None
 
 
 def _run_mutation(mutation: Mutation, subject: Subject, load: Callable, logprobs: Callable, delta: Callable,

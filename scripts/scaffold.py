@@ -137,6 +137,7 @@ class PortPlan:
     lineage: list[dict] = field(default_factory=list)  # oldest first, start_from last
     renames: dict[str, str] = field(default_factory=dict)
     trimmed: list[dict] = field(default_factory=list)  # what was left out, why, and the flag that keeps it
+    dropped_encodings: dict = field(default_factory=dict)  # donor encodings the checkpoint cannot serve, and why
     config_wiring: dict = field(default_factory=dict)
     implements: list[dict] = field(default_factory=list)  # inherited from a port donor, to re-check
     model_type: str | None = None  # the target's config.json model_type (its own family name for the audit)
@@ -151,6 +152,10 @@ EXPERT_PARALLEL_CLASS = re.compile(r"(Ep|ExpertParallel)(?=[A-Z])")
 NON_SAFETENSORS_NAME = re.compile(r"gguf|gptq", re.IGNORECASE)
 # Encodings served only through those paths (GGUF block quantizations and GPTQ), dropped with them.
 NON_SAFETENSORS_ENCODINGS = frozenset({"q4_0", "q4_k", "q6_k", "gptq"})
+# Encodings a float safetensors checkpoint can be served in (MAX casts float weights between them). A donor's
+# quantized safetensors encodings (float8_e4m3fn, float4_e2m1fnx2...) need weights quantized that way: for a
+# float checkpoint they are dropped (the dogfood port declared llama3's fp8/fp4 ones it could never load).
+FLOAT_WEIGHT_ENCODINGS = frozenset(port_layout.FLOAT_ENCODINGS.values())
 # Names of functions that build only a multi-device graph: their bodies become a raise when the graph is left out.
 MULTI_DEVICE_FUNCTION = re.compile(r"data_parallel|tensor_parallel|distributed|multi_device|pipeline_parallel")
 TRIM_MESSAGE = ("not copied: the scaffold is single-device by default; rescaffold with --multi-device to keep "
@@ -227,12 +232,14 @@ def main(args: argparse.Namespace) -> int:
     if (port_dir.exists() or port_dir.is_symlink()) and not args.force:
         raise ScriptError(f"{port_dir} already exists; pass --force to move it to a timestamped backup")
     encoding = default_encoding(source, config)
+    float_checkpoint = is_float_checkpoint(source, config)
     try:
         if port_donor is not None:
-            plan = build_port_plan(port_donor, slug, arch_name, encoding, source)
+            plan = build_port_plan(port_donor, slug, arch_name, encoding, source, float_checkpoint=float_checkpoint)
         else:
             plan = build_plan(index, donor, slug, arch_name, encoding, source, mapping_preview,
-                              multi_device=args.multi_device, keep_adapters=args.keep_adapters)
+                              multi_device=args.multi_device, keep_adapters=args.keep_adapters,
+                              float_checkpoint=float_checkpoint)
     except ValueError as exc:
         return cli_support.report_error(f"cannot scaffold from {args.start_from}: {exc}", args, 2)
     if port_donor is not None:
@@ -329,16 +336,41 @@ def default_encoding(source: model_source.ModelSource, config: dict) -> str:
     return port_layout.checkpoint_encoding(source, config)[0] or "float32"
 
 
+def is_float_checkpoint(source: model_source.ModelSource, config: dict) -> bool:
+    """True unless the config has a ``quantization_config`` or the dominant tensor dtype is not a float one."""
+    if "quantization_config" in config or "quantization_config" in model_source.text_config(config):
+        return False
+    encoding, origin = port_layout.checkpoint_encoding(source, config)
+    return encoding is not None or not origin.startswith("dominant tensor dtype")
+
+
+def served_encodings(declared: list[str] | tuple[str, ...], encoding: str,
+                     float_checkpoint: bool) -> tuple[list[str], dict]:
+    """The encodings the port declares, and the donor's quantized ones a float checkpoint cannot serve.
+
+    The second value is ``{}`` or ``{"encodings": [...], "why": ...}`` for the manifest.
+    """
+    supported = set(declared) | {"float32", encoding}
+    if not float_checkpoint:
+        return sorted(supported), {}
+    dropped = sorted(e for e in supported if e not in FLOAT_WEIGHT_ENCODINGS and e not in NON_SAFETENSORS_ENCODINGS)
+    if not dropped:
+        return sorted(supported), {}
+    why = ("the checkpoint's weights are float (no quantization_config): a quantized encoding needs weights "
+           "quantized that way; scaffold a quantized checkpoint to keep them")
+    return sorted(supported - set(dropped)), {"encodings": dropped, "why": why}
+
+
 def build_plan(index: ModuleIndex, donor: str, slug: str, arch_name: str, encoding: str,
                source: model_source.ModelSource, mapping: dict[str, str], *, multi_device: bool = False,
-               keep_adapters: bool = False) -> PortPlan:
+               keep_adapters: bool = False, float_checkpoint: bool = True) -> PortPlan:
     max_root = Path(cli_support.max_package_dir())
     files: list[PortFile] = []
     texts: dict[str, str] = {}
     donor_supported = donor_encodings(index, mapping)
     if not keep_adapters:
         donor_supported = [e for e in donor_supported if e not in NON_SAFETENSORS_ENCODINGS]
-    supported = sorted(set(donor_supported) | {"float32", encoding})
+    supported, dropped_encodings = served_encodings(donor_supported, encoding, float_checkpoint)
     left_out = sorted(set(plan_mapping(index, donor, slug, multi_device=True)) - set(mapping))
     trimmed: list[dict] = []
     if left_out:
@@ -396,7 +428,7 @@ def build_plan(index: ModuleIndex, donor: str, slug: str, arch_name: str, encodi
     families = sorted({n[len(ARCH_PACKAGE) + 1:].split(".")[0] for n in mapping} - {donor})
     start = {"kind": "native", "slug": donor, "path": f"max/pipelines/architectures/{donor}"}
     return PortPlan(slug, arch_name, donor, encoding, supported, "", files, texts, families, start_from=start,
-                    lineage=[start], trimmed=trimmed, config_wiring=wiring)
+                    lineage=[start], trimmed=trimmed, config_wiring=wiring, dropped_encodings=dropped_encodings)
 
 
 def _max_relative(module: SourceModule | None, max_root: Path) -> str:
@@ -435,11 +467,11 @@ def port_reserved_names(donor: port_layout.PortDonor, slug: str) -> tuple[str, .
 
 
 def build_port_plan(donor: port_layout.PortDonor, slug: str, arch_name: str, encoding: str,
-                    source: model_source.ModelSource) -> PortPlan:
+                    source: model_source.ModelSource, *, float_checkpoint: bool = True) -> PortPlan:
     """Copy a port folder with its classes, slug and architecture name renamed (no trimming: it is a port)."""
     renames = port_renames(donor, slug, arch_name)
     declared = port_layout.read_arch_declaration(donor.path / "arch.py")
-    supported = sorted(set(declared.supported_encodings or ()) | {"float32", encoding})
+    supported, dropped_encodings = served_encodings(declared.supported_encodings or (), encoding, float_checkpoint)
     manifest = input_files.load_json(donor.path / port_layout.MANIFEST_NAME, "scaffold manifest")
     roles = {f.get("path"): f.get("role") for f in manifest.get("files", []) if isinstance(f, dict)}
     shown = port_layout.display_path(donor.path)
@@ -470,7 +502,7 @@ def build_port_plan(donor: port_layout.PortDonor, slug: str, arch_name: str, enc
     return PortPlan(slug, arch_name, donor.donor, encoding, supported, "", files, texts,
                     list(manifest.get("borrowed_families") or []), start_from=start,
                     lineage=[*donor.lineage, start], renames=changes, config_wiring=wiring,
-                    implements=list(donor.implements))
+                    implements=list(donor.implements), dropped_encodings=dropped_encodings)
 
 
 def check_no_rename_collisions(originals: dict[str, str], changes: dict[str, str]) -> None:
@@ -981,6 +1013,7 @@ def manifest(plan: PortPlan, backup: str | None, dry_run: bool = False) -> dict:
         "borrowed_families": plan.borrowed_families,
         "default_encoding": plan.default_encoding,
         "supported_encodings": plan.supported_encodings,
+        "dropped_encodings": plan.dropped_encodings,
         "graph_module": f"{plan.slug}.py",
         "custom_architectures": plan.port_dir,
         "files": [asdict(f) for f in plan.files],
@@ -1011,6 +1044,9 @@ def report(plan: PortPlan, args: argparse.Namespace, backup: str | None) -> None
         print("blocks: " + ", ".join(f"{b['name']} {b['version']}" for b in plan.blocks))
     for entry in plan.trimmed:
         print(f"left out ({entry['why']}; {entry['flag']} keeps them): {', '.join(entry['what'])}")
+    if plan.dropped_encodings:
+        print(f"encodings not declared: {', '.join(plan.dropped_encodings['encodings'])} "
+              f"({plan.dropped_encodings['why']})")
     wiring = plan.config_wiring
     print(f"config class: {wiring.get('config_class', '?')} ({wiring.get('status')})")
     for change in wiring.get("changes", []):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shlex
 import signal
 import sys
 import time
@@ -193,8 +194,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def wait_command(port: int, timeout: float | None = None) -> str:
-    """The command that waits for the server detached on ``port``."""
-    return f"python scripts/import_model.py serve --wait --port {port}" + (
+    """The command that waits for the server detached on ``port``: this interpreter and the dispatcher by absolute
+    path, so it runs from any folder (a bare ``python`` may be another environment's)."""
+    dispatcher = Path(__file__).resolve().parent / "import_model.py"
+    return f"{shlex.quote(sys.executable)} {shlex.quote(str(dispatcher))} serve --wait --port {port}" + (
         f" --timeout {timeout:g}" if timeout is not None else "")
 
 

@@ -48,7 +48,7 @@ RULES = {
     "hidden_size_no_heads": "--hidden-size (the config names no attention heads)",
     "intermediate_size": "2 x the new hidden size",
     "width_follows_hidden": "a width tied to the hidden size, scaled by the same factor (equal stays equal)",
-    "expert_intermediate_size": "new hidden size / 2",
+    "expert_intermediate_size": "new hidden size / 2, rounded down to a multiple of 8 (at least 8)",
     "experts": "at most 4 experts",
     "experts_per_tok": "at most 2 experts per token and fewer than the experts kept, unless every expert was "
                        "used (then all kept experts are)",
@@ -77,7 +77,7 @@ RULES = {
                             "text-only runs never call it, so only its build time and weights shrink)",
     "latent_attention": "latent attention: the rotated part of a head set to the replica's head_dim, the other "
                         "head parts scaled by the same factor (even), qk_head_dim their sum, the low ranks scaled "
-                        "with hidden (at least 8)",
+                        "with hidden (a multiple of 8, at least 8)",
     "zero_experts": "identity (zero-compute) experts scaled with the routed experts, so the same share of the "
                     "router's choices skips compute",
     "layer_index_list": "layer indices remapped to the kept layers",
@@ -125,7 +125,8 @@ TOPK_KEYS = ALIASES["experts_per_token"]
 EXPERT_SIZE_KEYS = ALIASES["expert_intermediate_size"] + ALIASES["shared_expert_intermediate_size"]
 # Widths defined relative to the hidden size that no alias names (OPT projects embeddings to this width;
 # Gemma 3n / Gemma 4 per-layer inputs and Gemma 3n's LAuReL low-rank residual).
-WIDTH_FOLLOWS_HIDDEN_KEYS = ("word_embed_proj_dim", "hidden_size_per_layer_input", "laurel_rank")
+WIDTH_FOLLOWS_HIDDEN_KEYS = ("word_embed_proj_dim", "hidden_size_per_layer_input", "laurel_rank",
+                             "ffn_config.hidden_size")  # DBRX's FFN config names a width of its own
 # FFN widths a config may give per layer, as a list (Gemma 3n): scaled together, so the pattern is kept.
 PER_LAYER_WIDTH_KEYS = ALIASES["intermediate_size"]
 # Vocabularies of extra embeddings that index the same token ids (Gemma 3n / Gemma 4 per-layer inputs).
@@ -159,6 +160,12 @@ NOT_PER_LAYER = ("architectures", "eos_token_id", "long_factor", "short_factor")
 MIN_REPLICA_HIDDEN = 8
 # The smallest expert FFN width (a few multiply-adds per token still route through every expert).
 MIN_EXPERT_WIDTH = 8
+# Shrunk expert widths and latent-attention low ranks stay whole multiples of 8, as the sources have
+# them: torch's grouped_mm (transformers' fused-experts path) refuses weights whose row stride is not a
+# multiple of 16 bytes ("strides should be multiple of 16 bytes": GLM-4-MoE-Lite's hidden 68 gave experts
+# 34 wide), and a rank of 17 splits kv_a's output at an unaligned offset.
+WIDTH_MULTIPLE = 8
+LATENT_RANK_MULTIPLE = WIDTH_MULTIPLE
 # Rotated dims per head come in pairs; a partial rotary keeps at least one pair.
 MIN_ROTARY_DIM = 2
 # Shrunk group-limited routing: two groups of the kept experts.
@@ -422,13 +429,16 @@ def _shrink_widths(config, view: model_anatomy.ConfigView, hidden: int, set_fiel
         if isinstance(widths, list) and widths and all(is_int(w) and w > 0 for w in widths):
             scale = Fraction(2 * hidden, max(widths))
             set_field(key, [max(MIN_EXPERT_WIDTH, round(w * scale)) for w in widths], "per_layer_widths")
+    old_hidden = view.hidden_size
     for key in EXPERT_SIZE_KEYS:
         value = model_anatomy.get_config_value(config, key)
-        if is_int(value) and value:
-            set_field(key, max(MIN_EXPERT_WIDTH, hidden // 2), "expert_intermediate_size")
-    old_hidden = view.hidden_size
+        if is_int(value) and value and value == old_hidden:
+            set_field(key, hidden, "width_follows_hidden")  # equal stays equal (DBRX's ffn_hidden_size)
+        elif is_int(value) and value:
+            width = hidden // 2 // WIDTH_MULTIPLE * WIDTH_MULTIPLE
+            set_field(key, max(MIN_EXPERT_WIDTH, width), "expert_intermediate_size")
     for key in WIDTH_FOLLOWS_HIDDEN_KEYS:
-        value = config.get(key)
+        value = model_anatomy.get_config_value(config, key)
         if is_int(value) and value and old_hidden:
             new = hidden if value == old_hidden else max(MIN_ROTARY_DIM, round(value * hidden / old_hidden))
             set_field(key, new, "width_follows_hidden")
@@ -456,7 +466,8 @@ def _shrink_latent_attention(config, view: model_anatomy.ConfigView, options: Sh
     for key in MLA_RANK_KEYS:
         value = config.get(key)
         if is_int(value) and value > 0 and old_hidden:
-            set_field(key, max(MIN_EXPERT_WIDTH, round(value * hidden / old_hidden)), "latent_attention")
+            rank = LATENT_RANK_MULTIPLE * round(value * hidden / old_hidden / LATENT_RANK_MULTIPLE)
+            set_field(key, max(MIN_EXPERT_WIDTH, rank), "latent_attention")
 
 
 def _shrink_experts(config, view: model_anatomy.ConfigView, options: ShrinkOptions, set_field) -> None:

@@ -36,6 +36,11 @@ SSM_MODEL_TYPES = {
     # recurrence over depth with a carried latent state (z_L/z_H); no MAX class, no block-per-layer mapping.
     "hrm_text",
 }
+# Wall code: several residual streams per token mixed by learned weights around every sublayer (DeepSeek-V4's
+# hyper-connections, hc_mult). Gemma 3n's AltUp streams (altup_num_inputs) are no wall: the layout resolver
+# records them (model_anatomy.StreamPart) and the replica tools handle them.
+RESIDUAL_STREAMS = "residual_streams"  # the code as emitted below (test_docs reads the literal)
+RESIDUAL_STREAM_WALL_KEYS = ("hc_mult",)
 SSM_NAME_MARKERS = ("mamba", "rwkv", "jamba", "bamba", "zamba", "recurrent", "xlstm", "hymba")
 SSM_KEYS = {"ssm_cfg", "ssm_state_size", "state_size", "d_state", "mamba_d_state", "mamba_d_conv", "conv_kernel",
             "layers_block_type", "hybrid_override_pattern", "attn_layer_period", "mamba_expand", "rescale_every",
@@ -63,6 +68,12 @@ NOT_A_TEXT_DECODER["blt"] = (
     "is a byte latent transformer, not one decoder stack: a separate entropy model (patcher) cuts the bytes "
     "into patches, a local byte encoder cross-attends into patch states, a global transformer runs over "
     "patches and a local decoder cross-attends back (modeling_blt.py, BltModel)")
+NOT_A_TEXT_DECODER["mllama"] = (
+    "is the language model of a vision-language model, not one decoder stack: the layers listed in "
+    "cross_attention_layers are gated cross-attention blocks whose keys and values come from the image "
+    "encoder's states, and on text alone its forward skips them (modeling_mllama.py, "
+    "MllamaCrossAttentionDecoderLayer and MllamaTextModel.forward)")
+NOT_A_TEXT_DECODER["mllama_text_model"] = NOT_A_TEXT_DECODER["mllama"]
 NOT_A_TEXT_DECODER["musicgen_decoder"] = NOT_A_TEXT_DECODER["musicgen"]
 NOT_A_TEXT_DECODER["musicgen_melody_decoder"] = NOT_A_TEXT_DECODER["musicgen_melody"]
 # Quantization schemes MAX 26.7 loads for MoE experts.
@@ -129,6 +140,15 @@ def config_walls(config: dict[str, Any], native: bool, reading: hf_source.Source
     if (ssm_types or ssm_archs or ssm_keys) and not native:
         evidence = ", ".join(ssm_types + ssm_archs + ssm_keys[:3])
         findings.append(_finding("ssm_recurrence", STOP, f"state-space or recurrent layers ({evidence}) and MAX "
+                                 "does not register this class"))
+
+    streams = sorted({f"{p}={v}" for p, k, v in walk_config(config)
+                      if k in RESIDUAL_STREAM_WALL_KEYS and isinstance(v, int) and not isinstance(v, bool) and v > 1})
+    if streams and not native:
+        findings.append(_finding("residual_streams", STOP, f"several residual streams (hyper-connections: "
+                                 f"{', '.join(streams)}) mixed by learned weights around every sublayer, with an "
+                                 "attention the layout resolver does not describe (low-rank queries, one shared "
+                                 "key/value projection, grouped low-rank output, sinks, compressed keys), and MAX "
                                  "does not register this class"))
 
     quant = next((v for p, k, v in walk_config(config) if k == "quantization_config" and isinstance(v, dict)), None)

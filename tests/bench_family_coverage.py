@@ -19,7 +19,9 @@ it, as ``tiny`` does), run ``replica_sensitivity.sensitivity_report`` and the HF
   stream (an encoder or encoder-decoder, a class that attends both ways such as XLNet, XLM or CPM-Ant, a
   draft head fed by another model's states, an audio-codebook decoder; the rule is
   ``wall_scan.not_causal_lm``, which ``tiny`` applies too, exit 2), a state-space/recurrent wall
-  (``wall_scan``'s ``ssm_recurrence``), or the class needs remote code or a package that is not installed;
+  (``wall_scan``'s ``ssm_recurrence``), hyper-connection residual streams (``residual_streams``: DeepSeek-V4,
+  whose attention the resolver does not describe either; Gemma 3n's AltUp streams are handled), or the class
+  needs remote code or a package that is not installed;
 * tool error: a tool could not run, a mutation ended in a tool error, or a mutation was reported not
   applicable while ``inspect`` reports its delta signal (the tool missed a feature the model has).
 
@@ -69,6 +71,8 @@ class Refusal(str, enum.Enum):
     # wall_scan.not_causal_lm: encoder, encoder-decoder, bidirectional, draft head, audio codebooks.
     NOT_DECODER_ONLY = "not a decoder-only causal LM"
     RECURRENT_WALL = "state-space/recurrent wall"
+    # wall_scan's residual_streams: DeepSeek-V4's hyper-connection streams and its attention
+    RESIDUAL_STREAMS_WALL = "several residual streams (hyper-connections)"
     REMOTE_OR_PACKAGE = "needs remote code or a package not installed"
 
 
@@ -108,8 +112,15 @@ def _missing_package(exc: BaseException) -> bool:
 # reads): model_type -> (the keys set, why). The minimal repair, so the tools are still tested on the family;
 # the values follow the family's own convention where its code has one.
 REPAIRS: dict[str, tuple[dict, str]] = {
-    "dbrx": ({"attn_config.rope_theta": 10000.0}, "the modeling code reads attn_config.rope_theta, which "
-             "DbrxAttentionConfig does not define (Hub configs set it); 10000 = the default rope_parameters' theta"),
+    "dbrx": ({"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8, "ffn_config.ffn_hidden_size": 2048,
+              "ffn_config.hidden_size": 3584},
+             "the modeling code reads attn_config.rope_theta, which DbrxAttentionConfig does not define (Hub "
+             "configs set it; 10000 = the default rope_parameters' theta); it clamps q/k/v with "
+             "clamp(min=None, max=None) when clip_qkv is None, which torch refuses (8 = DBRX's Hub config); its "
+             "router (Linear(ffn_hidden_size, experts)) and experts (hidden states reshaped to ffn_hidden_size) "
+             "take ffn_config.ffn_hidden_size as the token width and ffn_config.hidden_size as the expert width, "
+             "so the defaults (d_model 2048, ffn_hidden_size 3584, hidden_size 6144) cannot run: ffn_hidden_size "
+             "= d_model, hidden_size = the default expert width 3584"),
     "deepseek_v2": ({"num_experts_per_tok": 6}, "the default leaves num_experts_per_tok None; the router's "
                     "torch.topk needs it (6 = DeepSeek-V2 and V2-Lite's Hub configs)"),
     "dots1": ({"n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1},
@@ -163,9 +174,11 @@ def refusal(config: dict) -> tuple[Refusal, str] | None:
     why = decoder_only_refusal(config)
     if why:
         return Refusal.NOT_DECODER_ONLY, why
-    walls = [f for f in wall_scan.config_walls(config, native=False) if f.code == "ssm_recurrence"]
-    if walls:
-        return Refusal.RECURRENT_WALL, walls[0].message
+    walls = {f.code: f for f in wall_scan.config_walls(config, native=False)}
+    if "ssm_recurrence" in walls:
+        return Refusal.RECURRENT_WALL, walls["ssm_recurrence"].message
+    if wall_scan.RESIDUAL_STREAMS in walls:
+        return Refusal.RESIDUAL_STREAMS_WALL, walls[wall_scan.RESIDUAL_STREAMS].message
     return None
 
 

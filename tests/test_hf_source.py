@@ -313,3 +313,20 @@ def test_a_shared_model_folder_reads_the_model_types_own_file():
     bench: its is_decoder read was missed, so the encoder was not refused)."""
     assert transformers_catalog.model_files("data2vec-text").modeling.name == "modeling_data2vec_text.py"
     assert transformers_catalog.model_files("data2vec-audio").modeling.name == "modeling_data2vec_audio.py"
+
+
+def test_a_window_used_only_by_flash_attention_is_no_sliding_window_signal():
+    """Moshi's attention passes sliding_window only to _flash_attention_forward and its model builds a plain
+    causal mask, so the eager/sdpa reference attends to the whole prefix: inspect reported a sliding window
+    and the "sliding window removed" mutation could not move (replica failed). Mistral and Qwen2-MoE window
+    through a mask function and keep the signal."""
+    import delta_signals
+
+    moshi = json.loads(default_config("moshi")) | {"architectures": ["MoshiForCausalLM"]}
+    assert reading_for("moshi").window_flash_only
+    codes = {s.code for s in delta_signals.detect(moshi, None, hf_source.read_model(moshi))}
+    assert moshi["sliding_window"] and "sliding_window" not in codes
+    for family in ("mistral", "qwen2_moe"):
+        assert not reading_for(family, sliding_window=64).window_flash_only, family
+    mistral = json.loads(default_config("mistral")) | {"sliding_window": 64}
+    assert "sliding_window" in {s.code for s in delta_signals.detect(mistral, None, hf_source.read_model(mistral))}

@@ -247,6 +247,38 @@ def test_summarize_reports_first_diverged_sequence_and_max():
     assert document["verdict"] == "DIVERGED" and document["first_divergence"]["position"] == 3
 
 
+def test_compare_human_output_opens_and_closes_with_the_verdict():
+    """Ernie 4.5 dogfood: the verdict and the first divergence sat above long per-position tables. The headline
+    (verdict, first divergence, max |Δ|) is now the first and the last line; the JSON document is unchanged."""
+    import port_compare
+
+    rows = make_rows(12)
+    tokens = list(range(12))
+    logprobs, tops = max_side(rows, tokens)
+    good = lc.compare_sequence(tokens, 12, rows, logprobs, tops, ATOL, K)
+    bad_logprobs = list(logprobs)
+    bad_logprobs[4] += 1.5
+    bad = lc.compare_sequence(tokens, 12, rows, bad_logprobs, tops, ATOL, K)
+
+    def report(*comparisons):
+        runs = [port_compare.PromptRun(f"prompt {i}", tokens, [], c) for i, c in enumerate(comparisons)]
+        return port_compare.CompareReport("m", "m", "http://127.0.0.1:1", "port", "float32", ATOL, K, runs)
+
+    diverged = report(good, bad, good)
+    lines = port_compare.format_report(diverged).splitlines()
+    assert lines[0] == lines[-1] == port_compare.headline(diverged)
+    assert lines[0].startswith("verdict: DIVERGED at prompt 1 position 5 (prompt, ")
+    assert "max |Δ logprob| 1.5" in lines[0]
+    assert len(lines) > 30  # the tables are between the two headlines
+    matched = report(good, good)
+    text = port_compare.format_report(matched).splitlines()
+    assert text[0] == text[-1] and text[0].startswith("verdict: MATCH   max |Δ logprob| ")
+    assert set(diverged.to_dict()) == {
+        "verdict", "max_abs_diff", "atol", "dtype", "first_divergence", "model", "reference", "base_url",
+        "served_name", "top_k", "attn_implementation", "reference_spread", "flat_reference_threshold", "tie_count",
+        "position_indexing", "prompts", "hf_load_seconds", "reference_cached", "total_seconds"}
+
+
 # --- exact ties under a final logit soft-cap ---------------------------------------------------------------
 
 CAP = 30.0

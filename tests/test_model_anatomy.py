@@ -354,6 +354,35 @@ def test_opt_width_projections_and_post_ln_norms():
     assert [n.role.value for n in post_ln.blocks[0].norms] == ["attention_residual", "mlp_residual"]
 
 
+def test_git_bert_style_post_ln_blocks_beside_the_embeddings():
+    """GIT's text decoder is a BERT stack: git.encoder.layer sits alone in an encoder wrapper beside
+    git.embeddings (word, learned positions, LayerNorm), the attention output projection is the sibling
+    attention.output.dense and each LayerNorm normalizes a residual sum; the image encoder is not run on
+    text alone. Was: "cannot resolve the attention output projection of ...attention.self"."""
+    import torch
+
+    config = hf_reference.config_for_model("git", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, vocab_size=256, max_position_embeddings=64,
+                                           vision_config={"hidden_size": 32, "intermediate_size": 64,
+                                                          "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                          "image_size": 32, "patch_size": 16})
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    layout = model_anatomy.resolve_layout(AutoModelForCausalLM.from_config(config))
+    block = layout.blocks[0]
+    assert layout.decoder == "git" and layout.blocks_path == "git.encoder.layer"
+    assert layout.position_embedding == "git.embeddings.position_embeddings"
+    assert layout.embedding_norm == layout.first_norm == "git.embeddings.LayerNorm" and layout.final_norm is None
+    assert block.attention.path == "git.encoder.layer.0.attention.self"
+    assert block.attention.o.path == "git.encoder.layer.0.attention.output.dense"
+    assert (block.mlp.up.path, block.mlp.down.path) == ("git.encoder.layer.0.intermediate.dense",
+                                                        "git.encoder.layer.0.output.dense")
+    assert block.mlp_output_path == "git.encoder.layer.0.output.dense" and not block.parallel
+    assert [(n.path.rpartition("layer.0.")[2], n.role.value) for n in block.norms] == [
+        ("attention.output.LayerNorm", "attention_residual"), ("output.LayerNorm", "mlp_residual")]
+
+
 def test_per_layer_sliding_and_global_pattern(models):
     view = config_view(models["gemma2"].config.to_dict())
     assert set(view.layer_types) == {"sliding_attention", "full_attention"}
@@ -451,9 +480,10 @@ def _peaked(family: str, **overrides):
     return model, settings
 
 
-@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_bigcode"])
+@pytest.mark.parametrize("family", ["gpt2", "opt", "gpt_bigcode", "openai-gpt"])
 def test_learned_positions_do_not_drive_the_tokens_to_zero(family):
-    """Regression: the embedding loop scaled GPT-2's token embedding by 8.7e-6 (tokens no longer mattered)."""
+    """Regression: the embedding loop scaled GPT-2's token embedding by 8.7e-6 (tokens no longer mattered);
+    OpenAI GPT's post-LN ln_1 also reads the attention's biases, and its embeddings went to 3e-6."""
     import torch
 
     model, settings = _peaked(family)
@@ -537,12 +567,86 @@ def test_more_families_resolve(family):
 
 
 @pytest.mark.parametrize(("family", "part"), [
-    ("deepseek_v4", "part model.hc_head of model (DeepseekV4HyperHead): it collapses 4 hyper-connection residual "
-                    "streams"),  # several residual streams mixed around every sublayer: no layout for them
+    # its hyper-connection streams are recorded now; its attention (low-rank q, one shared kv projection,
+    # grouped low-rank output, sinks, compressors) is not a layout the resolver describes
+    ("deepseek_v4", "projection model.layers.0.self_attn.q_a_proj of model.layers.0.self_attn"),
 ])
 def test_layouts_the_resolver_does_not_describe_are_named(family, part):
     with pytest.raises(AnatomyError, match=re.escape(f"cannot resolve the {part}")):
         model_anatomy.resolve_layout(shrunk_model(family))
+
+
+def _gemma3n_text_model(**edits):
+    """Gemma 3n's text model from its default config shrunk as ``tiny`` shrinks it (never full size)."""
+    import torch
+    import transformers
+
+    import tiny_config
+
+    source = hf_reference.config_for_model("gemma3n_text").to_dict()
+    shrunk = tiny_config.shrink_config(source, tiny_config.ShrinkOptions(keep_small_source=False),
+                                       vocab_size=SHRUNK_SIZES["vocab_size"], layer_types=source["layer_types"]).config
+    fields = {k: v for k, v in {**shrunk, **edits}.items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(0)
+    return transformers.Gemma3nForCausalLM(transformers.AutoConfig.for_model("gemma3n_text", **fields))
+
+
+def test_several_residual_streams_are_recorded_by_role():
+    """Gemma 3n's AltUp keeps 4 residual streams: the resolver records the parts that make, mix and fold
+    them (was: "cannot resolve the part model.altup_projections ... it is not an embedding, norm, block list
+    or width projection"), and a step needing the one residual stream gets a reason naming them."""
+    model = _gemma3n_text_model()
+    layout = model_anatomy.resolve_layout(model)
+    roles = {part.path: part.role for part in layout.stream_parts}
+    assert layout.residual_streams == model.config.altup_num_inputs == 4
+    assert roles["model.altup_projections"] is model_anatomy.StreamRole.EXPAND
+    assert roles["model.altup_unembed_projections"] is model_anatomy.StreamRole.COLLAPSE
+    assert all(roles[f"{block.path}.altup"] is model_anatomy.StreamRole.MIX for block in layout.blocks)
+    assert layout.final_norm == "model.norm" and layout.per_layer_inputs is not None
+    why = layout.single_stream_refusal()
+    assert why and "keeps 4 residual streams" in why and "model.altup_projections (expand)" in why
+    plain = model_anatomy.resolve_layout(shrunk_model("llama"))
+    assert plain.residual_streams == 1 and plain.stream_parts == () and plain.single_stream_refusal() is None
+
+
+def test_kv_sharing_layers_read_their_source_layers_keys():
+    """Gemma 3n's KV-sharing layers have q and o only (was: "cannot resolve the attention key projection of
+    model.layers.4.self_attn"): SHARED_KV, naming the layer whose keys and values they read."""
+    model = _gemma3n_text_model()
+    layout = model_anatomy.resolve_layout(model)
+    shared = [b for b in layout.blocks if model.get_submodule(b.attention.path).is_kv_shared_layer]
+    assert shared and len(shared) < len(layout.blocks)
+    for block in layout.blocks:
+        attention, module = block.attention, model.get_submodule(block.attention.path)
+        if block in shared:
+            assert attention.qkv_kind is model_anatomy.QKVKind.SHARED_KV and attention.k is None
+            assert attention.kv_source == module.kv_shared_layer_index and attention.k_norm is None
+            assert attention.query_rows() == list(range(module.q_proj.out_features))
+            with pytest.raises(AnatomyError, match="has no projection of its own"):
+                attention.key_rows()
+            with pytest.raises(AnatomyError, match="shared_kv attention has no key rows"):
+                attention.key_projection  # noqa: B018 - the property raises
+        else:
+            assert attention.qkv_kind is model_anatomy.QKVKind.SEPARATE and attention.kv_source is None
+
+
+def test_stacked_stream_block_outputs_are_not_compared_but_sublayers_are():
+    """The HF capture taps Gemma 3n's attention and MLP outputs (one stream) and the final norm, and lists each
+    block output (a stack of 4 AltUp streams) as missing with the reason: layer-diff says "not compared"."""
+    import hf_hidden_states
+    import torch
+
+    model = _gemma3n_text_model().eval()
+    capture = hf_hidden_states.capture_reference(model, list(range(1, 9)), sublayer=True)
+    blocks = len(model.model.layers)
+    assert all("keeps 4 residual streams" in capture.missing[f"block.{i}"] for i in range(blocks))
+    assert not any(f"block.{i}" in capture.stages for i in range(blocks))
+    hidden = model.config.hidden_size
+    for name in ["embedding", "final_norm"] + [f"block.{i}.{s}" for i in range(blocks) for s in ("attention", "mlp")]:
+        assert capture.stages[name].shape == (8, hidden), name
+    with torch.no_grad():
+        final = model.model(input_ids=torch.tensor([list(range(1, 9))])).last_hidden_state[0].numpy()
+    assert abs(capture.stages["final_norm"] - final).max() < 1e-5
 
 
 # --- every decoder family's layout (issue 14, session 4): one row per layout the resolver learned ---------
@@ -873,3 +977,22 @@ def test_dbrx_experts_in_flat_2d_weights_resolve():
                         ffn_config={"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2})
     moe = model_anatomy._moe("ffn", DbrxFFN(config), config_view(config.to_dict()))
     assert (moe.router, moe.experts, moe.experts_fused, moe.num_experts) == ("ffn.router", "ffn.experts", True, 4)
+
+
+def test_a_norm_attention_norm_wrapper_is_resolved_through():
+    """DBRX's block holds norm_attn_norm (DbrxNormAttentionNorm: norm_1, attn, norm_2), whose class name
+    says Norm: it was taken for a norm and refused ("'norm_attn_norm' is not in NORM_ROLE_NAMES")."""
+    import transformers
+
+    from bench_family_coverage import default_config
+    from tiny_config import ShrinkOptions, shrink_config
+
+    config = shrink_config(default_config("dbrx", "DbrxForCausalLM")[0], ShrinkOptions()).config
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures")}
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model("dbrx", **fields))
+    block = model_anatomy.resolve_layout(model).blocks[0]
+    assert block.attention.path == "transformer.blocks.0.norm_attn_norm.attn"
+    assert [(n.path.rpartition(".")[2], n.role.value) for n in block.norms] == [("norm_1", "input"),
+                                                                                 ("norm_2", "pre_mlp")]
+    assert not block.parallel and block.moe is not None
+    assert not model_anatomy.is_norm_module(model.get_submodule("transformer.blocks.0.norm_attn_norm"))

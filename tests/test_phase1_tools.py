@@ -298,6 +298,53 @@ def test_rank_donors_router_and_cpu_reasons():
     assert olmo2.cpu_fp32 == "match" and any("matches HF on CPU fp32" in r for r in olmo2.reasons)
 
 
+# The llama3-graph donors (and lfm2, which calls the same create_rope_embedding) size RoPE from hidden / heads.
+HEAD_DIM_IGNORED = {"llama3", "granite", "phi3", "qwen2", "olmo", "lfm2"}
+HEAD_DIM_HONOURED = {"mistral", "qwen3", "gemma3", "olmo2", "olmo3", "gpt_oss", "llama4", "minimax_m2"}
+
+
+def test_an_explicit_head_dim_is_a_need_for_donors_whose_rope_ignores_it():
+    """Ernie 4.5 dogfood: head_dim x heads != hidden_size was "baseline", so a llama3 port silently built a RoPE
+    table hidden / heads wide. Now it is ranked: the llama3-graph donors need it, with the one-line fix."""
+    ranked = {r.slug: r for r in _rank("gqa", "head_dim_override", limit=50)}
+    for slug in HEAD_DIM_IGNORED & set(ranked):
+        assert "head_dim_override" in ranked[slug].missing, slug
+        hint = next(r for r in ranked[slug].reasons if r.startswith("fix for head_dim_override:"))
+        assert "head_dim=config.kv_params.head_dim" in hint, slug
+    for slug in HEAD_DIM_HONOURED:
+        assert "head_dim_override" in ranked[slug].covered, slug
+        assert not any(r.startswith("fix for") for r in ranked[slug].reasons), slug
+    plain = {r.slug: r.score for r in _rank("gqa", limit=50)}
+    assert ranked["mistral"].score == plain["mistral"] + 2 and ranked["llama3"].score == plain["llama3"] - 1
+    # optional: a model whose head_dim is hidden / heads pays nothing for it (the tie-breaks stay the same)
+    assert [r.slug for r in _rank(limit=50)][:2] == ["llama3", "granite"]
+
+
+def test_head_dim_traits_match_the_max_source():
+    """The trait is read from MAX: llama3's graph calls create_rope_embedding, which has no head_dim parameter,
+    while each donor listed as honouring it passes head_dim (or MLA's qk_rope_head_dim) to its RoPE table."""
+    import ast
+
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import max_registry
+
+    arch = max_registry.architectures_dir()
+    tree = ast.parse((arch / "llama3" / "model_config.py").read_text())
+    create = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "create_rope_embedding")
+    assert "head_dim" not in [a.arg for a in create.args.args + create.args.kwonlyargs]
+    for slug in HEAD_DIM_IGNORED - {"granite", "phi3", "qwen2", "olmo"}:  # those four build llama3's graph
+        graph = (arch / slug / f"{slug}.py").read_text()
+        assert "create_rope_embedding(" in graph, slug
+        assert "head_dim_override" not in max_registry.DONOR_TRAITS[slug].features, slug
+    for slug, traits in max_registry.DONOR_TRAITS.items():
+        if "head_dim_override" not in traits.features:
+            continue
+        assert "head_dim_override" in traits.optional, slug
+        graph = (arch / slug / f"{slug}.py").read_text()
+        assert "head_dim=" in graph or "qk_rope_head_dim" in graph or slug == "nemotron_h", slug
+    assert HEAD_DIM_HONOURED <= {s for s, t in max_registry.DONOR_TRAITS.items() if "head_dim_override" in t.features}
+
+
 def test_rank_donors_sigmoid_router_picks_deepseek_v3():
     sys.path.insert(0, str(REPO_ROOT / "scripts"))
     import delta_signals
@@ -575,6 +622,39 @@ def test_blt_is_not_one_decoder_stack_and_hrm_text_is_a_recurrent_wall():
     assert "ssm_recurrence" in {f.code for f in wall_scan.config_walls(hrm, native=False)}
 
 
+def test_hyper_connection_streams_are_a_stop_wall_and_altup_streams_are_not():
+    """DeepSeek-V4's hyper-connections (4 residual streams mixed around every sublayer, and an attention the
+    resolver does not describe) are a stop wall unless MAX registers the class (was a tool error in the
+    family coverage: "cannot resolve the part model.hc_head"); Gemma 3n's AltUp streams are handled."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import wall_scan
+
+    def codes(config, native=False):
+        return {f.code: f for f in wall_scan.config_walls(config, native=native)}
+
+    wall = codes(_default_config("deepseek_v4"))[wall_scan.RESIDUAL_STREAMS]
+    assert wall.level == wall_scan.STOP and "several residual streams (hyper-connections: hc_mult=4)" in wall.message
+    assert wall_scan.RESIDUAL_STREAMS not in codes(_default_config("deepseek_v4"), native=True)
+    assert wall_scan.RESIDUAL_STREAMS not in codes(_default_config("deepseek_v4", hc_mult=1))  # one stream
+    for model_type in ("gemma3n_text", "gemma3n", "llama"):
+        assert wall_scan.RESIDUAL_STREAMS not in codes(_default_config(model_type)), model_type
+
+
+def test_mllama_is_a_vision_conditioned_stack_not_one_decoder():
+    """Mllama's causal-LM class mixes self-attention blocks with gated cross-attention blocks that read
+    image-encoder states (skipped on text alone); it is refused as not decoder-only (was a tool error:
+    "no list of 4 blocks with an attention module")."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import hf_source
+    import wall_scan
+
+    mllama = _default_config("mllama")
+    arch = "MllamaForCausalLM"
+    assert "cross-attention" in wall_scan.not_causal_lm(mllama, arch, hf_source.read_model(mllama))
+    text = {**mllama["text_config"], "architectures": [arch]}
+    assert "cross-attention" in wall_scan.not_causal_lm(text, arch, hf_source.read_model(text))
+
+
 def test_check_walls_text_and_scan_function(models):
     result = run_script("check_walls", str(models["bloom"]))
     assert result.returncode == 2 and result.stdout.startswith("STOP  alibi: ")
@@ -657,3 +737,14 @@ def test_inspect_lists_verified_ports_with_the_deltas_they_cover(tmp_path, check
     assert {"layernorm", "partial_rotary"} <= set(starts[0]["covers"])
     text = run_script("inspect_hf", model)
     assert "scaffold --start-from PATH" in text.stdout and "templates/ports/stablelm" in text.stdout
+
+
+def test_head_dim_override_evidence_shows_the_exact_ratio():
+    """Seed-OSS dogfood: "hidden_size/heads 6" hid that 128 / 20 heads is 6.4 (no whole head size at all)."""
+    sys.path.insert(0, str(REPO_ROOT / "scripts"))
+    import delta_signals
+
+    config = {"model_type": "seed_oss", "hidden_size": 128, "num_attention_heads": 20, "num_key_value_heads": 2,
+              "head_dim": 16}
+    (signal,) = [s for s in delta_signals.detect(config) if s.code == "head_dim_override"]
+    assert "128/20 = 6.4" in signal.detail, signal

@@ -80,3 +80,28 @@ def test_per_head_norm_containers_are_calibrated_through_their_children(tmp_path
     folder = build(tmp_path, "StableLmConfig", "StableLmForCausalLM", qk_layernorm=True)
     manifest = json.loads((folder / "tiny_replica.json").read_text())
     assert manifest["init"]["calibration"]["qk_norms"]["status"] == "applied"
+
+
+@pytest.mark.parametrize("config_class, architecture", [("CTRLConfig", "CTRLLMHeadModel"),
+                                                        ("XGLMConfig", "XGLMForCausalLM")])
+def test_a_fixed_position_table_keeps_the_tokens_share(tmp_path, config_class, architecture):
+    """CTRL's and XGLM's sinusoidal tables are rebuilt at load (not weights), so they alone give the first
+    norm a mean square near 0.33; aiming at eps_headroom x eps drove the token embedding to x2e-9 (a
+    token-blind input, final norm x8e8). The tokens now take an equal share of the first norm's input."""
+    folder = build(tmp_path, config_class, architecture)
+    step = json.loads((folder / "tiny_replica.json").read_text())["init"]["calibration"]["embedding"]
+    floor = step["fixed_table_floor"]
+    assert floor > 0 and "fixed position table" in step["note"]
+    assert step["scale"] > 0.01, step
+    import torch
+
+    import hf_reference
+    from replica_init import PROMPT, _first_norm_mean_square
+
+    model = hf_reference.load(str(folder))
+    from transformers import AutoTokenizer
+
+    ids = torch.tensor([AutoTokenizer.from_pretrained(folder)(PROMPT)["input_ids"]])
+    with torch.no_grad():
+        _, mean_square, _ = _first_norm_mean_square(model, [step["norm"]], ids)
+    assert 2 * floor / SETTLED_FACTOR < mean_square < 2 * floor * SETTLED_FACTOR, (mean_square, floor)

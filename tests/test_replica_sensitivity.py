@@ -401,6 +401,31 @@ def test_bert_with_is_decoder_true_is_a_decoder():
 @pytest.mark.parametrize("model_type, name, outcome, words", [
     ("gemma4_text", "RoPE style", Outcome.MOVED, ""),  # global layers have their own head size and rotary dim
     ("moshi", "tie vs untie", Outcome.NOT_APPLICABLE, "differ in shape"),  # was: crashed (513 vs 512 rows)
+    # Emu3 keeps its composite config: rope_parameters live in text_config (was: edited nothing, delta 0)
+    ("emu3", "rope_theta x0.05", Outcome.MOVED, ""),
+    # Moshi windows only in its flash path; the eager reference attends to the whole prefix (was: did not move)
+    ("moshi", "sliding window removed", Outcome.NOT_APPLICABLE, "flash-attention path"),
+    # GIT's BERT-style blocks resolve (was: a tool error at the attention output projection)
+    ("git", "learned positions", Outcome.MOVED, ""),
+    ("git", "norm eps x100", Outcome.MOVED, ""),
+    # Gemma 3n (was: "cannot resolve the part model.altup_projections"): its strict config refuses None for
+    # final_logit_softcapping, so the cap is made unbounded; its blocks map 4 AltUp streams, so the parallel
+    # probe (one block input) does not apply; its KV-sharing layers' keys are reordered in their source layer
+    ("gemma3n_text", "final softcap removed", Outcome.MOVED, ""),
+    ("gemma3n_text", "parallel vs sequential", Outcome.NOT_APPLICABLE, "keeps 4 residual streams"),
+    ("gemma3n_text", "RoPE style", Outcome.MOVED, ""),
+    # OpenAI GPT's attention returns a list (was: "can't multiply sequence by non-int of type 'float'")
+    ("openai-gpt", "parallel vs sequential", Outcome.NOT_APPLICABLE, "sequential"),
+    # top-1 renormalized routing: the one pick's weight is 1 under any scoring (was: a blind mutation)
+    ("dbrx", "router kind", Outcome.NOT_APPLICABLE, "top-1 routing"),
+    # LongCat-Flash's experts cannot run top-1: k goes 2 -> 3 (was: the mutant crashed)
+    ("longcat_flash", "MoE top-k", Outcome.MOVED, ""),
+    # A norm-input floor no weight reaches (fixed sinusoidal table; post-LN attention biases) bounds any eps
+    # bug, on the model as on the replica: compare's tolerance is the bar (was: "blind to: norm eps x100")
+    ("ctrl", "norm eps x100", Outcome.MOVED, "bounded: the fixed position table"),
+    ("xglm", "norm eps x100", Outcome.MOVED, "bounded: the fixed position table"),
+    ("openai-gpt", "norm eps x100", Outcome.MOVED, "bounded: the attention biases"),
+    ("gpt2", "norm eps x100", Outcome.MOVED, ""),
 ])
 def test_default_config_replicas_of_the_coverage_run(tmp_path, monkeypatch, model_type, name, outcome, words):
     """tiny's replica of transformers' default config (as the coverage bench builds it), one mutation."""
@@ -414,3 +439,19 @@ def test_default_config_replicas_of_the_coverage_run(tmp_path, monkeypatch, mode
     monkeypatch.setattr(replica_sensitivity, "MUTATIONS", [m for m in replica_sensitivity.MUTATIONS if m.name == name])
     row = sensitivity_report(tmp_path / model_type, raise_on_tool_error=False).mutations[0]
     assert row.outcome is outcome and words in row.reason, (row.outcome, row.reason)
+
+
+def test_an_eps_fixed_in_code_equal_to_the_key_is_edited_in_the_modules(tmp_path, monkeypatch):
+    """CTRL's blocks build nn.LayerNorm(d, eps=1e-6) and layer_norm_epsilon=1e-6 reaches only the final
+    norm: the key edit left the block norms alone (delta exactly 0.0); now the norms' eps are scaled."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from bench_family_coverage import default_config
+    from make_tiny_model import ReplicaOptions, build_replica
+
+    config, _ = default_config("ctrl", MODEL_FOR_CAUSAL_LM_MAPPING_NAMES["ctrl"])
+    build_replica(config, tmp_path / "ctrl", ReplicaOptions())
+    monkeypatch.setattr(replica_sensitivity, "MUTATIONS",
+                        [m for m in replica_sensitivity.MUTATIONS if m.name == "norm eps x100"])
+    row = sensitivity_report(tmp_path / "ctrl", raise_on_tool_error=False).mutations[0]
+    assert row.kind == "structural edit" and row.delta > 0, (row.kind, row.delta)

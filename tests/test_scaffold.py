@@ -253,6 +253,42 @@ def test_default_slug_and_encoding_from_checkpoint(tmp_path, checkpoint_factory)
     assert doc["borrowed_families"] == ["llama3"]
 
 
+QUANTIZED_LLAMA3_ENCODINGS = {"float8_e4m3fn", "float4_e2m1fnx2"}  # what llama3's config class lists besides floats
+
+
+def test_a_float_checkpoint_port_declares_only_float_encodings(tmp_path, checkpoint_factory):
+    """Ernie 4.5 dogfood: the llama3-scaffolded port kept llama3's fp8/fp4 encodings, which a float checkpoint can
+    never serve. They are dropped from arch.py and the config class, and named in the manifest."""
+    plan = plan_for("llama3")
+    (tmp_path / "arch.py").write_text(plan.texts["arch.py"])
+    declared = port_layout.read_arch_declaration(tmp_path / "arch.py")
+    assert declared.supported_encodings == ("bfloat16", "float32")
+    assert set(plan.dropped_encodings["encodings"]) >= QUANTIZED_LLAMA3_ENCODINGS
+    config_text = plan.texts["model_config.py"]
+    supported = next(ast.literal_eval(n.value) for n in ast.walk(ast.parse(config_text))
+                     if isinstance(n, ast.AnnAssign) and getattr(n.target, "id", None) == "SUPPORTED_ENCODINGS")
+    assert supported == {"bfloat16", "float32"}
+    # a quantized checkpoint keeps them
+    quantized = scaffold.build_plan(INDEX, "llama3", "zz_port", "ZzForCausalLM", "float32",
+                                    scaffold.model_source.ModelSource(spec="x", local_dir=Path(".")),
+                                    scaffold.plan_mapping(INDEX, "llama3", "zz_port"), float_checkpoint=False)
+    assert QUANTIZED_LLAMA3_ENCODINGS <= set(quantized.supported_encodings) and quantized.dropped_encodings == {}
+    # the CLI decides from the checkpoint and writes the manifest key
+    model = checkpoint_factory("llama", weights="none")
+    doc = run_script("scaffold", model, "--start-from", "llama3", "--output-dir", tmp_path / "out", "--dry-run",
+                     "--json").json()
+    assert doc["supported_encodings"] == ["bfloat16", "float32"]
+    assert set(doc["dropped_encodings"]["encodings"]) >= QUANTIZED_LLAMA3_ENCODINGS
+    human = run_script("scaffold", model, "--start-from", "llama3", "--output-dir", tmp_path / "out",
+                       "--dry-run").stdout
+    assert "encodings not declared: " in human and "float8_e4m3fn" in human
+    quantized_model = checkpoint_factory("llama", weights="none",
+                                         raw_config_edits={"quantization_config": {"quant_method": "fp8"}})
+    doc = run_script("scaffold", quantized_model, "--start-from", "llama3", "--output-dir", tmp_path / "out",
+                     "--dry-run", "--json").json()
+    assert QUANTIZED_LLAMA3_ENCODINGS <= set(doc["supported_encodings"]) and doc["dropped_encodings"] == {}
+
+
 def test_unportable_donor_is_a_hard_stop(tmp_path, checkpoint_factory, monkeypatch, capsys):
     import argparse
 

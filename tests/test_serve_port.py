@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import threading
@@ -15,6 +16,7 @@ import pytest
 import port_compare
 import openai_server
 import max_server
+import serve_port
 from cli_support import ScriptError
 from conftest import SCRIPTS_DIR, run_script
 
@@ -690,7 +692,8 @@ def _detach(fake: FakeServe, **kwargs) -> dict:
     assert done.returncode == 0, done.stderr
     record = json.loads(done.stdout)
     assert record["state"] == "starting" and max_server._group_alive(record["pid"])
-    assert record["wait_command"] == f"python scripts/import_model.py serve --wait --port {record['port']}"
+    assert record["wait_command"] == serve_port.wait_command(record["port"])
+    assert record["wait_command"].startswith(shlex.quote(sys.executable) + " ")
     assert fake.record_names() == {f"{record['port']}-{record['pid']}.json"}
     return record
 
@@ -721,7 +724,7 @@ def test_a_short_wait_during_the_compile_says_still_starting_and_leaves_it_runni
     assert done.returncode == 3
     line = _one_error_line(done.stderr)
     assert "still starting" in line and "not failed" in line and "compiling graph" in line, line
-    assert f"wait again with: python scripts/import_model.py serve --wait --port {record['port']}" in line
+    assert f"wait again with: {serve_port.wait_command(record['port'], SHORT_WAIT)}" in line
     assert max_server._group_alive(record["pid"])
     assert fake.record_names() == {f"{record['port']}-{record['pid']}.json"}
     as_json = _wait(fake, record["port"], SHORT_WAIT, "--json")

@@ -43,6 +43,14 @@ FAMILIES = {
     # DeepSeek-V3.2 spells the expert count twice (the router reads n_routed_experts); its indexer's k_norm is
     # no QK-norm delta
     "deepseek_v32": "DeepseekV32ForCausalLM",
+    # session 6 (each a tool error before): DBRX's norms sit in its norm_attn_norm wrapper and its routing is
+    # top-1 renormalized; JetMoE's queries are stacked attention experts; LongCat-Flash's router returns only
+    # (weights, indices), its top-1 cannot run and its MoE is a shortcut beside the later sublayers;
+    # GLM-4-MoE-Lite's head_dim is an alias of qk_rope_head_dim and its shrunk expert width was 34
+    "dbrx": "DbrxForCausalLM",
+    "jetmoe": "JetMoeForCausalLM",
+    "longcat_flash": "LongcatFlashForCausalLM",
+    "glm4_moe_lite": "Glm4MoeLiteForCausalLM",
 }
 
 
@@ -77,3 +85,18 @@ def test_rope_style_moves_on_latent_attention(tmp_path, model_type):
     build_replica(config, replica, ReplicaOptions())
     rows = {r.name: r for r in sensitivity_report(replica, raise_on_tool_error=False).mutations}
     assert rows["RoPE style"].outcome is Outcome.MOVED, rows["RoPE style"].reason
+
+
+def test_a_vision_or_audio_tower_q_proj_is_no_head_dim_signal():
+    """Phi-4-multimodal: the first q_proj tensor by name is its audio encoder's (1024 rows), which was
+    reported as head_dim_override for a decoder whose fused qkv_proj has hidden = heads x head_dim."""
+    config = {"model_type": "phi4_multimodal", "hidden_size": 128, "num_attention_heads": 8,
+              "num_key_value_heads": 2}
+    info = model_source.TensorInfo
+    tensors = {n: info(n, "F32", shape, "model.safetensors") for n, shape in (
+        ("model.embed_tokens_extend.audio_embed.encoder.encoders.0.self_attn.q_proj.weight", (1024, 1024)),
+        ("model.layers.0.self_attn.qkv_proj.weight", (192, 128)))}
+    assert "head_dim_override" not in {s.code for s in delta_signals.detect(config, tensors)}
+    decoder = {"model.layers.0.self_attn.q_proj.weight": info("model.layers.0.self_attn.q_proj.weight", "F32",
+                                                               (256, 128), "model.safetensors")}
+    assert "head_dim_override" in {s.code for s in delta_signals.detect(config, decoder)}

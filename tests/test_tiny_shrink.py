@@ -383,3 +383,23 @@ def test_latent_attention_head_parts_follow_the_replica_head_dim(model_type):
     assert shrunk["v_head_dim"] == source["v_head_dim"] * factor
     assert shrunk["qk_head_dim"] == shrunk["qk_nope_head_dim"] + shrunk["qk_rope_head_dim"]
     assert shrunk["kv_lora_rank"] < source["kv_lora_rank"] and shrunk["q_lora_rank"] < source["q_lora_rank"]
+
+
+def test_shrunk_expert_widths_and_latent_ranks_stay_multiples_of_8():
+    """GLM-4-MoE-Lite's ratio-kept hidden of 68 gave 34-wide experts and ranks 26 / 17: torch's grouped_mm
+    refused the replica ("strides should be multiple of 16 bytes"); the sources' widths are multiples of 8."""
+    shrunk = _shrunk(_default_config("glm4_moe_lite"))
+    for key in ("moe_intermediate_size", "q_lora_rank", "kv_lora_rank"):
+        assert shrunk[key] % 8 == 0 and shrunk[key] >= 8, (key, shrunk[key])
+
+
+def test_an_expert_width_equal_to_hidden_and_a_nested_ffn_width_follow_hidden():
+    """DBRX (as transformers 5.12 reads it): ffn_config.ffn_hidden_size is the token width, so it must stay
+    equal to d_model; ffn_config.hidden_size (the expert width) was left at full size."""
+    from bench_family_coverage import default_config
+
+    source, _ = default_config("dbrx", "DbrxForCausalLM")
+    shrunk = _shrunk(source)
+    assert shrunk["ffn_config"]["ffn_hidden_size"] == shrunk["d_model"] < source["d_model"]
+    factor = Fraction(shrunk["d_model"], source["d_model"])
+    assert shrunk["ffn_config"]["hidden_size"] == source["ffn_config"]["hidden_size"] * factor
