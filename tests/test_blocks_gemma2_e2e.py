@@ -284,24 +284,9 @@ def test_window_mutation_moves_only_past_the_window(replica, mutants):
 @pytest.fixture(scope="module")
 def served(replica, port_dir, mutants, module_clock):
     """Reports: "port" (MATCH expected), "alone_and_together", one per mutation (DIVERGED expected)."""
-    import max_server
-    import port_compare
-
-    prompts = probe_prompts(replica)
-    timings, reports = {}, {}
-    started = time.monotonic()
-    with max_server.served_model(str(replica), port_dir=str(port_dir), devices="cpu", encoding="float32",
-                                 progress=False, timeout=harness.SERVE_TIMEOUT) as server:
-        timings["first_serve_ready"] = time.monotonic() - started
-        reports["port"] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
-                                                   prompts=prompts, chat_template=False)
-        reports["alone_and_together"] = harness.alone_and_together(
-            server, [run.prompt_ids for run in reports["port"].runs])
-        for name, path in mutants.items():
-            with PATCHED_REFERENCES.get(name, contextlib.nullcontext)():
-                reports[name] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
-                                                         prompts=prompts, chat_template=False, reference=str(path))
-    timings["first_server_total"] = time.monotonic() - started
+    timings: dict[str, float] = {}
+    reports = harness.serve_and_compare(replica, port_dir, probe_prompts(replica), mutants, timings,
+                                        patched=PATCHED_REFERENCES)
     timings["module_total"] = time.monotonic() - module_clock
     harness.print_summary(PORT_NAME, timings, reports)
     return reports

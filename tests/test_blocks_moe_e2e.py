@@ -294,33 +294,13 @@ def test_each_mutation_moves_hf_logits(replica, mutants):
 # --- e2e: one compile, one server for the reference-side mutations ----------------
 
 
-def compare_references(server, replica, references, reports):
-    """The same server's answers against each reference; a patched reference runs under its patch."""
-    import port_compare
-
-    for name, path in references.items():
-        with PATCHED_REFERENCES.get(name, contextlib.nullcontext)():
-            reports[name] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
-                                                     prompts=PROMPTS, chat_template=False, reference=str(path))
-
-
 @pytest.fixture(scope="module")
 def served(replica, port_dir, mutants, tmp_path_factory, module_clock):
     """Reports: "port" (MATCH expected), "alone_and_together", one per reference mutation, and the served bug."""
-    import max_server
-    import port_compare
-
-    timings, reports = {}, {}
+    timings: dict[str, float] = {}
     started = time.monotonic()
-    with max_server.served_model(str(replica), port_dir=str(port_dir), devices="cpu", encoding="float32",
-                                 progress=False, timeout=harness.SERVE_TIMEOUT) as server:
-        timings["first_serve_ready"] = time.monotonic() - started
-        reports["port"] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
-                                                   prompts=PROMPTS, chat_template=False)
-        reports["alone_and_together"] = harness.alone_and_together(
-            server, [run.prompt_ids for run in reports["port"].runs])
-        compare_references(server, replica, mutants, reports)
-    timings["first_server_total"] = time.monotonic() - started
+    reports = harness.serve_and_compare(replica, port_dir, PROMPTS, mutants, timings,
+                                        patched=PATCHED_REFERENCES)
     bugged = harness.edited_copy(replica, tmp_path_factory.mktemp("served") / "replica", zero_qkv_bias)
     second = harness.serve_and_compare(replica, port_dir, PROMPTS, {}, timings, label="second", served_copy=bugged)
     reports[SERVED_MUTATION] = second["port"]

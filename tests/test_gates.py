@@ -76,7 +76,7 @@ def edited_port(port: Path, tmp_path: Path, old: str, new: str) -> Path:
 
 @pytest.mark.parametrize("old, new, failing", [
     ('name="LlamaForCausalLM"', 'name="OtherForCausalLM"', "arch-name"),
-    ('"float32", "float4_e2m1fnx2"', '"float4_e2m1fnx2"', "encoding"),
+    ('"bfloat16", "float32"', '"bfloat16"', "encoding"),  # a float32 checkpoint the port does not declare
     ('default_encoding="float32"', 'default_encoding="bfloat16"', "dtype"),
 ])
 def test_preflight_fails_on_arch_py_mistakes(llama, clean_port, tmp_path, old, new, failing):

@@ -194,14 +194,18 @@ def check_alone_and_together(alone, together) -> None:
 
 
 def serve_and_compare(replica: Path, port_dir: Path, prompts: list[str], references: dict[str, Path],
-                      timings: dict[str, float], label: str = "first", served_copy: Path | None = None) -> dict:
+                      timings: dict[str, float], label: str = "first", served_copy: Path | None = None,
+                      patched: dict | None = None) -> dict:
     """Serve ``served_copy`` (default: the replica) with the port once and compare with transformers.
 
     Reports: "port" (the replica as reference), "alone_and_together" (the
     port's prompts alone, then together), and one per ``references`` entry
-    (the same server's answers against that reference). ``timings`` gets
+    (the same server's answers against that reference, under ``patched[name]``
+    where given: a patched reference module). ``timings`` gets
     ``<label>_serve_ready`` and ``<label>_server_total`` in seconds.
     """
+    import contextlib
+
     import port_compare
     import max_server
 
@@ -215,8 +219,9 @@ def serve_and_compare(replica: Path, port_dir: Path, prompts: list[str], referen
                                                    prompts=prompts, chat_template=False)
         reports["alone_and_together"] = alone_and_together(server, [run.prompt_ids for run in reports["port"].runs])
         for name, path in references.items():
-            reports[name] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
-                                                     prompts=prompts, chat_template=False, reference=str(path))
+            with (patched or {}).get(name, contextlib.nullcontext)():
+                reports[name] = port_compare.run_compare(str(replica), server.base_url, server.served_name,
+                                                         prompts=prompts, chat_template=False, reference=str(path))
     timings[f"{label}_server_total"] = time.monotonic() - started
     return reports
 
