@@ -232,8 +232,7 @@ def _calibrate_embedding(model: Any, layout: model_anatomy.ModelLayout, options:
             break
     scaled = [layout.token_embedding] + ([layout.position_embedding] if layout.position_embedding else [])
     if floor:
-        source = (f"the fixed position table {layout.position_table} (not a weight)" if layout.position_table
-                  else "the first block's attention with the embeddings zeroed (post-LN: its biases)")
+        source = layout.norm_input_floor()
         return _applied(", ".join(scaled), total, norm=norm_path, fixed_table_floor=floor,
                         note=f"{source} alone gives the first norm a mean square of {floor:.3g}: the embeddings "
                              "are scaled to an equal share, not to eps_headroom x eps")
