@@ -46,6 +46,10 @@ NAMESPACE_ORIGIN = "a namespace package"
 FLOAT_ENCODINGS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
+# How checkpoint_encoding's origin starts when it read the safetensors headers (not the config's dtype).
+TENSOR_DTYPE_ORIGIN = "dominant tensor dtype"
+
+
 def checkpoint_encoding(source: model_source.ModelSource, config: dict) -> tuple[str | None, str]:
     """The encoding the checkpoint's dominant dtype calls for (None if not a float one), and its origin.
 
@@ -57,7 +61,7 @@ def checkpoint_encoding(source: model_source.ModelSource, config: dict) -> tuple
         tensors = {}
     if tensors:
         dominant = model_source.checkpoint_summary(tensors)["dominant_dtype"]
-        return FLOAT_ENCODINGS.get(dominant), f"dominant tensor dtype {dominant}"
+        return FLOAT_ENCODINGS.get(dominant), f"{TENSOR_DTYPE_ORIGIN} {dominant}"
     dtype = model_anatomy.config_view(config).dtype
     return (dtype if dtype in FLOAT_ENCODINGS.values() else None), f"config dtype {dtype}"
 

@@ -231,8 +231,9 @@ def main(args: argparse.Namespace) -> int:
         raise ScriptError(f"--output-dir and --slug name the donor port {port_donor.path} itself; choose another")
     if (port_dir.exists() or port_dir.is_symlink()) and not args.force:
         raise ScriptError(f"{port_dir} already exists; pass --force to move it to a timestamped backup")
-    encoding = default_encoding(source, config)
-    float_checkpoint = is_float_checkpoint(source, config)
+    found = port_layout.checkpoint_encoding(source, config)  # reads the safetensors headers once
+    encoding = default_encoding(found)
+    float_checkpoint = is_float_checkpoint(config, found)
     try:
         if port_donor is not None:
             plan = build_port_plan(port_donor, slug, arch_name, encoding, source, float_checkpoint=float_checkpoint)
@@ -331,17 +332,19 @@ def _is_family_graph(source_name: str) -> bool:
     return len(parts) == 2 and parts[0] == parts[1]
 
 
-def default_encoding(source: model_source.ModelSource, config: dict) -> str:
-    """The encoding matching the checkpoint's dtype; float32 when it is not a float dtype MAX serves."""
-    return port_layout.checkpoint_encoding(source, config)[0] or "float32"
+def default_encoding(found: tuple[str | None, str]) -> str:
+    """The encoding matching the checkpoint's dtype (``port_layout.checkpoint_encoding``'s answer); float32
+    when it is not a float dtype MAX serves."""
+    return found[0] or "float32"
 
 
-def is_float_checkpoint(source: model_source.ModelSource, config: dict) -> bool:
-    """True unless the config has a ``quantization_config`` or the dominant tensor dtype is not a float one."""
+def is_float_checkpoint(config: dict, found: tuple[str | None, str]) -> bool:
+    """True unless the config has a ``quantization_config`` or the dominant tensor dtype (``found``, from
+    ``port_layout.checkpoint_encoding``) is not a float one."""
     if "quantization_config" in config or "quantization_config" in model_source.text_config(config):
         return False
-    encoding, origin = port_layout.checkpoint_encoding(source, config)
-    return encoding is not None or not origin.startswith("dominant tensor dtype")
+    encoding, origin = found
+    return encoding is not None or not origin.startswith(port_layout.TENSOR_DTYPE_ORIGIN)
 
 
 def served_encodings(declared: list[str] | tuple[str, ...], encoding: str,
